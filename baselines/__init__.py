@@ -1,0 +1,1 @@
+"""Baseline online-KD strategies, one file each."""

@@ -1,0 +1,20 @@
+"""Backbones of METHODS.md §10, built by name.
+
+    >>> from okdph.models import create_backbone
+    >>> net = create_backbone("resnet32", num_classes=100)
+    >>> logits = net.head(net.last_stage(net.trunk(x)))  # == net(x)
+
+Importing the family modules registers their builders.
+"""
+
+from . import densenet, imagenet, resnet, vgg  # noqa: F401  (registers the builders)
+from .registry import Backbone, Head, create_backbone, is_backbone, list_backbones, register_backbone
+
+__all__ = [
+    "Backbone",
+    "Head",
+    "create_backbone",
+    "is_backbone",
+    "list_backbones",
+    "register_backbone",
+]

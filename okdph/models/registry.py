@@ -1,0 +1,119 @@
+"""Backbone registry and the interface every backbone shares (METHODS.md §10).
+
+Builders are registered under their own function name, as in timm's `register_model`, so grepping a
+backbone name finds its definition. Every backbone is a `Backbone`: `trunk -> last_stage -> head`, split
+where ONE, OKDDip, FFL and PCL (METHODS.md §4, §6-§8) split the network into a shared trunk and branches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Backbone",
+    "Head",
+    "create_backbone",
+    "is_backbone",
+    "list_backbones",
+    "register_backbone",
+    "scale_channels",
+]
+
+_BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+
+
+def register_backbone(fn: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
+    """Register a builder `fn(num_classes, width=1.0, ...)` under `fn.__name__`."""
+    name = fn.__name__
+    if name in _BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _BACKBONES[name] = fn
+    return fn
+
+
+def list_backbones() -> list[str]:
+    """Names of all registered backbones, sorted."""
+    return sorted(_BACKBONES)
+
+
+def is_backbone(name: str) -> bool:
+    return name in _BACKBONES
+
+
+def create_backbone(name: str, num_classes: int, width: float = 1.0, **kwargs) -> "Backbone":
+    """Build backbone `name` with `num_classes` outputs.
+
+    Args:
+        name: a registered builder name (see `list_backbones()`).
+        num_classes: number of logits.
+        width: multiplier on every channel count; 1.0 is the official model, smaller values give
+            tiny models for smoke tests.
+        **kwargs: builder-specific options, e.g. `dropout` for `vgg16`; an option the builder does
+            not take raises `TypeError`.
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+    return _BACKBONES[name](num_classes, width=width, **kwargs)
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """`channels * width` rounded to an int >= 1; width 1.0 leaves `channels` unchanged."""
+    if not (width > 0 and math.isfinite(width)):  # the comparison also rejects NaN
+        raise ValueError(f"width must be a finite number > 0, got {width}")
+    return max(1, int(round(channels * width)))
+
+
+def check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+class Head(nn.Module):
+    """Maps the last stage's feature map to logits: `head(f) == head.classifier(head.features(f))`.
+
+    Subclasses define `features(fmap) -> (B, feature_dim)` and an attribute `classifier`.
+    """
+
+    classifier: nn.Module
+
+    def features(self, fmap: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(fmap))
+
+
+class Backbone(nn.Module):
+    """`forward(x) == head(last_stage(trunk(x)))`.
+
+    Attributes:
+        trunk: input -> feature map before the last stage (`trunk_channels` channels); the part a
+            multi-branch method shares.
+        last_stage: trunk output -> final feature map; each branch owns a copy.
+        head: final feature map -> logits, with `head.features` giving the pooled vector of size
+            `feature_dim` and `head.classifier` mapping it to logits.
+    """
+
+    def __init__(self, trunk: nn.Module, last_stage: nn.Module, head: Head,
+                 trunk_channels: int, feature_dim: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.last_stage = last_stage
+        self.head = head
+        self.trunk_channels = int(trunk_channels)
+        self.feature_dim = int(feature_dim)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled feature vector, (B, feature_dim)."""
+        return self.head.features(self.last_stage(self.trunk(x)))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from the pooled feature vector, (B, num_classes)."""
+        return self.head.classifier(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.last_stage(self.trunk(x)))

@@ -1,0 +1,16 @@
+"""Data: datasets (CIFAR-10/100, ImageNet folder, embedded digits, synthetic), training views,
+and the noisy / limited-data settings. See METHODS.md §11 and DESIGN.md §5."""
+
+from .datasets import (
+    SETTINGS, ArrayDataset, MultiView, NoisyDataset, build_test_set, build_train_set, limited_indices,
+    load_arrays,
+)
+from .info import DATASETS, DataError, DatasetInfo, get_info
+from .synthetic import make_synthetic
+from .transforms import VIEWS, Cutout, build_test_transform, build_train_transform
+
+__all__ = [
+    "DATASETS", "SETTINGS", "VIEWS", "ArrayDataset", "Cutout", "DataError", "DatasetInfo", "MultiView",
+    "NoisyDataset", "build_test_set", "build_test_transform", "build_train_set", "build_train_transform",
+    "get_info", "limited_indices", "load_arrays", "make_synthetic",
+]

@@ -1,0 +1,249 @@
+"""Datasets: loading (CIFAR-10/100, ImageNet folder, embedded digits, synthetic), multi-view items,
+and the noisy and limited-data settings (METHODS.md §11.3-11.5).
+
+A training item is (Tensor[V, 3, H, W] float32, int target): view k is made by views[k]'s transform,
+each view with its own random draws. A test item is (Tensor[3, H, W], int).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .info import DataError, get_info
+from .synthetic import make_synthetic
+from .transforms import build_test_transform, build_train_transform
+
+__all__ = [
+    "SETTINGS", "ArrayDataset", "MultiView", "NoisyDataset",
+    "build_test_set", "build_train_set", "limited_indices", "load_arrays",
+]
+
+SETTINGS = ("standard", "noisy", "limited10", "limited1")
+_LIMITED_PERCENT = {"limited10": 10, "limited1": 1}
+LIMITED_SEED = 42  # official experiment/sample/simple_cifar.ipynb
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading raw arrays
+# ------------------------------------------------------------------------------------------------
+
+_CIFAR_TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+# digits: every 5th image of each class (in file order) is a test image. With the class sizes
+# 178 182 177 183 181 182 181 179 174 180 this gives 1442 train / 355 test images.
+DIGITS_TEST_EVERY = 5
+DIGITS_SIZES = {"train": 1442, "test": 355}
+
+
+def _cifar_arrays(name: str, root, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    title = _CIFAR_TITLE[name]
+    if root is None:
+        raise DataError(f"{title} needs a data root; pass --data-root (add --download to fetch it there)")
+    try:
+        ds = cls(os.fspath(root), train=train, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted ..."
+        raise DataError(
+            f"{title} not found or corrupted under {os.fspath(root)} (md5 check failed); "
+            "pass --download to fetch it or --data-root to point at it") from err
+    except OSError as err:  # a failed download (URLError is an OSError)
+        detail = " ".join(str(err).split())
+        raise DataError(f"could not download {title} to {os.fspath(root)}: {detail}; "
+                        "check the network or fetch it by hand and pass --data-root") from err
+    return np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+
+
+def _digits_arrays(train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 8x8 digits (values 0..16, shipped with the package), upsampled bilinearly
+    to 32x32, scaled to 0..255 and replicated to RGB; a fixed class-stratified split (see above)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    targets = digits.target.astype(np.int64)
+    small = torch.from_numpy(digits.images.astype(np.float32))[:, None]          # (N, 1, 8, 8)
+    big = torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
+    gray = (big[:, 0] * (255.0 / 16.0)).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    rank = np.empty(len(targets), dtype=np.int64)       # position of each image within its class
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        rank[members] = np.arange(len(members))
+    is_test = rank % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
+    keep = ~is_test if train else is_test
+    return np.repeat(gray[keep][..., None], 3, axis=3), targets[keep]
+
+
+def load_arrays(name: str, root=None, train: bool = True, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W, 3), targets int64 (N,)) of an in-memory dataset's split.
+
+    cifar10/cifar100 are read with torchvision (md5-checked) from `root`, downloaded there only if
+    `download`; digits and synthetic10/100 need no files (`root` is ignored)."""
+    info = get_info(name)
+    if name in _CIFAR_TITLE:
+        return _cifar_arrays(name, root, train, download)
+    if name == "digits":
+        return _digits_arrays(train)
+    if name.startswith("synthetic"):
+        return make_synthetic(info.num_classes, train)
+    raise DataError(f"{name!r} is an image folder, not an in-memory dataset; "
+                    "use build_train_set/build_test_set")
+
+
+# ------------------------------------------------------------------------------------------------
+# Limited data
+# ------------------------------------------------------------------------------------------------
+
+def limited_indices(targets, percent: float, seed: int = LIMITED_SEED) -> np.ndarray:
+    """Train indices of the limited-data setting, as the official sampler draws them (METHODS.md §11.5).
+
+    One legacy numpy stream seeded with `seed`; for each class in order of first appearance in
+    `targets`, round(class size * percent / 100) draws WITH replacement from that class's indices
+    (duplicates kept); concatenated. A private RandomState gives the same stream as np.random.seed
+    without touching the global one."""
+    targets = np.asarray(targets)
+    rng = np.random.RandomState(seed)
+    _, first = np.unique(targets, return_index=True)
+    picked = []
+    for c in targets[np.sort(first)]:
+        members = np.flatnonzero(targets == c)
+        picked.append(rng.choice(members, int(round(len(members) * percent / 100))))
+    return np.concatenate(picked).astype(np.int64) if picked else np.empty(0, np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset classes
+# ------------------------------------------------------------------------------------------------
+
+class MultiView:
+    """Apply each transform to the same image and stack the results: (V, 3, H, W)."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.stack([t(img) for t in self.transforms])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transforms!r})"
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W, 3) with int64 targets; each item goes through PIL
+    and `transform`, as torchvision's CIFAR classes do. `.images`/`.targets` are the arrays used."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: Callable):
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), int(self.targets[index])
+
+
+class NoisyDataset(Dataset):
+    """Adds fresh noise_mean + noise_std * N(0, 1) to every (already normalised) item on every access,
+    each view independently (official data/cifar_noisy.py; train and test alike)."""
+
+    def __init__(self, base: Dataset, noise_mean: float = 0.0, noise_std: float = 1.0):
+        self.base = base
+        self.noise_mean = noise_mean
+        self.noise_std = noise_std
+
+    # the arrays of the wrapped dataset, for code that reads them directly
+    images = property(lambda self: self.base.images)
+    targets = property(lambda self: self.base.targets)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.base[index]
+        return x + (self.noise_mean + self.noise_std * torch.randn_like(x)), y
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders
+# ------------------------------------------------------------------------------------------------
+
+def _check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise DataError(f"unknown data setting {setting!r}; valid: {', '.join(SETTINGS)}")
+
+
+def _image_folder(root, split: str, transform: Callable) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    if root is None:
+        raise DataError("imagenet needs a data root; pass --data-root pointing at a folder with train/ and val/")
+    path = os.path.join(os.fspath(root), split)
+    if not os.path.isdir(path):
+        raise DataError(f"ImageNet folder {path} not found (expected an ImageFolder root with train/ and val/); "
+                        "pass --data-root to point at it")
+    try:
+        return ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:
+        detail = " ".join(str(err).split())
+        raise DataError(f"ImageNet folder {path} holds no class folders with images ({detail}); "
+                        "pass --data-root to point at it") from err
+
+
+def _build(name: str, root, train: bool, transform: Callable, setting: str, download: bool,
+           noise_mean: float, noise_std: float) -> Dataset:
+    _check_setting(setting)
+    info = get_info(name)
+    percent = _LIMITED_PERCENT.get(setting) if train else None
+    if name == "imagenet":
+        ds = _image_folder(root, "train" if train else "val", transform)
+        if percent is not None:
+            keep = limited_indices(ds.targets, percent)
+            ds.samples = [ds.samples[i] for i in keep]
+            ds.imgs = ds.samples
+            ds.targets = [s[1] for s in ds.samples]
+    else:
+        images, targets = load_arrays(name, root, train, download)
+        if percent is not None:
+            keep = limited_indices(targets, percent)
+            images, targets = images[keep], targets[keep]
+        ds = ArrayDataset(images, targets, transform)
+    ds.info = info
+    if setting == "noisy":
+        ds = NoisyDataset(ds, noise_mean, noise_std)
+        ds.info = info
+    return ds
+
+
+def build_train_set(name: str, root, views: Sequence[str], setting: str = "standard", download: bool = False,
+                    *, noise_mean: float = 0.0, noise_std: float = 1.0) -> Dataset:
+    """Training set whose items are (Tensor[V, 3, H, W], int): view k drawn with views[k]'s transform.
+
+    `views` may repeat a name (e.g. ('hflip', 'hflip') for two students); a single name gives V = 1.
+    `setting` is one of SETTINGS: 'noisy' adds noise_mean + noise_std * N(0, 1) to every view on every
+    access; 'limited10'/'limited1' keep a class-balanced 10 %/1 % drawn with replacement (seed 42)."""
+    views = [views] if isinstance(views, str) else list(views)
+    if not views:
+        raise DataError("at least one view is needed; valid views: hflip, hflip+rot, cutout, augment, auto_aug, base")
+    info = get_info(name)
+    transform = MultiView([build_train_transform(v, info) for v in views])
+    ds = _build(name, root, True, transform, setting, download, noise_mean, noise_std)
+    ds.views = tuple(views)
+    return ds
+
+
+def build_test_set(name: str, root, setting: str = "standard", download: bool = False,
+                   *, noise_mean: float = 0.0, noise_std: float = 1.0) -> Dataset:
+    """Test set whose items are (Tensor[3, H, W], int), no augmentation. The whole test split for
+    every setting; 'noisy' adds fresh noise on every access, as for training."""
+    info = get_info(name)
+    return _build(name, root, False, build_test_transform(info), setting, download, noise_mean, noise_std)

@@ -1,0 +1,26 @@
+"""Base: independent training of N networks, no distillation (METHODS.md §2).
+
+Each network sees its own view of the batch (all of the dataset's default type) and minimises its
+own cross-entropy. The official harness reports the best of the N networks, which makes Base the
+best of N independent runs: an optimistic baseline.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from okdph.strategy import Strategy, make_students, register_strategy
+
+
+@register_strategy("base")
+class Base(Strategy):
+    """Independent training: L_k = CE(z_k)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,
+                                      same_init=False)
+
+    def forward_train(self, images, targets, *, epoch, step):
+        logits = self.students(images)
+        losses = {f"ce/student{k}": F.cross_entropy(z, targets) for k, z in enumerate(logits)}
+        return {f"student{k}": z for k, z in enumerate(logits)}, losses

@@ -1,0 +1,1 @@
+"""The training engine: recipes, the reference execution path, run records."""

@@ -1,0 +1,62 @@
+"""Training recipes and profiles (METHODS.md §1, PAPER.md §1.3, DESIGN.md §6).
+
+A recipe is the optimisation schedule a run follows. A profile picks a recipe family:
+- paper: the published recipe (CIFAR: 300 epochs, SGD 0.1, ×0.1 at 150 and 225, wd 5e-4, batch 128;
+  ImageNet: 100 epochs, ×0.1 at 30/60/90, wd 1e-4, batch 256);
+- quick: the same recipe with the schedule scaled to a tenth of the epochs;
+- smoke: the embedded digits data, a quarter-width model, batch 32 and three epochs: a real run that
+  learns in seconds on a laptop CPU, for tests and first runs. Not a fidelity setting.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from okdph.strategy import ConfigError
+
+PROFILES = ("paper", "quick", "smoke")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9            # plain momentum, no Nesterov, in every official script
+    weight_decay: float = 5e-4       # on every parameter, BN and biases included
+    milestones: tuple[int, ...] = (150, 225)
+    lr_decay: float = 0.1
+
+    def with_epochs(self, epochs: int) -> "Recipe":
+        """Same recipe over `epochs` epochs, milestones scaled proportionally."""
+        if epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        scaled = tuple(max(1, round(m * epochs / self.epochs)) for m in self.milestones)
+        return replace(self, epochs=epochs, milestones=scaled)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "milestones": list(self.milestones)}
+
+
+CIFAR_RECIPE = Recipe()
+IMAGENET_RECIPE = Recipe(epochs=100, batch_size=256, weight_decay=1e-4, milestones=(30, 60, 90))
+
+QUICK_FRACTION = 0.1
+SMOKE_EPOCHS = 3
+SMOKE_BATCH_SIZE = 32  # 45 steps per digits epoch; at 128 the model barely moves in 3 epochs
+SMOKE_WIDTH = 0.25
+SMOKE_DATASET = "digits"
+
+
+def resolve_recipe(profile: str, dataset: str, epochs: int | None = None) -> Recipe:
+    """The recipe for a profile and dataset; `epochs` rescales the schedule to that many epochs."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; valid: {', '.join(PROFILES)}")
+    recipe = IMAGENET_RECIPE if dataset == "imagenet" else CIFAR_RECIPE
+    if epochs is None:
+        if profile == "quick":
+            epochs = max(1, round(recipe.epochs * QUICK_FRACTION))
+        elif profile == "smoke":
+            epochs = SMOKE_EPOCHS
+    if profile == "smoke":
+        recipe = replace(recipe, batch_size=SMOKE_BATCH_SIZE)
+    return recipe if epochs is None or epochs == recipe.epochs else recipe.with_epochs(epochs)

@@ -1,0 +1,63 @@
+"""The reference execution path: the official code's style (METHODS.md §1).
+
+Networks run one after another in eager fp32 on batches from a CPU DataLoader with torchvision PIL
+transforms. It is the baseline that the fast GPU path is checked and timed against. Nothing here
+knows which method it trains: the strategy supplies the losses, hooks and heads.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from okdph.strategy import Strategy
+
+
+def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, device) -> dict:
+    """One pass over `loader`: forward → sum of losses → zero grad → backward → step → hooks.
+
+    Returns per-sample means of every named loss and the training accuracy of every head. Meters
+    stay on the device; the only host syncs are at the end of the epoch.
+    """
+    strategy.train()
+    loss_sums: dict[str, Tensor] = {}
+    correct: dict[str, Tensor] = {}
+    seen = 0
+    for step, (views, targets) in enumerate(loader):
+        views = views.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        heads, losses = strategy.forward_train(list(views.unbind(dim=1)), targets, epoch=epoch, step=step)
+        loss = sum(losses.values())
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        strategy.after_step(epoch=epoch, step=step)
+
+        batch = targets.shape[0]
+        seen += batch
+        with torch.no_grad():
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0) + value.detach() * batch
+            for name, logits in heads.items():
+                correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
+    return {
+        "samples": seen,
+        "loss": {name: float(total) / seen for name, total in loss_sums.items()},
+        "acc": {name: 100.0 * float(total) / seen for name, total in correct.items()},
+    }
+
+
+@torch.inference_mode()
+def evaluate(strategy: Strategy, loader, *, device) -> dict[str, float]:
+    """Top-1 accuracy (%) of every evaluable head on the test loader, in eval mode."""
+    strategy.eval()
+    correct: dict[str, Tensor] = {}
+    total = 0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        for name, logits in strategy.eval_heads(images).items():
+            correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
+        total += targets.shape[0]
+    return {name: 100.0 * float(count) / total for name, count in correct.items()}

@@ -1,0 +1,227 @@
+"""OKDPH: online knowledge distillation with parameter hybridization (Zhang et al., CVPR 2023).
+
+N students of one architecture learn from each other and from a hybrid-weight model (HWM) whose
+parameters are a convex combination of theirs, rebuilt every batch; every Δ batches or epochs the
+students are pulled towards the HWM (fusion). Main-paper equations (PAPER.md §1.1):
+
+    (4) θ_h = Σ_j r_j θ_j,                 r ~ Dir(1_N) resampled every batch
+    (5) θ_i ← γ·θ_h + (1 − γ)·θ_i          when the batch or epoch index is a multiple of Δ
+    (6) z_en = mean(z_1, …, z_N, z_h)      every model on its own augmentation view
+    (7) L_kd(z_i) = T²·KL(σ_T(sg(z_en)) ‖ σ_T(z_i))
+    (8) L_i = ω·CE(z_i) + (1 − ω)·CE(z_h) + β·L_kd(z_i)
+
+Fidelities (DESIGN.md §3, METHODS.md §9 and §13.1-4):
+- official: what src/OKDPH.py runs. r_j = 1/N; the HWM is a separate network whose whole state
+  (parameters and BN buffers) is overwritten with the students' mean before each batch, so
+  CE(z_h) reaches no student (its (1 − ω) term only shifts the logged loss).
+- paper: r ~ Dir(1_N) every batch and the HWM forward runs through θ_h = Σ r_j θ_j itself, so the
+  gradient of (1 − ω)·CE(z_h) reaches student j as (1 − ω)·r_j·∇_θh CE(z_h): exactly ∂L_j/∂θ_j of
+  Eq. (8), with the HWM term counted once per student.
+
+Shared by both (as the official code; the paper says nothing else): the HWM runs in train mode, so
+its forward updates its averaged BN buffers once; fusion copies from that HWM state, i.e. the
+pre-step student average of the fusion batch (or of the epoch's last batch for epoch-level
+fusion, which runs after the epoch's test and scheduler step, from epoch 0); fusion covers the
+whole state including BN buffers and leaves momentum buffers alone; students start identical.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from okdph.losses import kd_loss
+from okdph.strategy import (ConfigError, Interval, Strategy, check_positive, check_unit_range,
+                            make_students, register_strategy)
+
+# --------------------------------------------------------------------------------------------------
+# Parameter hybridization and fusion: pure tensor math, shared with the fast engine and the tests.
+
+
+def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -> dict[str, Tensor]:
+    """Eq. (4) over whole state dicts: Σ_j r_j·state_j for every entry, BN buffers included.
+
+    Integer entries (BN's num_batches_tracked) are mixed as floats and truncated back, as
+    `load_state_dict` does with the official code's float result (METHODS.md §9.4). The sum runs
+    in student order, which reproduces the official accumulation bit for bit.
+    """
+    out = {}
+    for key, first in states[0].items():
+        acc = _as_float(first) * coefficients[0]
+        for j in range(1, len(states)):
+            acc = _as_float(states[j][key]) * coefficients[j] + acc
+        out[key] = acc if first.is_floating_point() else acc.to(first.dtype)
+    return out
+
+
+def _as_float(value: Tensor) -> Tensor:
+    return value if value.is_floating_point() else value.float()
+
+
+def fuse_(student: Mapping[str, Tensor], hwm: Mapping[str, Tensor], gamma: float) -> None:
+    """Eq. (5) in place on a student's state: γ = 0 keeps it, γ = 1 copies the HWM, otherwise
+    γ·θ_h + (1 − γ)·θ_i (the official expression, evaluated in that order)."""
+    if gamma == 0.0:
+        return
+    with torch.no_grad():
+        for key, value in student.items():
+            target = hwm[key]
+            if gamma == 1.0:
+                value.copy_(target)
+            elif value.is_floating_point():
+                value.copy_(target * gamma + value * (1.0 - gamma))
+            else:
+                value.copy_((target.float() * gamma + value.float() * (1.0 - gamma)).to(value.dtype))
+
+
+def dirichlet_coefficients(count: int, device, generator: Optional[torch.Generator] = None) -> Tensor:
+    """r ~ Dir(1_N), uniform on the simplex: normalised i.i.d. Exp(1) draws."""
+    draws = torch.empty(count, device=device).exponential_(1.0, generator=generator)
+    return draws / draws.sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Views per model (supplement §1-2; METHODS.md §9.1). The last view is the HWM's.
+
+_VIEWS = {
+    # students: 2, 3, 4; "rot" marks the CIFAR-100 family whose first view adds the rotation.
+    "cifar": {2: ["hflip", "cutout", "augment"],
+              3: ["hflip", "cutout", "augment", "auto_aug"],
+              # Supplement: "the fourth student is not used data augmentation". The repo README's
+              # example gives 'base' to the HWM instead (hflip cutout augment auto_aug base).
+              4: ["hflip", "cutout", "augment", "base", "auto_aug"]},
+    "imagenet": {2: ["hflip", "augment", "auto_aug"]},
+}
+
+
+def default_views(dataset, num_students: int) -> list[str]:
+    family = "imagenet" if dataset.name == "imagenet" else "cifar"
+    table = _VIEWS[family]
+    if num_students not in table:
+        raise ConfigError(
+            f"no published view assignment for OKDPH with {num_students} students on {dataset.name}; "
+            f"pass views=<{num_students + 1} comma-separated views> (published: {sorted(table)} students)"
+        )
+    views = list(table[num_students])
+    if family == "cifar" and dataset.default_view == "hflip+rot":
+        views[0] = "hflip+rot"  # CIFAR-100 uses composition 2 where CIFAR-10 uses 1
+    return views
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OKDPHConfig:
+    omega: float = 0.8                      # ω, weight of the student's CE (OKDPH.py --omega)
+    beta: float = 0.8                       # β, weight of the KD term (--beta)
+    gamma: float = 0.5                      # γ, fusion ratio (--gamma)
+    interval: Optional[Interval] = Interval(1, "epoch")  # Δ, fusion interval (--interval 1_epoch)
+    temperature: float = 4.0                # T of Eq. (7) (--T)
+    coefficients: str = "fidelity"          # HWM weights: "mean", "dirichlet" or the fidelity's own
+    same_init: bool = True                  # students start identical (official unless --diff_init)
+    views: str = ""                         # comma-separated views, students then HWM; "" = published
+
+    def __post_init__(self):
+        for name in ("omega", "beta", "gamma"):
+            check_unit_range(name, getattr(self, name))
+        check_positive("temperature", self.temperature)
+        if self.coefficients not in ("fidelity", "mean", "dirichlet"):
+            raise ConfigError(f"unknown coefficients '{self.coefficients}'; valid: dirichlet, fidelity, mean")
+        object.__setattr__(self, "interval", Interval.parse(self.interval))
+
+
+@register_strategy("okdph")
+class OKDPH(Strategy):
+    """N students + one hybrid-weight model; students distil from the mean of all N + 1 logits."""
+
+    Config = OKDPHConfig
+    min_models = 2
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,
+                                      same_init=self.config.same_init)
+        # The HWM has no optimizer: its state is rebuilt from the students before every batch.
+        self.hwm = copy.deepcopy(self.students[0]).requires_grad_(False)
+        coefficients = self.config.coefficients
+        if coefficients == "fidelity":
+            coefficients = "mean" if self.fidelity == "official" else "dirichlet"
+        self.coefficient_kind = coefficients
+        if self.config.views:
+            self._views = [v.strip() for v in self.config.views.split(",")]
+            if len(self._views) != self.num_models + 1:
+                raise ConfigError(f"views needs {self.num_models + 1} entries (students, then the HWM), "
+                                  f"got {len(self._views)}")
+        else:
+            self._views = default_views(self.dataset, self.num_models)
+
+    def views(self):
+        return self._views
+
+    def _coefficients(self, device) -> Tensor:
+        if self.coefficient_kind == "mean":
+            return torch.full((self.num_models,), 1.0 / self.num_models, device=device)
+        return dirichlet_coefficients(self.num_models, device)
+
+    def _hwm_logits(self, image: Tensor, coefficients: Tensor) -> Tensor:
+        """Rebuild the HWM from the students' current state, then run it on its own view."""
+        with torch.no_grad():
+            mixed = hybrid_state([s.state_dict() for s in self.students], coefficients)
+            self.hwm.load_state_dict(mixed)
+        if self.fidelity == "official":
+            with torch.no_grad():
+                return self.hwm(image)
+        # paper: the same parameter values, but as a differentiable function of the students'.
+        names = [name for name, _ in self.hwm.named_parameters()]
+        params = {name: sum(r * s.get_parameter(name) for r, s in zip(coefficients, self.students))
+                  for name in names}
+        return functional_call(self.hwm, params, (image,))
+
+    def forward_train(self, images, targets, *, epoch, step):
+        n = self.num_models
+        coefficients = self._coefficients(targets.device)
+        hwm_logits = self._hwm_logits(images[n], coefficients)
+        logits = self.students(images[:n])
+        teacher = torch.cat([logits, hwm_logits[None]]).detach().mean(dim=0)
+        cfg = self.config
+        losses = {"ce/hwm": (1 - cfg.omega) * F.cross_entropy(hwm_logits, targets)}
+        for k, z in enumerate(logits):
+            losses[f"ce/student{k}"] = cfg.omega * F.cross_entropy(z, targets)
+            losses[f"kd/student{k}"] = cfg.beta * kd_loss(z, teacher, cfg.temperature)
+        heads = {f"student{k}": z for k, z in enumerate(logits)}
+        heads["hwm"] = hwm_logits
+        return heads, losses
+
+    def fuse(self) -> None:
+        hwm_state = self.hwm.state_dict()
+        for student in self.students:
+            fuse_(student.state_dict(), hwm_state, self.config.gamma)
+
+    def after_step(self, *, epoch, step):
+        interval = self.config.interval
+        if interval is not None and interval.unit == "batch" and step % interval.count == 0:
+            self.fuse()
+
+    def after_epoch(self, *, epoch):
+        interval = self.config.interval
+        if interval is not None and interval.unit == "epoch" and epoch % interval.count == 0:
+            self.fuse()
+
+    def eval_heads(self, images):
+        heads = super().eval_heads(images)
+        heads["hwm"] = self.hwm(images)
+        return heads
+
+    def head_names(self):
+        return super().head_names() + ["hwm"]
+
+    def describe(self):
+        return {"hwm_coefficients": self.coefficient_kind,
+                "hwm_gradient_to_students": self.fidelity == "paper",
+                "views": self._views}

@@ -1,0 +1,275 @@
+"""The Strategy contract and its registry (DESIGN.md §2).
+
+A strategy is one online-KD method. It declares its networks, the augmentation view each network
+sees, its losses for one batch, its hooks and its evaluable heads; the engine does everything else
+(data, optimizers, schedules, evaluation, records) and knows no method by name.
+
+A new method is one file:
+
+    @register_strategy("mymethod")
+    class MyMethod(Strategy):
+        Config = MyConfig            # frozen dataclass of typed, validated hyper-parameters
+        def forward_train(self, images, targets, *, epoch, step): ...
+
+Third-party packages register theirs through the entry-point group ``okdph.strategies``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import re
+import typing
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+FIDELITIES = ("official", "paper")
+
+# Strategies shipped with the suite; imported on first lookup so that `import okdph` stays light.
+_BUILTIN_MODULES = ("baselines.base", "baselines.dml", "baselines.kdcl", "okdph.okdph")
+_REGISTRY: dict[str, type["Strategy"]] = {}
+_LOADED = False
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line naming the valid choices."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Hyper-parameter types
+
+
+@dataclass(frozen=True)
+class Interval:
+    """How often OKDPH fuses students with the HWM: every `count` batches or epochs (supplement §4:
+    "5b" = every five batches, "1e" = every epoch). The official spelling "5_batch"/"1_epoch" is
+    accepted too."""
+
+    count: int
+    unit: str  # "batch" or "epoch"
+
+    _PATTERN: ClassVar[re.Pattern] = re.compile(r"^\s*(\d+)\s*_?\s*(b|batch|batches|e|epoch|epochs)\s*$")
+
+    @classmethod
+    def parse(cls, text: "str | Interval | None") -> "Interval | None":
+        if text is None or isinstance(text, Interval):
+            return text
+        if text.strip().lower() in ("", "none", "off", "never"):
+            return None
+        match = cls._PATTERN.match(text.lower())
+        if not match or int(match.group(1)) < 1:
+            raise ConfigError(
+                f"malformed interval '{text}'; expected e.g. 5b (every 5 batches), 1e (every epoch) or none"
+            )
+        unit = "batch" if match.group(2).startswith("b") else "epoch"
+        return cls(int(match.group(1)), unit)
+
+    def __str__(self) -> str:
+        return f"{self.count}{self.unit[0]}"
+
+
+def check_unit_range(name: str, value: float) -> None:
+    """ω, β, γ and the other mixing weights live in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _convert(name: str, text: str, kind) -> object:
+    """Turn a `--set key=value` string into the field's declared type."""
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("1", "true", "yes", "on")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} expects a {kind.__name__}, got '{text}'") from None
+    if kind is Interval or kind == typing.Optional[Interval]:
+        return Interval.parse(text)
+    return text
+
+
+def build_config(config_cls: type, overrides: dict[str, str] | None = None):
+    """The strategy's frozen config with `key=value` string overrides applied and validated."""
+    overrides = dict(overrides or {})
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise ConfigError(f"unknown hyper-parameter '{unknown[0]}'; valid: {valid}")
+    values = {k: _convert(k, v, hints[k]) if isinstance(v, str) else v for k, v in overrides.items()}
+    return config_cls(**values)
+
+
+def config_to_dict(config) -> dict:
+    """JSON-ready view of a config (intervals as their "5b"/"1e" strings)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[field.name] = str(value) if isinstance(value, Interval) else value
+    return out
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """For strategies without hyper-parameters."""
+
+
+# --------------------------------------------------------------------------------------------------
+# What a strategy hands the engine
+
+
+@dataclass
+class OptimizerGroup:
+    """Parameters that get their own SGD optimizer (the official code keeps one per model object).
+
+    `scheduled=False` keeps the learning rate constant (FFL's fusion module in the official code)."""
+
+    name: str
+    params: list[nn.Parameter]
+    scheduled: bool = True
+
+
+class ModelGroup(nn.ModuleList):
+    """K networks of one architecture, called together: input k goes to network k.
+
+    This is the seam for the fast engine, which swaps in a grouped network with the same call
+    signature; strategies only ever call the group, never loop over its members themselves.
+    """
+
+    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
+        """K inputs of (B, ...) -> stacked logits (K, B, C)."""
+        if len(inputs) != len(self):
+            raise ValueError(f"{len(self)} networks but {len(inputs)} inputs")
+        return torch.stack([net(x) for net, x in zip(self, inputs)])
+
+
+def make_students(backbone: str, num_classes: int, count: int, width: float, same_init: bool) -> ModelGroup:
+    """`count` full networks, independently initialised from the global RNG or all copies of the
+    first (OKDPH's identical initialisation, METHODS.md §9.1)."""
+    from okdph.models import create_backbone
+
+    if same_init:
+        first = create_backbone(backbone, num_classes, width=width)
+        return ModelGroup([first] + [copy.deepcopy(first) for _ in range(count - 1)])
+    return ModelGroup([create_backbone(backbone, num_classes, width=width) for _ in range(count)])
+
+
+class Strategy(nn.Module):
+    """Base class of every method. Subclasses set `Config` and implement `forward_train`.
+
+    Constructor arguments are the same for every strategy so the engine can build any of them:
+    `config` (an instance of `Config`), `backbone` (a name for `okdph.models.create_backbone`),
+    `num_classes`, `num_models` (students or branches), `dataset` (an `okdph.data.DatasetInfo`,
+    for the default views), `fidelity` ("official" or "paper") and `width` (channel multiplier).
+    """
+
+    Config: ClassVar[type] = NoConfig
+    name: ClassVar[str] = ""
+    min_models: ClassVar[int] = 1
+    deployed_head: ClassVar[str] = "student0"  # the head a user would ship; reported by --metric final
+
+    def __init__(self, *, config, backbone: str, num_classes: int, num_models: int, dataset,
+                 fidelity: str = "official", width: float = 1.0):
+        super().__init__()
+        if fidelity not in FIDELITIES:
+            raise ConfigError(f"unknown fidelity '{fidelity}'; valid: {', '.join(FIDELITIES)}")
+        if num_models < self.min_models:
+            raise ConfigError(f"{self.name} needs at least {self.min_models} models, got {num_models}")
+        self.config = config
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.num_models = num_models
+        self.dataset = dataset
+        self.fidelity = fidelity
+        self.width = width
+
+    # ---- declared by subclasses -----------------------------------------------------------------
+
+    def views(self) -> list[str]:
+        """The augmentation view of each input slot of `forward_train` (METHODS.md §11.3)."""
+        return [self.dataset.default_view] * self.num_models
+
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        """Default: one optimizer per student, as the official multi-student scripts."""
+        return [OptimizerGroup(f"student{k}", list(net.parameters())) for k, net in enumerate(self.students)]
+
+    def forward_train(self, images: list[Tensor], targets: Tensor, *, epoch: int, step: int
+                      ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One batch: the logits of every head (B, C) and the named, already weighted losses whose sum
+        the engine back-propagates. `images[k]` is the batch under view `self.views()[k]`."""
+        raise NotImplementedError
+
+    def after_step(self, *, epoch: int, step: int) -> None:
+        """Runs after every optimizer step (OKDPH batch-level fusion, PCL temporal mean)."""
+
+    def after_epoch(self, *, epoch: int) -> None:
+        """Runs after the epoch's test and scheduler step (OKDPH epoch-level fusion)."""
+
+    def eval_heads(self, images: Tensor) -> dict[str, Tensor]:
+        """Logits (B, C) of every evaluable head on clean test images; default: each student."""
+        logits = self.students([images] * len(self.students))
+        return {f"student{k}": z for k, z in enumerate(logits)}
+
+    def head_names(self) -> list[str]:
+        return [f"student{k}" for k in range(self.num_models)]
+
+    def describe(self) -> dict:
+        """What a record should say about how this run differs from the plain method, if anything."""
+        return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+
+
+def register_strategy(name: str):
+    """Class decorator: make a strategy available under `name` (CLI, tables and records use it)."""
+
+    def decorate(cls: type[Strategy]) -> type[Strategy]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"strategy '{name}' is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    for ep in entry_points(group="okdph.strategies"):
+        if ep.name not in _REGISTRY:
+            cls = ep.load()
+            register_strategy(ep.name)(cls)
+
+
+def list_strategies() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method '{name}'; valid: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]

@@ -1,0 +1,76 @@
+"""The command line: a real smoke run, `list`, and one clear line for every bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from okdph.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_list_names_everything():
+    result = invoke("list")
+    assert result.exit_code == 0
+    for word in ("okdph", "dml", "kdcl", "base", "resnet32", "densenet40_12", "digits", "cutout", "limited10"):
+        assert word in result.output
+
+
+def test_train_smoke_writes_a_complete_record(tmp_path):
+    result = invoke("train", "--method", "okdph", "--profile", "smoke", "--epochs", "1", "--quiet",
+                    "--out", str(tmp_path), "--set", "interval=2b")
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete"
+    assert record["method"] == "okdph" and record["dataset"] == "digits" and record["profile"] == "smoke"
+    assert record["hparams"]["interval"] == "2b" and record["fidelity"] == "official"
+    assert record["heads"] == ["student0", "student1", "hwm"]
+    assert record["views"] == ["hflip", "cutout", "augment"]
+    assert set(record["history"]["test_acc"]) == {"student0", "student1", "hwm"}
+    assert record["metrics"]["paper"]["acc"] == max(max(v) for v in record["history"]["test_acc"].values())
+    assert record["metrics"]["final"]["head"] == "student0"
+    assert record["provenance"]["torch"] and record["timing"]["train_samples_per_s"] > 0
+    assert "best (max over heads" in result.output
+
+
+BAD_INPUTS = [
+    (["--method", "dmll"], "unknown method 'dmll'; valid: base, dml, kdcl, okdph"),
+    (["--method", "dml", "--backbone", "resnet33"], "unknown backbone 'resnet33'; valid:"),
+    (["--method", "dml", "--dataset", "cifar1000"], "unknown dataset 'cifar1000'; valid:"),
+    (["--method", "dml", "--setting", "noisey"], "unknown setting 'noisey'; valid:"),
+    (["--method", "dml", "--engine", "warp"], "unknown engine 'warp'; valid: reference"),
+    (["--method", "okdph", "--set", "omega=1.2"], "omega must be in [0, 1], got 1.2"),
+    (["--method", "okdph", "--set", "interval=5x"], "malformed interval '5x'"),
+    (["--method", "okdph", "--set", "beta"], "--set expects key=value, got 'beta'"),
+    (["--method", "okdph", "--set", "T=4"], "unknown hyper-parameter 'T'; valid:"),
+    (["--method", "dml", "--students", "1"], "dml needs at least 2 models, got 1"),
+    (["--method", "okdph", "--students", "5"], "no published view assignment for OKDPH with 5 students"),
+    (["--method", "dml", "--backbone", "resnet18"], "backbone 'resnet18' does not fit dataset 'digits'"),
+    (["--method", "dml", "--epochs", "0"], "epochs must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["train", "--profile", "smoke", "--quiet", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_missing_cifar_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--method", "dml", "--dataset", "cifar10", "--quiet",
+                                       "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "--download" in result.output
+
+
+def test_dataset_required_outside_smoke(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--method", "dml", "--quiet", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--dataset is required" in result.output

@@ -58,7 +58,8 @@ def main():
 @click.option("--dataset", default=None, help="cifar10, cifar100, digits, synthetic10, synthetic100, imagenet "
               "[default: digits with --profile smoke]")
 @click.option("--setting", default="standard", show_default=True, help="standard, noisy, limited10, limited1")
-@click.option("--students", default=2, show_default=True, type=int, help="Students (or branches).")
+@click.option("--students", "--branches", "students", default=2, show_default=True, type=int,
+              help="Students, or branches for the multi-branch methods.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Hyper-parameter override, repeatable.")
 @click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
 @click.option("--profile", type=click.Choice(PROFILES), default="paper", show_default=True)

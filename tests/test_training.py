@@ -13,7 +13,7 @@ CHANCE = 10.0
 @pytest.mark.parametrize("method,overrides", METHODS, ids=[m for m, _ in METHODS])
 @pytest.mark.parametrize("fidelity", ["official", "paper"])
 def test_smoke_run_learns(tmp_path, method, overrides, fidelity):
-    cfg = RunConfig(method=method, profile="smoke", fidelity=fidelity, overrides=tuple(overrides.items()),
+    cfg = RunConfig(method=method, profile="smoke", epochs=3, fidelity=fidelity, overrides=tuple(overrides.items()),
                     deterministic=True, out_dir=str(tmp_path))
     record = train_run(cfg, progress=False)
     assert record["status"] == "complete"

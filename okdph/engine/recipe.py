@@ -4,8 +4,8 @@ A recipe is the optimisation schedule a run follows. A profile picks a recipe fa
 - paper: the published recipe (CIFAR: 300 epochs, SGD 0.1, ×0.1 at 150 and 225, wd 5e-4, batch 128;
   ImageNet: 100 epochs, ×0.1 at 30/60/90, wd 1e-4, batch 256);
 - quick: the same recipe with the schedule scaled to a tenth of the epochs;
-- smoke: the embedded digits data, a quarter-width model, batch 32 and three epochs: a real run that
-  learns in seconds on a laptop CPU, for tests and first runs. Not a fidelity setting.
+- smoke: the embedded digits data, a quarter-width model, batch 32 and one epoch: a real run in
+  seconds on a laptop CPU, for first runs, tests and whole-table dry runs. Not a fidelity setting.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ CIFAR_RECIPE = Recipe()
 IMAGENET_RECIPE = Recipe(epochs=100, batch_size=256, weight_decay=1e-4, milestones=(30, 60, 90))
 
 QUICK_FRACTION = 0.1
-SMOKE_EPOCHS = 3
-SMOKE_BATCH_SIZE = 32  # 45 steps per digits epoch; at 128 the model barely moves in 3 epochs
+SMOKE_EPOCHS = 1
+SMOKE_BATCH_SIZE = 32  # 45 steps per digits epoch; at 128 the model barely moves
 SMOKE_WIDTH = 0.25
 SMOKE_DATASET = "digits"
 

@@ -172,15 +172,14 @@ class OKDPH(Strategy):
     def _hwm_logits(self, image: Tensor, coefficients: Tensor) -> Tensor:
         """Rebuild the HWM from the students' current state, then run it on its own view."""
         with torch.no_grad():
-            mixed = hybrid_state([s.state_dict() for s in self.students], coefficients)
+            mixed = hybrid_state(self.students.member_states(), coefficients)
             self.hwm.load_state_dict(mixed)
         if self.fidelity == "official":
             with torch.no_grad():
                 return self.hwm(image)
         # paper: the same parameter values, but as a differentiable function of the students'.
-        names = [name for name, _ in self.hwm.named_parameters()]
-        params = {name: sum(r * s.get_parameter(name) for r, s in zip(coefficients, self.students))
-                  for name in names}
+        members = [self.students.member_parameters(j) for j in range(self.num_models)]
+        params = hybrid_state(members, coefficients)
         return functional_call(self.hwm, params, (image,))
 
     def forward_train(self, images, targets, *, epoch, step):
@@ -200,8 +199,14 @@ class OKDPH(Strategy):
 
     def fuse(self) -> None:
         hwm_state = self.hwm.state_dict()
-        for student in self.students:
-            fuse_(student.state_dict(), hwm_state, self.config.gamma)
+        for student in self.students.member_states():
+            fuse_(student, hwm_state, self.config.gamma)
+
+    def graph_key(self, *, epoch, step):
+        interval = self.config.interval
+        if interval is not None and interval.unit == "batch":
+            return step % interval.count == 0  # a fusion batch runs the fusion kernels
+        return None
 
     def after_step(self, *, epoch, step):
         interval = self.config.interval

@@ -147,8 +147,9 @@ class OptimizerGroup:
 class ModelGroup(nn.ModuleList):
     """K networks of one architecture, called together: input k goes to network k.
 
-    This is the seam for the fast engine, which swaps in a grouped network with the same call
-    signature; strategies only ever call the group, never loop over its members themselves.
+    This is the seam for the fast engine, which swaps in a fused network with the same methods
+    (okdph.engine.fused.FusedGroup); strategies only ever go through these methods, never through
+    the members' own modules, so they run unchanged on either.
     """
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
@@ -156,6 +157,15 @@ class ModelGroup(nn.ModuleList):
         if len(inputs) != len(self):
             raise ValueError(f"{len(self)} networks but {len(inputs)} inputs")
         return torch.stack([net(x) for net, x in zip(self, inputs)])
+
+    def member_states(self) -> list[dict[str, Tensor]]:
+        """Each member's state (parameters and buffers) as detached tensors that alias the live
+        ones: in-place writes under no_grad change the member."""
+        return [net.state_dict() for net in self]
+
+    def member_parameters(self, k: int) -> dict[str, Tensor]:
+        """Member k's parameters, differentiable (for a model built from them, e.g. the paper HWM)."""
+        return dict(self[k].named_parameters())
 
 
 def make_students(backbone: str, num_classes: int, count: int, width: float, same_init: bool) -> ModelGroup:
@@ -205,8 +215,16 @@ class Strategy(nn.Module):
         return [self.dataset.default_view] * self.num_models
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
-        """Default: one optimizer per student, as the official multi-student scripts."""
-        return [OptimizerGroup(f"student{k}", list(net.parameters())) for k, net in enumerate(self.students)]
+        """Default: every student's parameters under one SGD. The official scripts keep one SGD per
+        model; with equal hyper-parameters that is the same update, element for element."""
+        return [OptimizerGroup("students", list(self.students.parameters()))]
+
+    def graph_key(self, *, epoch: int, step: int):
+        """What distinguishes this step's computation from another's, for CUDA-graph capture: steps
+        with equal keys must run the same kernels with the same Python-side constants. The safe
+        default re-captures every epoch, for losses weighted by epoch (ramps); strategies whose step
+        never changes return None, and per-step Python state (a batch-level hook) goes in the key."""
+        return ("epoch", epoch)
 
     def forward_train(self, images: list[Tensor], targets: Tensor, *, epoch: int, step: int
                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -66,7 +66,8 @@ def main():
 @click.option("--epochs", type=int, default=None, help="Override the profile's epochs (milestones scale).")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--width", type=float, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
-@click.option("--engine", default="reference", show_default=True)
+@click.option("--engine", default="auto", show_default=True, help="auto (fast on CUDA), reference or fast.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 or bf16 (autocast; fast engine).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--deterministic", is_flag=True, help="Bitwise-repeatable CPU runs, deterministic cuDNN.")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
@@ -76,13 +77,13 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
-          engine, device, deterministic, data_root, download, workers, out_dir, quiet, debug):
+          engine, precision, device, deterministic, data_root, download, workers, out_dir, quiet, debug):
     """Train one run and write its JSON record."""
     from okdph.engine.run import RunConfig, train_run
 
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
-                    seed=seed, width=width, engine=engine, deterministic=deterministic, device=device,
+                    seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic, device=device,
                     data_root=data_root, download=download, workers=workers, out_dir=out_dir)
     record = _user_errors(lambda: train_run(cfg, progress=not quiet), debug)
     paper, final = record["metrics"]["paper"], record["metrics"]["final"]

@@ -43,7 +43,7 @@ BAD_INPUTS = [
     (["--method", "dml", "--backbone", "resnet33"], "unknown backbone 'resnet33'; valid:"),
     (["--method", "dml", "--dataset", "cifar1000"], "unknown dataset 'cifar1000'; valid:"),
     (["--method", "dml", "--setting", "noisey"], "unknown setting 'noisey'; valid:"),
-    (["--method", "dml", "--engine", "warp"], "unknown engine 'warp'; valid: reference"),
+    (["--method", "dml", "--engine", "warp"], "unknown engine 'warp'; valid: auto, reference, fast"),
     (["--method", "okdph", "--set", "omega=1.2"], "omega must be in [0, 1], got 1.2"),
     (["--method", "okdph", "--set", "interval=5x"], "malformed interval '5x'"),
     (["--method", "okdph", "--set", "beta"], "--set expects key=value, got 'beta'"),

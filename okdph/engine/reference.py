@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.lr_scheduler import MultiStepLR
+from torch.utils.data import DataLoader
 
 from okdph.strategy import Strategy
 
@@ -61,3 +63,34 @@ def evaluate(strategy: Strategy, loader, *, device) -> dict[str, float]:
             correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
         total += targets.shape[0]
     return {name: 100.0 * float(count) / total for name, count in correct.items()}
+
+
+class ReferenceEngine:
+    """The official execution style around `train_one_epoch`/`evaluate`: a shuffling DataLoader with
+    PIL transforms in worker processes, torch.optim.SGD and MultiStepLR per optimizer group."""
+
+    def __init__(self, strategy: Strategy, train_set, test_set, recipe, device, *, seed: int, workers: int):
+        self.strategy, self.device = strategy, device
+        loader_rng = torch.Generator().manual_seed(seed)
+        common = dict(batch_size=recipe.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0)
+        self.train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=loader_rng, **common)
+        self.test_loader = DataLoader(test_set, shuffle=False, **common)
+        groups = strategy.optimizer_groups()
+        self.optimizers = [torch.optim.SGD(g.params, lr=recipe.lr, momentum=recipe.momentum,
+                                           weight_decay=recipe.weight_decay) for g in groups]
+        self.schedulers = [MultiStepLR(opt, list(recipe.milestones), gamma=recipe.lr_decay)
+                           for opt, g in zip(self.optimizers, groups) if g.scheduled]
+
+    def current_lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def train_epoch(self, epoch: int) -> dict:
+        return train_one_epoch(self.strategy, self.train_loader, self.optimizers, epoch=epoch, device=self.device)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.strategy, self.test_loader, device=self.device)
+
+    def end_epoch(self, epoch: int) -> None:
+        for scheduler in self.schedulers:
+            scheduler.step()

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import MultiStepLR
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from okdph import data as okdata
@@ -27,7 +25,8 @@ from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, s
 from okdph.models import list_backbones
 from okdph.strategy import FIDELITIES, ConfigError, build_config, config_to_dict, get_strategy
 
-ENGINES = ("reference",)  # the fast GPU path (issue 5) registers beside it
+ENGINES = ("auto", "reference", "fast")  # auto: fast on CUDA, reference on CPU
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,8 @@ class RunConfig:
     epochs: int | None = None        # None: the profile's
     seed: int = 42
     width: float | None = None       # None: 1.0, or the smoke profile's quarter width
-    engine: str = "reference"
+    engine: str = "auto"
+    precision: str = "fp32"          # bf16 autocast needs the fast engine
     deterministic: bool = False
     device: str = "auto"
     data_root: str = "data"
@@ -66,13 +66,19 @@ class RunConfig:
             return self.width
         return SMOKE_WIDTH if self.profile == "smoke" else 1.0
 
+    def resolved_engine(self) -> str:
+        if self.engine != "auto":
+            return self.engine
+        in_memory = self.resolved_dataset() != "imagenet"
+        return "fast" if in_memory and resolve_device(self.device).type == "cuda" else "reference"
+
     def identity(self) -> dict:
         """The fields that make two runs the same run (and so the same record)."""
         return {
             "method": self.method, "backbone": self.backbone, "dataset": self.resolved_dataset(),
             "setting": self.setting, "students": self.students, "overrides": dict(self.overrides),
             "fidelity": self.fidelity, "profile": self.profile, "epochs": self.epochs, "seed": self.seed,
-            "width": self.resolved_width(), "engine": self.engine,
+            "width": self.resolved_width(), "engine": self.resolved_engine(), "precision": self.precision,
         }
 
     def run_id(self) -> str:
@@ -99,6 +105,12 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"unknown fidelity '{cfg.fidelity}'; valid: {', '.join(FIDELITIES)}")
     if cfg.engine not in ENGINES:
         raise ConfigError(f"unknown engine '{cfg.engine}'; valid: {', '.join(ENGINES)}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{cfg.precision}'; valid: {', '.join(PRECISIONS)}")
+    if cfg.resolved_engine() == "reference" and cfg.precision != "fp32":
+        raise ConfigError("the reference engine runs fp32 only; use --engine fast for bf16")
+    if cfg.resolved_engine() == "fast" and dataset == "imagenet":
+        raise ConfigError("the fast engine needs an in-memory dataset; use --engine reference for imagenet")
     if (dataset == "imagenet") != (cfg.backbone == "resnet18"):
         raise ConfigError(f"backbone '{cfg.backbone}' does not fit dataset '{dataset}'; "
                           "resnet18 is the ImageNet backbone, the others are CIFAR backbones")
@@ -156,17 +168,16 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
                                        download=cfg.download)
     test_set = okdata.build_test_set(dataset, cfg.data_root, setting=cfg.setting, download=cfg.download)
     workers = cfg.workers if cfg.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)
-    loader_rng = torch.Generator().manual_seed(cfg.seed)
-    common = dict(batch_size=recipe.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=loader_rng, **common)
-    test_loader = DataLoader(test_set, shuffle=False, **common)
+    engine_name = cfg.resolved_engine()
+    if engine_name == "fast":
+        from okdph.engine.fast import FastEngine  # imports the GPU augmentation only when used
 
-    groups = strategy.optimizer_groups()
-    optimizers = [torch.optim.SGD(g.params, lr=recipe.lr, momentum=recipe.momentum,
-                                  weight_decay=recipe.weight_decay) for g in groups]
-    schedulers = [MultiStepLR(opt, list(recipe.milestones), gamma=recipe.lr_decay)
-                  for opt, g in zip(optimizers, groups) if g.scheduled]
+        noise = (train_set.noise_mean, train_set.noise_std) if cfg.setting == "noisy" else None
+        engine = FastEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
+                            precision=cfg.precision, noise=noise)
+    else:
+        engine = reference.ReferenceEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
+                                           workers=workers)
 
     heads = strategy.head_names()
     history = {"test_acc": {h: [] for h in heads}, "train_acc": {}, "train_loss": {}, "lr": [],
@@ -176,13 +187,12 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
     bar = tqdm(range(recipe.epochs), desc=cfg.run_id()[:48], unit="ep", disable=not progress, leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
-        history["lr"].append(optimizers[0].param_groups[0]["lr"])
-        train = reference.train_one_epoch(strategy, train_loader, optimizers, epoch=epoch, device=device)
+        history["lr"].append(engine.current_lr())
+        train = engine.train_epoch(epoch)
         t1 = time.perf_counter()
-        test_acc = reference.evaluate(strategy, test_loader, device=device)
+        test_acc = engine.evaluate()
         t2 = time.perf_counter()
-        for scheduler in schedulers:
-            scheduler.step()
+        engine.end_epoch(epoch)
         strategy.after_epoch(epoch=epoch)
 
         train_s, eval_s, samples = train_s + (t1 - t0), eval_s + (t2 - t1), samples + train["samples"]
@@ -210,7 +220,6 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
         "views": views,
         "heads": heads,
         "deployed_head": strategy.deployed_head,
-        "precision": "fp32",
         "deterministic": cfg.deterministic,
         "data": {"root": str(cfg.data_root), "train_size": len(train_set), "test_size": len(test_set),
                  "workers": workers},

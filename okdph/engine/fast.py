@@ -1,0 +1,221 @@
+"""The fast execution path (DESIGN.md §4): same strategies, same results in distribution.
+
+- The dataset lives on the device as uint8, once per process; each epoch draws one permutation and
+  augments every view of the whole epoch at once with per-sample random parameters
+  (okdph.data.gpu_augment, torchvision's semantics).
+- Same-architecture networks of a strategy run fused (okdph.engine.fused).
+- The whole training step (batch gather, forward, losses, backward, SGD with the learning rate as a
+  device tensor, the strategy's hooks, meters) is captured in a CUDA graph per distinct step, as the
+  strategy's `graph_key` defines it, plus one per batch size so the last partial batch is never
+  padded. A step runs eagerly the first time its key appears (lazy initialisation, cuDNN autotuning)
+  and is captured the second time. Capture failures fall back to eager execution.
+- Optional bf16 autocast; losses and BN statistics stay in fp32.
+- No host sync inside an epoch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from okdph.data.gpu_augment import augment
+from okdph.engine.fused import fuse_model_groups
+from okdph.strategy import Strategy
+
+PRECISIONS = ("fp32", "bf16")
+EVAL_BATCH = 1000
+
+
+def as_device_images(dataset, device) -> tuple[Tensor, Tensor]:
+    """uint8 (N, 3, H, W) images and int64 targets on `device`, from an in-memory dataset."""
+    images = getattr(dataset, "images", None)
+    if images is None:
+        raise ValueError("the fast engine needs an in-memory dataset (CIFAR, digits, synthetic); "
+                         "use --engine reference for ImageNet folders")
+    images = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)
+    targets = torch.as_tensor(dataset.targets, dtype=torch.int64).to(device)
+    return images, targets
+
+
+class SGD:
+    """PyTorch's SGD (momentum, weight decay on every parameter, no dampening or Nesterov) with the
+    learning rate held in a device tensor, so a captured step follows the schedule. Momentum buffers
+    start at zero, which makes the first update g, as torch.optim.SGD's clone of the first gradient.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, device):
+        self.params = [p for p in params if p.requires_grad]
+        self.lr = torch.tensor(lr, dtype=torch.float64, device=device)  # exact for fp64 nets too
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.buffers = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        bufs = [b for p, b in zip(self.params, self.buffers) if p.grad is not None]
+        grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        torch._foreach_mul_(bufs, self.momentum)
+        torch._foreach_add_(bufs, grads)
+        torch._foreach_add_(params, torch._foreach_mul(bufs, -self.lr))
+
+
+class FastEngine:
+    """Trains one strategy with device-resident data, fused networks and CUDA graphs."""
+
+    def __init__(self, strategy: Strategy, train_set, test_set, recipe, device, *, seed: int,
+                 precision: str = "fp32", graphs: bool | None = None, noise: tuple[float, float] | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+        self.device = torch.device(device)
+        self.strategy = strategy
+        self.fused = fuse_model_groups(strategy)  # before the optimizers: new parameter tensors
+        self.recipe = recipe
+        self.info = test_set.info
+        self.noise = noise
+        self.views = strategy.views()
+        self.train_images, self.train_targets = as_device_images(train_set, self.device)
+        test_images, self.test_targets = as_device_images(test_set, self.device)
+        self.test_inputs = augment(test_images, "base", self.info)  # normalised once; no augmentation
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
+                             cache_enabled=False)
+        self.optimizers = [SGD(g.params, recipe.lr, recipe.momentum, recipe.weight_decay, self.device)
+                           for g in strategy.optimizer_groups()]
+        self.scheduled = [g.scheduled for g in strategy.optimizer_groups()]
+        self.graphs_enabled = (self.device.type == "cuda") if graphs is None else graphs
+        self.graphs: dict = {}
+        self.seen: set = set()
+        n = self.train_images.shape[0]
+        self.full_batches, self.remainder = divmod(n, recipe.batch_size)
+        self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.offsets = torch.arange(recipe.batch_size, device=self.device)
+        self.loss_names: list[str] | None = None
+        self.head_names: list[str] | None = None
+
+    # ---- schedule -----------------------------------------------------------------------------
+
+    def lr_at(self, epoch: int) -> float:
+        decays = sum(epoch >= m for m in self.recipe.milestones)
+        return self.recipe.lr * self.recipe.lr_decay**decays
+
+    def current_lr(self) -> float:
+        return float(self.optimizers[0].lr)
+
+    def end_epoch(self, epoch: int) -> None:
+        """The scheduler step after testing (MultiStepLR semantics, per optimizer group)."""
+        for opt, scheduled in zip(self.optimizers, self.scheduled):
+            if scheduled:
+                opt.lr.fill_(self.lr_at(epoch + 1))
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def _add_noise(self, x: Tensor) -> Tensor:
+        if self.noise is None:
+            return x
+        mean, std = self.noise
+        return x + (torch.randn(x.shape, device=x.device, generator=self.generator) * std + mean)
+
+    def _prepare_epoch(self) -> None:
+        order = torch.randperm(self.train_images.shape[0], device=self.device, generator=self.generator)
+        images = self.train_images[order]
+        self.epoch_views = torch.stack([self._add_noise(augment(images, view, self.info, self.generator))
+                                        for view in self.views])
+        self.epoch_targets = self.train_targets[order]
+        self.counter.zero_()
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _step(self, batch: int, epoch: int, step: int) -> None:
+        index = self.counter * self.recipe.batch_size + self.offsets[:batch]
+        views = self.epoch_views.index_select(1, index)
+        targets = self.epoch_targets.index_select(0, index)
+        with torch.autocast(**self.autocast):
+            heads, losses = self.strategy.forward_train(list(views.unbind(0)), targets, epoch=epoch, step=step)
+        loss = sum(v.float() for v in losses.values())
+        for opt in self.optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        self.strategy.after_step(epoch=epoch, step=step)
+        with torch.no_grad():
+            if self.loss_names is None:  # the run's first step, always eager: size the meters
+                self.loss_names, self.head_names = list(losses), list(heads)
+                self.loss_sums = torch.zeros(len(losses), device=self.device)
+                self.correct = torch.zeros(len(heads), dtype=torch.int64, device=self.device)
+            self.loss_sums += torch.stack([v.detach().float() for v in losses.values()]) * batch
+            self.correct += torch.stack([(z.argmax(dim=1) == targets).sum() for z in heads.values()])
+            self.counter += 1
+
+    def _run_step(self, batch: int, epoch: int, step: int) -> None:
+        if not self.graphs_enabled:
+            return self._step(batch, epoch, step)
+        key = (self.strategy.graph_key(epoch=epoch, step=step), batch)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+        elif key in self.seen:
+            self.graphs[key] = self._capture(batch, epoch, step)
+            if self.graphs[key] is None:  # capture failed: this key stays eager
+                self.graphs_enabled = False
+                self._step(batch, epoch, step)
+            else:
+                self.graphs[key].replay()
+        else:
+            self.seen.add(key)
+            self._step(batch, epoch, step)
+
+    def _capture(self, batch: int, epoch: int, step: int):
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        try:
+            with torch.cuda.graph(graph):
+                self._step(batch, epoch, step)
+        except Exception as exc:  # e.g. an op that syncs with the host
+            warnings.warn(f"CUDA graph capture failed, continuing eagerly: {exc}")
+            torch.cuda.synchronize(self.device)
+            return None
+        return graph
+
+    # ---- epochs -------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.strategy.train()
+        self._prepare_epoch()
+        if self.loss_names is not None:
+            self.loss_sums.zero_()
+            self.correct.zero_()
+        for step in range(self.full_batches):
+            self._run_step(self.recipe.batch_size, epoch, step)
+        if self.remainder:
+            self._run_step(self.remainder, epoch, self.full_batches)
+        samples = self.train_images.shape[0]
+        sums, correct = self.loss_sums.tolist(), self.correct.tolist()  # the epoch's one host sync
+        return {"samples": samples,
+                "loss": {n: s / samples for n, s in zip(self.loss_names, sums)},
+                "acc": {n: 100.0 * c / samples for n, c in zip(self.head_names, correct)}}
+
+    @torch.inference_mode()
+    def evaluate(self) -> dict[str, float]:
+        self.strategy.eval()
+        correct: dict[str, Tensor] = {}
+        inputs = self._add_noise(self.test_inputs)
+        for start in range(0, inputs.shape[0], EVAL_BATCH):
+            x = inputs[start:start + EVAL_BATCH]
+            y = self.test_targets[start:start + EVAL_BATCH]
+            with torch.autocast(**self.autocast):
+                heads = self.strategy.eval_heads(x)
+            for name, logits in heads.items():
+                correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == y).sum()
+        total = inputs.shape[0]
+        return {name: 100.0 * float(c) / total for name, c in correct.items()}
+
+

@@ -1,0 +1,92 @@
+"""The fast engine on CPU: its SGD, one step against the reference path, and training parity."""
+from __future__ import annotations
+
+import copy
+import statistics
+
+import pytest
+import torch
+
+from okdph.data import get_info
+from okdph.engine.fast import SGD, FastEngine
+from okdph.engine.recipe import resolve_recipe
+from okdph.engine.reference import train_one_epoch
+from okdph.engine.run import RunConfig, train_run
+from okdph.okdph import OKDPH
+from okdph.strategy import build_config
+
+ALL_DIGITS = 100_000  # a cap above the 1,442 digits training images: the whole set
+
+
+def test_device_lr_sgd_matches_torch_sgd():
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ours = SGD(a, lr=0.1, momentum=0.9, weight_decay=5e-4, device="cpu")
+    theirs = torch.optim.SGD(b, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(4):
+        if step == 2:
+            ours.lr.fill_(0.01)
+            theirs.param_groups[0]["lr"] = 0.01
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(a, b):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+class _Arrays:
+    """A minimal in-memory dataset: what the fast engine reads."""
+
+    def __init__(self, n, info, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        self.targets = torch.randint(0, 10, (n,), generator=g).numpy()
+        self.info = info
+
+
+def test_fast_step_equals_reference_step_on_the_same_batch():
+    torch.manual_seed(0)
+    info = get_info("cifar10")
+    config = build_config(OKDPH.Config, {"interval": "1b", "gamma": "0.5"})
+    reference = OKDPH(config=config, backbone="resnet32", num_classes=10, num_models=2, dataset=info,
+                      width=0.125).double()
+    fast_strategy = copy.deepcopy(reference)
+    recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
+    engine = FastEngine(fast_strategy, _Arrays(8, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0, graphs=False)
+    views = torch.randn(3, 8, 3, 32, 32, dtype=torch.float64)
+    targets = torch.randint(0, 10, (8,))
+    engine.epoch_views, engine.epoch_targets = views, targets
+    engine.counter.zero_()
+    fast_strategy.train()
+    engine._step(8, epoch=0, step=0)
+
+    optimizers = [torch.optim.SGD(g.params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+                  for g in reference.optimizer_groups()]
+    train_one_epoch(reference, [(views.transpose(0, 1), targets)], optimizers, epoch=0, device="cpu")
+    for k, state in enumerate(fast_strategy.students.member_states()):
+        for name, value in reference.students[k].state_dict().items():
+            assert torch.allclose(state[name].double(), value.double(), rtol=1e-9, atol=1e-12), name
+    assert torch.allclose(flat(fast_strategy.hwm), flat(reference.hwm))
+
+
+def flat(module):
+    return torch.cat([v.double().flatten() for v in module.state_dict().values()])
+
+
+@pytest.mark.slow
+def test_fast_and_reference_engines_reach_the_same_accuracy_on_digits(tmp_path):
+    accs = {}
+    for engine in ("reference", "fast"):
+        accs[engine] = [
+            train_run(RunConfig(method="okdph", profile="smoke", epochs=3, train_samples=ALL_DIGITS, seed=seed,
+                                engine=engine, overrides=(("interval", "3b"),), out_dir=str(tmp_path / engine)),
+                      progress=False)["metrics"]["paper"]["acc"]
+            for seed in (42, 43, 44)
+        ]
+    spread = max(statistics.stdev(accs["reference"]), statistics.stdev(accs["fast"]), 2.0)
+    gap = abs(statistics.mean(accs["fast"]) - statistics.mean(accs["reference"]))
+    assert gap <= 3 * spread, accs
+    assert min(accs["fast"]) > 30.0, accs

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 FIDELITIES = ("official", "paper")
 
 # Strategies shipped with the suite; imported on first lookup so that `import okdph` stays light.
-_BUILTIN_MODULES = ("baselines.base", "baselines.dml", "baselines.kdcl", "okdph.okdph")
+_BUILTIN_MODULES = ("baselines.base", "baselines.dml", "baselines.kdcl", "baselines.one", "baselines.okddip",
+                    "baselines.ffl", "baselines.pcl", "okdph.okdph")
 _REGISTRY: dict[str, type["Strategy"]] = {}
 _LOADED = False
 

@@ -15,7 +15,7 @@ def test_registry_lists_the_builtin_methods():
 
 
 def test_unknown_method_names_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown method 'dmll'; valid: base, dml, kdcl, okdph"):
+    with pytest.raises(ConfigError, match=r"unknown method 'dmll'; valid: base, dml, ffl, kdcl, okddip, okdph, one, pcl"):
         get_strategy("dmll")
 
 

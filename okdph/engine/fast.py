@@ -3,7 +3,7 @@
 - The dataset lives on the device as uint8, once per process; each epoch draws one permutation and
   augments every view of the whole epoch at once with per-sample random parameters
   (okdph.data.gpu_augment, torchvision's semantics).
-- Same-architecture networks of a strategy run fused (okdph.engine.fused).
+- Same-architecture networks of a strategy run fused (okdph.engine.fused), in fp32.
 - The whole training step (batch gather, forward, losses, backward, SGD with the learning rate as a
   device tensor, the strategy's hooks, meters) is captured in a CUDA graph per distinct step, as the
   strategy's `graph_key` defines it, plus one per batch size so the last partial batch is never
@@ -76,7 +76,10 @@ class FastEngine:
             raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         self.strategy = strategy
-        self.fused = fuse_model_groups(strategy)  # before the optimizers: new parameter tensors
+        # Fusion must happen before the optimizers exist (new parameter tensors). Under bf16 autocast
+        # the vmapped BatchNorm rejects bf16 activations with fp32 running statistics (seen on an
+        # H100 with torch 2.11), so bf16 runs keep the networks separate.
+        self.fused = fuse_model_groups(strategy) if precision == "fp32" else []
         self.recipe = recipe
         self.info = test_set.info
         self.noise = noise
@@ -95,6 +98,8 @@ class FastEngine:
         self.seen: set = set()
         n = self.train_images.shape[0]
         self.full_batches, self.remainder = divmod(n, recipe.batch_size)
+        self.epoch_views = torch.empty(len(self.views), *self.train_images.shape, device=self.device)
+        self.epoch_targets = torch.empty_like(self.train_targets)
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
         self.offsets = torch.arange(recipe.batch_size, device=self.device)
         self.loss_names: list[str] | None = None
@@ -124,11 +129,13 @@ class FastEngine:
         return x + (torch.randn(x.shape, device=x.device, generator=self.generator) * std + mean)
 
     def _prepare_epoch(self) -> None:
+        """Shuffle and augment the whole epoch into the same buffers every epoch: captured graphs
+        read them by address."""
         order = torch.randperm(self.train_images.shape[0], device=self.device, generator=self.generator)
         images = self.train_images[order]
-        self.epoch_views = torch.stack([self._add_noise(augment(images, view, self.info, self.generator))
-                                        for view in self.views])
-        self.epoch_targets = self.train_targets[order]
+        for k, view in enumerate(self.views):
+            self.epoch_views[k].copy_(self._add_noise(augment(images, view, self.info, self.generator)))
+        self.epoch_targets.copy_(self.train_targets[order])
         self.counter.zero_()
 
     # ---- one step -----------------------------------------------------------------------------

@@ -3,6 +3,13 @@
     okdph-bench train --method okdph --profile smoke            # a real run on the embedded digits
     okdph-bench train --method dml --backbone vgg16 --dataset cifar100 --data-root ~/data
     okdph-bench list
+    okdph-bench run --table 3 --profile smoke                   # all of supplement Table 3, minutes on CPU
+    okdph-bench run --table main-cifar --gpus 0,1,2,3           # five seeds per cell, one worker per GPU
+    okdph-bench run --table 4 --executor slurm --slurm slurm_partition=gpu
+    okdph-bench plan --table 3 > runs.sh                        # one command per run, any scheduler
+    okdph-bench table 3 --metric final                          # re-render from the records
+    okdph-bench report                                          # results/REPORT.md with learning curves
+    okdph-bench regress                                         # tiny runs of every method vs expectations
 """
 from __future__ import annotations
 
@@ -74,18 +81,27 @@ def main():
 @click.option("--download", is_flag=True, help="Download CIFAR if missing (off by default).")
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 8 for CIFAR/ImageNet, else 0].")
 @click.option("--out", "out_dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--skip-recorded", is_flag=True, help="Do nothing if this run's record already exists.")
+@click.option("--ddp", is_flag=True, help="One process of a torchrun job: data-parallel over its processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
-          engine, precision, device, deterministic, data_root, download, workers, out_dir, quiet, debug):
+          engine, precision, device, deterministic, data_root, download, workers, out_dir, skip_recorded, ddp,
+          quiet, debug):
     """Train one run and write its JSON record."""
+    from okdph.engine.distributed import is_main_process
     from okdph.engine.run import RunConfig, train_run
 
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
                     seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic, device=device,
-                    data_root=data_root, download=download, workers=workers, out_dir=out_dir)
+                    data_root=data_root, download=download, workers=workers, out_dir=out_dir, ddp=ddp)
+    if skip_recorded and _user_errors(lambda: cfg.record_path().exists(), debug):
+        click.echo(f"recorded: {cfg.record_path()}")
+        return
     record = _user_errors(lambda: train_run(cfg, progress=not quiet), debug)
+    if ddp and not is_main_process():
+        return
     paper, final = record["metrics"]["paper"], record["metrics"]["final"]
     click.echo(f"{record['status']}: {record['run_id']}")
     click.echo(f"  best (max over heads, best epoch): {paper['acc']:.2f}% ({paper['head']}, epoch {paper['epoch']})")
@@ -109,6 +125,145 @@ def list_cmd():
     click.echo("views:     " + ", ".join(VIEWS))
     click.echo("profiles:  " + ", ".join(PROFILES))
     click.echo("fidelity:  " + ", ".join(FIDELITIES))
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark harness (okdph.bench): paper tables as data, runs, tables, report, regression check
+
+_TABLE_HELP = "3, 4, 5, main-cifar, main-imagenet or main-noisy-limited."
+_METRIC_HELP = "paper: best epoch, max over heads (as published); final: deployed head, last epoch."
+
+
+def _parse_params(values: tuple[str, ...]) -> dict:
+    """`--slurm key=value` pairs for submitit; numbers become ints."""
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values)}
+
+
+@main.command()
+@click.option("--table", "table_name", required=True, help=_TABLE_HELP)
+@click.option("--profile", default="paper", show_default=True, help="paper, quick or smoke.")
+@click.option("--seeds", type=int, default=None, help="Runs per cell, seeds 42, 43, … [default: 5; smoke 1].")
+@click.option("--executor", default="local", show_default=True, help="local or slurm.")
+@click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
+              "[default: all visible, else CPU].")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="local, CPU: worker processes of one thread each (1: in this process).")
+@click.option("--method", "methods", multiple=True, help="Only this method's cells; repeatable.")
+@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
+@click.option("--engine", default="auto", show_default=True, help="auto, reference or fast.")
+@click.option("--metric", default="paper", show_default=True, help=_METRIC_HELP)
+@click.option("--dry-run", is_flag=True, help="List the runs still to do; train nothing.")
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--download", is_flag=True, help="Download CIFAR if missing.")
+@click.option("--pack", type=int, default=None, help="slurm: runs per job [default: one cell's seeds].")
+@click.option("--slurm", "slurm_params", multiple=True, metavar="KEY=VALUE",
+              help="slurm: a submitit parameter, e.g. slurm_partition=gpu or timeout_min=720; repeatable.")
+@click.option("--wait", is_flag=True, help="slurm: wait for the jobs, then write the table.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run, results,
+        data_root, download, pack, slurm_params, wait, quiet, debug):
+    """Run a paper table: every cell × seed not yet recorded, then results/tables/<ID>.md (+ .csv, .json)."""
+    from okdph.bench.runner import run_table
+
+    summary = _user_errors(lambda: run_table(
+        table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
+        executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=results, data_root=data_root,
+        download=download, progress=not quiet, pack_size=pack, slurm_parameters=_parse_params(slurm_params),
+        wait=wait), debug)
+    click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
+               f"{summary.recorded} already recorded, {len(summary.pending)} to train")
+    if dry_run:
+        click.echo("\n".join(summary.pending))
+        return
+    if summary.jobs:
+        click.echo(f"submitted {len(summary.jobs)} jobs: {', '.join(summary.jobs)}")
+        if not wait:
+            click.echo(f"when they finish: okdph-bench table {table_name} --profile {profile}")
+            return
+    click.echo(f"trained {summary.trained} runs, {len(summary.failed)} failed, {summary.seconds:.0f} s")
+    if summary.markdown:
+        click.echo("\n" + summary.markdown)
+        click.echo("wrote " + ", ".join(str(p) for p in summary.outputs.values()))
+    for run_id, error in summary.failed:
+        click.echo(f"failed: {run_id}: {error}", err=True)
+    if summary.failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("table_name", metavar="ID")
+@click.option("--profile", default="paper", show_default=True, help="paper, quick or smoke.")
+@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
+@click.option("--engine", default=None, help="Only this engine's records (needed where a cell has several).")
+@click.option("--metric", default="paper", show_default=True, help=_METRIC_HELP)
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+def table(table_name, profile, fidelity, engine, metric, results, debug):
+    """Re-render table ID from the records (nothing is trained)."""
+    from okdph.bench.runner import render_table
+
+    paths, text = _user_errors(lambda: render_table(table_name, profile=profile, fidelity=fidelity, metric=metric,
+                                                    engine=engine, results=results), debug)
+    click.echo(text)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command()
+@click.option("--table", "table_name", required=True, help=_TABLE_HELP)
+@click.option("--profile", default="paper", show_default=True, help="paper, quick or smoke.")
+@click.option("--seeds", type=int, default=None, help="Runs per cell [default: 5; smoke 1].")
+@click.option("--method", "methods", multiple=True, help="Only this method's cells; repeatable.")
+@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
+@click.option("--engine", default="auto", show_default=True, help="auto, reference or fast.")
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--download", is_flag=True, help="Download CIFAR if missing.")
+@click.option("--torchrun", "ddp_procs", type=int, default=None, metavar="N",
+              help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
+@click.option("--all", "include_recorded", is_flag=True, help="Also the runs already recorded.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_root, download, ddp_procs,
+         include_recorded, debug):
+    """Print one self-contained `okdph-bench train` command per run, for any scheduler."""
+    from okdph.bench.runner import plan_table
+
+    commands = _user_errors(lambda: plan_table(
+        table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
+        results=results, data_root=data_root, download=download, ddp_procs=ddp_procs,
+        include_recorded=include_recorded), debug)
+    click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
+    click.echo("\n".join(commands))
+
+
+@main.command()
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--metric", default="paper", show_default=True, help=_METRIC_HELP)
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+def report(results, metric, debug):
+    """Write results/REPORT.md: every table that has records, with a learning-curve PNG per cell."""
+    from okdph.bench.report import write_report
+
+    path = _user_errors(lambda: write_report(results, metric=metric), debug)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--update", is_flag=True, help="Rewrite the expectations from this run (on purpose only).")
+@click.option("--expected", default="results/regression/expected.json", show_default=True,
+              type=click.Path(dir_okay=False))
+@click.option("--method", "methods", multiple=True, help="Only this method; repeatable.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+def regress(update, expected, methods, debug):
+    """Tiny deterministic CPU runs of every registered method on digits, compared with the expectations."""
+    from okdph.bench.regress import regress as run_regress
+
+    result = _user_errors(lambda: run_regress(expected, update=update, methods=methods or None), debug)
+    for line in result.lines:
+        click.echo(line)
+    if not result.ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_train_smoke_writes_a_complete_record(tmp_path):
 
 
 BAD_INPUTS = [
-    (["--method", "dmll"], "unknown method 'dmll'; valid: base, dml, kdcl, okdph"),
+    (["--method", "dmll"], "unknown method 'dmll'; valid: base, dml, ffl, kdcl, okddip, okdph, one, pcl"),
     (["--method", "dml", "--backbone", "resnet33"], "unknown backbone 'resnet33'; valid:"),
     (["--method", "dml", "--dataset", "cifar1000"], "unknown dataset 'cifar1000'; valid:"),
     (["--method", "dml", "--setting", "noisey"], "unknown setting 'noisey'; valid:"),

@@ -14,12 +14,15 @@ from torch.utils.data import DataLoader
 from okdph.strategy import Strategy
 
 
-def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, device) -> dict:
+def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, device, forward=None,
+                    reduce=None) -> dict:
     """One pass over `loader`: forward → sum of losses → zero grad → backward → step → hooks.
 
     Returns per-sample means of every named loss and the training accuracy of every head. Meters
-    stay on the device; the only host syncs are at the end of the epoch.
+    stay on the device; the only host syncs are at the end of the epoch. Under DDP, `forward` is the
+    wrapped strategy's forward_train and `reduce` sums the meters over processes (distributed.py).
     """
+    forward = forward or strategy.forward_train
     strategy.train()
     loss_sums: dict[str, Tensor] = {}
     correct: dict[str, Tensor] = {}
@@ -27,7 +30,7 @@ def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, devic
     for step, (views, targets) in enumerate(loader):
         views = views.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        heads, losses = strategy.forward_train(list(views.unbind(dim=1)), targets, epoch=epoch, step=step)
+        heads, losses = forward(list(views.unbind(dim=1)), targets, epoch=epoch, step=step)
         loss = sum(losses.values())
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -43,6 +46,8 @@ def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, devic
                 loss_sums[name] = loss_sums.get(name, 0) + value.detach() * batch
             for name, logits in heads.items():
                 correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
+    if reduce is not None:
+        loss_sums, correct, seen = reduce(loss_sums, correct, seen)
     return {
         "samples": seen,
         "loss": {name: float(total) / seen for name, total in loss_sums.items()},
@@ -51,8 +56,9 @@ def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, devic
 
 
 @torch.inference_mode()
-def evaluate(strategy: Strategy, loader, *, device) -> dict[str, float]:
-    """Top-1 accuracy (%) of every evaluable head on the test loader, in eval mode."""
+def evaluate(strategy: Strategy, loader, *, device, reduce=None) -> dict[str, float]:
+    """Top-1 accuracy (%) of every evaluable head on the test loader, in eval mode (`reduce`: as in
+    train_one_epoch, for a test set sharded over processes)."""
     strategy.eval()
     correct: dict[str, Tensor] = {}
     total = 0
@@ -62,6 +68,8 @@ def evaluate(strategy: Strategy, loader, *, device) -> dict[str, float]:
         for name, logits in strategy.eval_heads(images).items():
             correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
         total += targets.shape[0]
+    if reduce is not None:
+        _, correct, total = reduce({}, correct, total)
     return {name: 100.0 * float(count) / total for name, count in correct.items()}
 
 

@@ -5,6 +5,7 @@ This is the library function behind `okdph-bench train`; the harness calls it fo
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from okdph import data as okdata
-from okdph.engine import reference
+from okdph.engine import distributed, reference
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, summarise
 from okdph.models import list_backbones
@@ -51,7 +52,9 @@ class RunConfig:
     data_root: str = "data"
     download: bool = False
     workers: int | None = None       # DataLoader workers; None: 0 for in-process small data, else 8
+    train_samples: int | None = None  # use the first N training images; None: the profile's (smoke cuts)
     out_dir: str = "runs"
+    ddp: bool = False                # one process of a torchrun job (engine/distributed.py); not identity
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
 
     def resolved_dataset(self) -> str:
@@ -70,7 +73,7 @@ class RunConfig:
         if self.engine != "auto":
             return self.engine
         in_memory = self.resolved_dataset() != "imagenet"
-        return "fast" if in_memory and resolve_device(self.device).type == "cuda" else "reference"
+        return "fast" if in_memory and not self.ddp and resolve_device(self.device).type == "cuda" else "reference"
 
     def identity(self) -> dict:
         """The fields that make two runs the same run (and so the same record)."""
@@ -79,6 +82,7 @@ class RunConfig:
             "setting": self.setting, "students": self.students, "overrides": dict(self.overrides),
             "fidelity": self.fidelity, "profile": self.profile, "epochs": self.epochs, "seed": self.seed,
             "width": self.resolved_width(), "engine": self.resolved_engine(), "precision": self.precision,
+            **({"train_samples": self.train_samples} if self.train_samples is not None else {}),
         }
 
     def run_id(self) -> str:
@@ -109,6 +113,8 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"unknown precision '{cfg.precision}'; valid: {', '.join(PRECISIONS)}")
     if cfg.resolved_engine() == "reference" and cfg.precision != "fp32":
         raise ConfigError("the reference engine runs fp32 only; use --engine fast for bf16")
+    if cfg.ddp and cfg.resolved_engine() != "reference":
+        raise ConfigError("--ddp runs the reference engine; drop --engine fast")
     if cfg.resolved_engine() == "fast" and dataset == "imagenet":
         raise ConfigError("the fast engine needs an in-memory dataset; use --engine reference for imagenet")
     if (dataset == "imagenet") != (cfg.backbone == "resnet18"):
@@ -116,6 +122,8 @@ def validate(cfg: RunConfig):
                           "resnet18 is the ImageNet backbone, the others are CIFAR backbones")
     if cfg.students < 1:
         raise ConfigError(f"students must be >= 1, got {cfg.students}")
+    if cfg.train_samples is not None and cfg.train_samples < 1:
+        raise ConfigError(f"train_samples must be >= 1, got {cfg.train_samples}")
     if cfg.resolved_width() <= 0:
         raise ConfigError(f"width must be > 0, got {cfg.width}")
     resolve_recipe(cfg.profile, dataset, cfg.epochs)
@@ -149,12 +157,25 @@ def build_strategy(strategy_cls, config, cfg: RunConfig, info):
                         width=cfg.resolved_width())
 
 
+def _first(dataset, count: int | None):
+    """The first `count` items of an in-memory dataset, as a copy of the same type with the same
+    attributes (the smoke profile's short epochs); the dataset itself when `count` is None."""
+    if count is None or count >= len(dataset):
+        return dataset
+    head = copy.copy(dataset)
+    if hasattr(dataset, "base"):  # the noisy wrapper: cut the arrays it wraps
+        head.base = _first(dataset.base, count)
+    else:
+        head.images, head.targets = dataset.images[:count], dataset.targets[:count]
+    return head
+
+
 def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Train one run and write its record to `cfg.record_path()`; returns the record."""
     strategy_cls, config = validate(cfg)
     dataset = cfg.resolved_dataset()
     recipe = resolve_recipe(cfg.profile, dataset, cfg.epochs)
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device) if cfg.ddp else resolve_device(cfg.device)
     out_path = cfg.record_path()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out_path.parent, os.W_OK):
@@ -167,9 +188,14 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
     train_set = okdata.build_train_set(dataset, cfg.data_root, views, setting=cfg.setting,
                                        download=cfg.download)
     test_set = okdata.build_test_set(dataset, cfg.data_root, setting=cfg.setting, download=cfg.download)
+    train_cap = cfg.train_samples if cfg.train_samples is not None else recipe.train_samples
+    train_set, test_set = _first(train_set, train_cap), _first(test_set, recipe.test_samples)
     workers = cfg.workers if cfg.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)
     engine_name = cfg.resolved_engine()
-    if engine_name == "fast":
+    if cfg.ddp:
+        engine = distributed.DistributedEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
+                                               workers=workers)
+    elif engine_name == "fast":
         from okdph.engine.fast import FastEngine  # imports the GPU augmentation only when used
 
         noise = (train_set.noise_mean, train_set.noise_std) if cfg.setting == "noisy" else None
@@ -181,7 +207,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
 
     heads = strategy.head_names()
     history = {"test_acc": {h: [] for h in heads}, "train_acc": {}, "train_loss": {}, "lr": [],
-               "epoch_s": []}
+               "epoch_s": [], "train_s": []}
     status, train_s, eval_s, samples = "complete", 0.0, 0.0, 0
     started = time.perf_counter()
     bar = tqdm(range(recipe.epochs), desc=cfg.run_id()[:48], unit="ep", disable=not progress, leave=False)
@@ -203,6 +229,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
         for name in heads:
             history["test_acc"][name].append(test_acc[name])
         history["epoch_s"].append(time.perf_counter() - t0)
+        history["train_s"].append(t1 - t0)
         bar.set_postfix(acc=f"{max(test_acc.values()):.2f}", loss=f"{sum(train['loss'].values()):.3f}")
         if not all(np.isfinite(v) for v in train["loss"].values()):
             status = f"diverged at epoch {epoch}"
@@ -231,6 +258,10 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "extra": cfg.extra,
     }
-    atomic_write_json(out_path, record)
+    if cfg.ddp:
+        record["distributed"] = engine.describe()
+        distributed.teardown()
+    if not cfg.ddp or distributed.is_main_process():  # under DDP only rank 0 writes
+        atomic_write_json(out_path, record)
     return record
 

@@ -1,0 +1,299 @@
+"""Tables from records: per cell the mean ± sample std over seeds with n, the paper's value and
+Δ = ours − paper; the best value of each row in bold; Markdown (tabulate, pipe format, numbers
+right-aligned), CSV and JSON side by side. Always regenerated from the records, never edited.
+
+Metrics (`--metric`): `paper` (default) is each run's best epoch of the max over all heads, as the
+official scripts report and the paper publishes; `final` is the deployed head at the last epoch.
+Table 5 reports the PAC-Bayes bound a record carries as `metrics.pacbayes` (×10^6, as the paper
+prints it) and is empty until records carry it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tabulate import tabulate
+
+from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_profile
+from okdph.bench.store import ResultStore
+from okdph.engine.recipe import SMOKE_DATASET
+from okdph.engine.record import atomic_write_json
+from okdph.strategy import FIDELITIES, ConfigError
+
+METRICS = ("paper", "final")
+METRIC_TEXT = {"paper": "best epoch of the max over all heads, as the paper reports",
+               "final": "the deployed head at the last epoch"}
+NAMES = {  # how the paper spells things
+    "base": "Base", "dml": "DML", "one": "ONE", "kdcl": "KDCL", "okddip": "OKDDip", "ffl": "FFL", "pcl": "PCL",
+    "okdph": "OKDPH", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet",
+    "resnet32": "ResNet32", "resnet110": "ResNet110", "vgg16": "VGG16", "densenet40_12": "DenseNet40-12",
+    "wrn20_8": "WRN20-8", "resnet18": "ResNet18", "standard": "standard", "noisy": "Noisy",
+    "limited10": "10%", "limited1": "1%",
+}
+HEADERS = {"dataset": "Dataset", "backbone": "Backbone", "setting": "Setting", "students": "#S/B"}
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    values: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+    engine: str | None = None
+    not_complete: int = 0        # records that diverged (status other than complete)
+    best: bool = False
+    records: list[dict] = field(default_factory=list, repr=False)  # every matching record
+
+    @property
+    def recorded(self) -> int:
+        return len(self.records)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None  # sample std (n − 1)
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.mean is None or self.cell.paper is None else self.mean - self.cell.paper
+
+
+def record_value(record: dict, table_metric: str, metric: str) -> float | None:
+    """The number a table shows for one run."""
+    metrics = record.get("metrics") or {}
+    if table_metric == "pacbayes":
+        value = metrics.get("pacbayes")
+        return value.get("value") if isinstance(value, dict) else value
+    return (metrics.get(metric) or {}).get("acc")
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; valid: {', '.join(METRICS)}")
+
+
+def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "official",
+            engine: str | None = None, metric: str = "paper", cells=None) -> list[CellResult]:
+    """Every cell's values from the store's records; a cell never mixes engines (pass `engine`
+    where the records of one cell come from several)."""
+    check_profile(table, profile)
+    check_metric(metric)
+    if fidelity not in FIDELITIES:
+        raise ConfigError(f"unknown fidelity '{fidelity}'; valid: {', '.join(FIDELITIES)}")
+    results = []
+    for cell in cells or table.cells:
+        records = store.records_for(cell_config(cell, profile=profile, fidelity=fidelity), engine)
+        engines = sorted({r.get("engine") for r in records})
+        if len(engines) > 1:
+            raise ConfigError(f"{table.id} cell {cell.slug()} has records from engines {', '.join(engines)}; "
+                              f"pass --engine with one of them")
+        result = CellResult(cell, engine=engines[0] if engines else None, records=records)
+        for record in records:
+            value = record_value(record, table.metric, metric)
+            if record.get("status") != "complete":
+                result.not_complete += 1
+            elif value is not None:
+                result.values.append(value)
+                result.seeds.append(record.get("seed"))
+                result.run_ids.append(record["run_id"])
+        results.append(result)
+    _mark_best(table, results)
+    return results
+
+
+def _row_key(table: Table, cell: Cell) -> tuple:
+    return tuple(getattr(cell, f) for f in table.rows)
+
+
+def _mark_best(table: Table, results: list[CellResult]) -> None:
+    pick = max if table.better == "higher" else min
+    rows: dict[tuple, list[CellResult]] = {}
+    for r in results:
+        rows.setdefault(_row_key(table, r.cell), []).append(r)
+    for row in rows.values():
+        measured = [r.mean for r in row if r.mean is not None]
+        if measured:
+            best = pick(measured)
+            for r in row:
+                r.best = r.mean is not None and round(r.mean, 2) == round(best, 2)
+
+
+def _paper_best(table: Table, row: list[CellResult]) -> float | None:
+    values = [r.cell.paper for r in row if r.cell.paper is not None]
+    return (max if table.better == "higher" else min)(values) if values else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def format_ours(result: CellResult) -> str:
+    """'94.12 ± 0.20 (n=5)'; one seed has no std; '' when nothing is recorded yet."""
+    if result.n == 0:
+        return f"({result.not_complete} diverged)" if result.not_complete else ""
+    text = f"{result.mean:.2f}" + (f" ± {result.std:.2f}" if result.std is not None else "") + f" (n={result.n})"
+    if result.not_complete:
+        text += f", {result.not_complete} diverged"
+    return text
+
+
+def format_delta(result: CellResult) -> str:
+    return "–" if result.delta is None else f"{result.delta:+.2f}"
+
+
+def _bold(text: str, on: bool) -> str:
+    return f"**{text}**" if on and text else text
+
+
+def markdown_table(table: Table, results: list[CellResult], links: dict[str, str] | None = None) -> str:
+    """The pipe table: per row of the paper's table one line of ours, one of the paper's values and
+    one of Δ (the last two only where the row has paper values); methods are the columns."""
+    rows: dict[tuple, dict[str, CellResult]] = {}
+    for r in results:
+        rows.setdefault(_row_key(table, r.cell), {})[r.cell.method] = r
+    methods = [m for m in table.methods if any(m in row for row in rows.values())]
+    lines = []
+    for key, row in rows.items():
+        label = [NAMES.get(v, str(v)) for v in key]
+        ours = []
+        for m in methods:
+            r = row.get(m)
+            text = format_ours(r) if r else ""
+            if r and links and r.cell.slug() in links and text:
+                text = f"[{text}]({links[r.cell.slug()]})"
+            ours.append(_bold(text, bool(r and r.best)))
+        lines.append(label + ["ours"] + ours)
+        paper_best = _paper_best(table, list(row.values()))
+        if paper_best is None:
+            continue
+        blank = [""] * len(label)
+        lines.append(blank + ["paper"] + [
+            _bold(f"{row[m].cell.paper:.2f}{row[m].cell.paper_note}", row[m].cell.paper == paper_best)
+            if m in row and row[m].cell.paper is not None else "–" for m in methods])
+        lines.append(blank + ["Δ"] + [format_delta(row[m]) if m in row else "" for m in methods])
+    headers = [HEADERS[f] for f in table.rows] + [""] + [NAMES.get(m, m) for m in methods]
+    align = ["left"] * (len(table.rows) + 1) + ["right"] * len(methods)
+    return tabulate(lines, headers=headers, tablefmt="pipe", colalign=align, disable_numparse=True)
+
+
+def output_stem(table: Table, profile: str, fidelity: str, metric: str) -> str:
+    """`table3` for the paper profile, official fidelity and paper metric; every other choice is
+    appended (`table3-smoke`, `table3-quick-paper-final`), so renderings never overwrite each other."""
+    parts = [table.id]
+    parts += [profile] if profile != "paper" else []
+    parts += [fidelity] if fidelity != "official" else []
+    parts += [metric] if metric != "paper" and table.metric == "accuracy" else []
+    return "-".join(parts)
+
+
+def describe(table: Table, results: list[CellResult], *, profile: str, fidelity: str, metric: str,
+             runs_dir) -> str:
+    """The lines above a table: what it shows and where the numbers come from."""
+    filled = sum(r.n > 0 for r in results)
+    engines = sorted({r.engine for r in results if r.engine})
+    what = ("PAC-Bayes bound ×10^6 (lower is better), read from each record's `metrics.pacbayes`"
+            if table.metric == "pacbayes" else f"top-1 accuracy (%), metric `{metric}`: {METRIC_TEXT[metric]}")
+    lines = [
+        f"Profile `{profile}`, fidelity `{fidelity}`, engine {', '.join(f'`{e}`' for e in engines) or '–'}; {what}.",
+        f"Ours: mean ± sample std over the n seeds recorded (run r has seed {FIRST_SEED} + r); "
+        f"Δ = ours − paper; the best of each row in bold.",
+        f"{filled} of {len(results)} cells have records in `{runs_dir}`. Paper values: {table.source}.",
+    ]
+    provenance = sorted({_machine(rec) for r in results for rec in r.records})
+    if provenance:
+        lines.append("Runs made on: " + "; ".join(provenance) + ".")
+    if profile == "smoke":
+        lines.append(f"Smoke profile: every cell runs on the embedded `{SMOKE_DATASET}` data with a tiny model "
+                     "for about one epoch, which checks the pipeline end to end; the numbers are not comparable "
+                     "with the paper's, and cells that differ only in their dataset share their runs.")
+    if any(r.cell.preset for r in results):
+        lines.append("OKDPH runs with the ω, β, γ, Δ of supplement Tables 6/7 for its backbone, dataset, "
+                     "student count and setting" + ("; OKDPH's defaults where the paper gives none."
+                                                    if any(r.cell.method == "okdph" and not r.cell.preset
+                                                           for r in results) else "."))
+    return "\n".join(lines)
+
+
+def _machine(record: dict) -> str:
+    """Where a record was made: device, torch and git revision of the suite."""
+    p = record.get("provenance") or {}
+    git = str(p.get("git"))
+    git = git[:12] + ("+dirty" if git.endswith("+dirty") else "")
+    return f"{p.get('device', '?')}, torch {p.get('torch', '?')}, git {git}" if p else "unknown"
+
+
+def legend(table: Table, results: list[CellResult]) -> str:
+    used = {r.cell.paper_note for r in results if r.cell.paper_note}
+    return "\n".join(f"{mark} {text}" for mark, text in table.notes.items() if mark in used)
+
+
+def markdown(table: Table, results: list[CellResult], *, profile: str, fidelity: str, metric: str,
+             runs_dir, links=None, level: int = 1) -> str:
+    parts = [f"{'#' * level} {table.id}: {table.title}", "",
+             describe(table, results, profile=profile, fidelity=fidelity, metric=metric, runs_dir=runs_dir), "",
+             markdown_table(table, results, links)]
+    notes = legend(table, results)
+    if notes:
+        parts += ["", notes]
+    return "\n".join(parts) + "\n"
+
+
+def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fidelity: str,
+                    metric: str) -> list[dict]:
+    out = []
+    for r in results:
+        c = r.cell
+        out.append({
+            "table": table.id, "dataset": c.dataset, "backbone": c.backbone, "setting": c.setting,
+            "students": c.students, "method": c.method, "overrides": dict(c.overrides), "preset": c.preset,
+            "paper": c.paper, "paper_note": c.paper_note, "mean": r.mean, "std": r.std, "n": r.n,
+            "delta": r.delta, "best": r.best, "diverged": r.not_complete, "values": r.values, "seeds": r.seeds,
+            "run_ids": r.run_ids, "engine": r.engine, "profile": profile, "fidelity": fidelity,
+            "metric": table.metric if table.metric != "accuracy" else metric,
+        })
+    return out
+
+
+def write_table(table: Table, results: list[CellResult], out_dir, *, profile: str, fidelity: str,
+                metric: str, runs_dir) -> dict[str, Path]:
+    """results/tables/<stem>.md, .csv and .json; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = output_stem(table, profile, fidelity, metric)
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
+    rows = rows_for_export(table, results, profile=profile, fidelity=fidelity, metric=metric)
+    _atomic_text(paths["md"], markdown(table, results, profile=profile, fidelity=fidelity, metric=metric,
+                                       runs_dir=runs_dir))
+    buffer = io.StringIO()
+    columns = [k for k in rows[0] if k not in ("overrides", "values", "seeds", "run_ids")]
+    writer = csv.DictWriter(buffer, fieldnames=columns + ["overrides", "seeds", "run_ids"], extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "overrides": " ".join(f"{k}={v}" for k, v in row["overrides"].items()),
+                         "seeds": " ".join(map(str, row["seeds"])), "run_ids": " ".join(row["run_ids"])})
+    _atomic_text(paths["csv"], buffer.getvalue())
+    atomic_write_json(paths["json"], {
+        "table": table.id, "title": table.title, "source": table.source, "profile": profile,
+        "fidelity": fidelity, "metric": table.metric if table.metric != "accuracy" else metric,
+        "better": table.better, "runs_dir": str(runs_dir), "notes": table.notes,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cells": rows,
+    })
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,113 @@
+"""`okdph-bench report`: results/REPORT.md with every table that has records (one section per
+table, profile and fidelity) and a learning-curve PNG per cell, linked from the cell's value.
+
+The figures use matplotlib's object API (no pyplot, no global backend state).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+from okdph.bench.experiments import list_tables, get_table
+from okdph.bench.render import NAMES, CellResult, collect, markdown, output_stem, write_table
+from okdph.bench.store import ResultStore
+from okdph.engine.recipe import PROFILES
+from okdph.strategy import ConfigError
+
+
+def learning_curve(records: list[dict], title: str, path: Path) -> Path:
+    """Test accuracy per epoch of every head: the mean over seeds, shaded ± sample std."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(4.8, 3.2), dpi=100)
+    ax = fig.add_subplot()
+    heads = list(records[0]["history"]["test_acc"])
+    for head in heads:
+        curves = [r["history"]["test_acc"].get(head, []) for r in records]
+        length = min(len(c) for c in curves)
+        if length == 0:
+            continue
+        epochs = range(1, length + 1)
+        mean = [statistics.fmean(c[e] for c in curves) for e in range(length)]
+        line, = ax.plot(epochs, mean, marker="o" if length < 10 else None, markersize=3, linewidth=1.2,
+                        label=head)
+        if len(curves) > 1:
+            std = [statistics.stdev(c[e] for c in curves) for e in range(length)]
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{title} (n={len(records)})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _cell_title(result: CellResult, record: dict) -> str:
+    c = result.cell
+    setting = "" if c.setting == "standard" else f" {NAMES.get(c.setting, c.setting)}"
+    ran_on = "" if record.get("dataset") == c.dataset else f" (ran on {record.get('dataset')})"
+    return (f"{NAMES.get(c.method, c.method)}, {NAMES.get(c.backbone, c.backbone)} ×{c.students}, "
+            f"{NAMES.get(c.dataset, c.dataset)}{setting}{ran_on}")
+
+
+def _collect_by_engine(table, store, **options) -> list[tuple[str | None, list[CellResult]]]:
+    """One result set, or one per engine where a cell holds records of several."""
+    try:
+        return [(None, collect(table, store, **options))]
+    except ConfigError:
+        engines = sorted({r.get("engine") for r in store.records()})
+        return [(engine, collect(table, store, engine=engine, **options)) for engine in engines]
+
+
+def write_report(results="results", *, metric: str = "paper") -> Path:
+    """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path."""
+    store = ResultStore(results)
+    records = store.records()
+    combos = sorted({(r.get("profile"), r.get("fidelity")) for r in records},
+                    key=lambda pf: (PROFILES.index(pf[0]) if pf[0] in PROFILES else 99, str(pf[1])))
+    report_path = store.root / "REPORT.md"
+    sections, index = [], []
+    for table_id in list_tables():
+        table = get_table(table_id)
+        for profile, fidelity in combos:
+            if profile not in table.profiles:
+                continue
+            for engine, results_ in _collect_by_engine(table, store, profile=profile, fidelity=fidelity,
+                                                       metric=metric):
+                if not any(r.recorded for r in results_):
+                    continue
+                stem = output_stem(table, profile, fidelity, metric) + (f"-{engine}" if engine else "")
+                links = {}
+                for r in results_:
+                    cell_records = [rec for rec in r.records if rec.get("history", {}).get("test_acc")]
+                    if cell_records:
+                        png = learning_curve(cell_records, _cell_title(r, cell_records[0]),
+                                             store.figures_dir / stem / f"{r.cell.slug()}.png")
+                        links[r.cell.slug()] = Path(os.path.relpath(png, store.root)).as_posix()
+                write_table(table, results_, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
+                            runs_dir=store.runs_dir)
+                anchor = stem
+                index.append(f"- [{stem}](#{anchor}): {table.title}")
+                sections.append(f'<a id="{anchor}"></a>\n\n' + markdown(
+                    table, results_, profile=profile, fidelity=fidelity, metric=metric, runs_dir=store.runs_dir,
+                    links=links, level=2))
+    head = [
+        "# okdph-bench report", "",
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from {len(records)} run records "
+        f"in `{store.runs_dir}` by `okdph-bench report`. Each table is regenerated from the records; a value "
+        "links to the learning curves of its cell (test accuracy of every head per epoch, mean ± std over seeds).",
+        "",
+    ]
+    body = index + [""] + sections if sections else ["No run records yet: run `okdph-bench run --table 3 "
+                                                     "--profile smoke` first."]
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text("\n".join(head + body) + "\n")
+    return report_path

@@ -1,0 +1,134 @@
+"""`okdph-bench run --table ID`: expand a table into runs, skip those already recorded, train the
+rest on an executor, and render the table from the records (DESIGN.md §6).
+
+    run_table("3", profile="smoke")            # the README's first command
+    render_table("3", profile="smoke")         # `okdph-bench table 3 --profile smoke`
+    plan_table("3", profile="paper")           # one shell command per run, for any scheduler
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from okdph.bench import executors
+from okdph.bench.experiments import Table, expand, get_table, unique_configs
+from okdph.bench.render import check_metric, collect, write_table
+from okdph.bench.store import ResultStore
+from okdph.engine.run import RunConfig, validate
+from okdph.strategy import ConfigError
+
+EXECUTORS = ("local", "slurm")
+
+
+@dataclass
+class RunSummary:
+    table: str
+    profile: str
+    cells: int
+    runs: int                                    # distinct runs of the expansion
+    recorded: int                                # skipped: their record already existed
+    pending: list[str] = field(default_factory=list)   # run ids still to train (dry run)
+    trained: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run id, one-line error)
+    jobs: list[str] = field(default_factory=list)      # SLURM job ids
+    outputs: dict[str, Path] = field(default_factory=dict)
+    markdown: str = ""
+    seconds: float = 0.0
+
+
+def _plan(table_name: str, *, profile: str, seeds, methods, fidelity: str, engine: str, results,
+          data_root: str, download: bool) -> tuple[Table, list, list[RunConfig], ResultStore]:
+    table = get_table(table_name)
+    store = ResultStore(results)
+    runs = expand(table, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
+                  data_root=data_root, download=download, out_dir=str(store.runs_dir))
+    configs = unique_configs(runs)
+    for cfg in configs:  # every name and value checked before any work starts
+        validate(cfg)
+    return table, runs, configs, store
+
+
+def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
+              fidelity: str = "official", engine: str = "auto", executor: str = "local",
+              gpus: str | None = None, jobs: int = 1, dry_run: bool = False, metric: str = "paper", results="results",
+              data_root: str = "data", download: bool = False, progress: bool = True,
+              pack_size: int | None = None, slurm_parameters: dict | None = None, slurm_cluster: str | None = None,
+              wait: bool = False) -> RunSummary:
+    """Train every run of a table that has no record yet, then write results/tables/<stem>.md|csv|json.
+
+    executor "local": in this process on CPU or one GPU, one worker process per GPU with several
+    (`gpus`), or `jobs` CPU worker processes; "slurm": one submitit job per `pack_size` runs
+    (default: one cell's seeds), rendered when `wait` (else later with `okdph-bench table`)."""
+    started = time.perf_counter()
+    check_metric(metric)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
+    table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
+                                        fidelity=fidelity, engine=engine, results=results,
+                                        data_root=data_root, download=download)
+    pending = [cfg for cfg in configs if not store.is_recorded(cfg)]
+    summary = RunSummary(table.id, profile, len({r.cell for r in runs}), len(configs),
+                         len(configs) - len(pending), pending=[c.run_id() for c in pending])
+    if dry_run:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    if executor == "local":
+        import torch
+
+        devices = executors.parse_gpus(gpus, torch.cuda.device_count(), jobs)
+        outcomes = executors.run_local(pending, devices, progress=progress, desc=table.id)
+        summary.trained = sum(o.error is None for o in outcomes)
+        summary.failed = [(o.run_id, o.error) for o in outcomes if o.error]
+    elif pending:
+        from okdph.bench import slurm
+
+        seeds_per_cell = max(1, len(runs) // max(1, summary.cells))
+        submitted = slurm.submit(pending, folder=store.root / "slurm", pack_size=pack_size or seeds_per_cell,
+                                 parameters=slurm_parameters, cluster=slurm_cluster)
+        summary.jobs = [job.job_id for job in submitted]
+        if not wait:
+            summary.seconds = time.perf_counter() - started
+            return summary
+        for job in submitted:
+            for outcome in job.result():
+                if outcome.error:
+                    summary.failed.append((outcome.run_id, outcome.error))
+                else:
+                    summary.trained += 1
+
+    store.refresh()
+    summary.outputs, summary.markdown = _render(table, store, profile=profile, fidelity=fidelity, metric=metric)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _render(table: Table, store: ResultStore, *, profile: str, fidelity: str, metric: str,
+            engine: str | None = None) -> tuple[dict[str, Path], str]:
+    results = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric)
+    paths = write_table(table, results, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
+                        runs_dir=store.runs_dir)
+    return paths, paths["md"].read_text()
+
+
+def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "official", metric: str = "paper",
+                 engine: str | None = None, results="results") -> tuple[dict[str, Path], str]:
+    """Re-render a table from the records, training nothing; returns the paths and the Markdown."""
+    store = ResultStore(results)
+    return _render(get_table(table_name), store, profile=profile, fidelity=fidelity, metric=metric, engine=engine)
+
+
+def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
+               fidelity: str = "official", engine: str = "auto", results="results", data_root: str = "data",
+               download: bool = False, ddp_procs: int | None = None, include_recorded: bool = False) -> list[str]:
+    """One self-contained `okdph-bench train` command per run not yet recorded (all with
+    `include_recorded`), for any scheduler; each command skips its run if the record exists."""
+    table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
+                                        fidelity=fidelity, engine=engine, results=results,
+                                        data_root=data_root, download=download)
+    return [executors.train_command(cfg, ddp_procs=ddp_procs) for cfg in configs
+            if include_recorded or not store.is_recorded(cfg)]
+
+
+__all__ = ["EXECUTORS", "RunSummary", "plan_table", "render_table", "run_table"]

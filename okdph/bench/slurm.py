@@ -1,0 +1,63 @@
+"""The SLURM executor, through submitit: one job per packed group of runs, requeued on preemption.
+
+A job trains its runs one after another and skips those whose record exists, so a requeued job
+(after preemption or a timeout, submitit calls `checkpoint`) goes on with the runs not yet done.
+Jobs of one submission go out as one array job. Tests use submitit's `local` backend, which runs
+the same job objects as local processes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from okdph.bench.executors import Outcome, train_one
+from okdph.engine.run import RunConfig
+
+
+class PackedJob:
+    """A picklable callable that submitit runs on a node: the runs of one group, in order."""
+
+    def __init__(self, configs: list[RunConfig]):
+        self.configs = list(configs)
+
+    def __call__(self) -> list[Outcome]:
+        outcomes = []
+        for cfg in self.configs:
+            if cfg.record_path().exists():  # done before a requeue, or by another job
+                outcomes.append(Outcome(cfg.run_id()))
+                continue
+            outcomes.append(train_one(cfg))
+        return outcomes
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on preemption or timeout: resubmit the same group; finished runs are
+        skipped (and a run's own epochs resume once the engine checkpoints them)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def pack(configs: list[RunConfig], size: int) -> list[list[RunConfig]]:
+    """Consecutive groups of `size` runs (runs of one cell are consecutive in an expansion)."""
+    size = max(1, size)
+    return [configs[i:i + size] for i in range(0, len(configs), size)]
+
+
+def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, parameters: dict | None = None,
+           cluster: str | None = None) -> list:
+    """Submit one job per group; returns the submitit jobs. `parameters` go to
+    `AutoExecutor.update_parameters` (e.g. slurm_partition, timeout_min, gpus_per_node); `cluster`
+    picks a submitit backend ("slurm", or "local"/"debug" for tests), None lets submitit choose."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
+    params = {"timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8, "name": "okdph-bench"}
+    params.update(parameters or {})
+    if executor.cluster != "slurm":  # local/debug take only the generic parameters
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        if executor.cluster != "debug":
+            params["gpus_per_node"] = 0
+    executor.update_parameters(**params)
+    groups = pack(configs, pack_size)
+    with executor.batch():
+        jobs = [executor.submit(PackedJob(group)) for group in groups]
+    return jobs

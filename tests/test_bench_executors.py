@@ -1,0 +1,123 @@
+"""Executors with real (tiny) runs: CPU worker processes, SLURM through submitit's local backend,
+and data-parallel training under torchrun on CPU (gloo, 2 processes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from okdph.bench import executors, runner, slurm
+from okdph.bench.experiments import cell_config, get_table
+from okdph.bench.store import ResultStore
+from okdph.engine.run import RunConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _smoke_configs(store, methods=("dml",), count=2):
+    table = get_table("3")
+    cells = [c for c in table.cells if c.method in methods and c.dataset == "cifar10"][:count]
+    return [cell_config(c, profile="smoke", out_dir=str(store.runs_dir)) for c in cells]
+
+
+def test_local_cpu_workers_share_one_queue(tmp_path):
+    store = ResultStore(tmp_path)
+    configs = _smoke_configs(store, count=2)
+    outcomes = executors.run_local(configs, ["cpu", "cpu"], progress=False)
+    assert sorted(o.run_id for o in outcomes) == sorted(c.run_id() for c in configs)
+    assert all(o.error is None for o in outcomes)
+    assert all(c.record_path().exists() for c in configs)
+
+
+def test_parse_gpus():
+    assert executors.parse_gpus(None, 0) == ["cpu"]
+    assert executors.parse_gpus(None, 0, jobs=2) == ["cpu", "cpu"]
+    assert executors.parse_gpus("all", 2) == ["cuda:0", "cuda:1"]
+    assert executors.parse_gpus("1", 2) == ["cuda:1"]
+    with pytest.raises(ValueError, match="GPU 3 not available; valid: 0, 1"):
+        executors.parse_gpus("0,3", 2)
+
+
+def test_slurm_executor_through_submitit_local_backend(tmp_path, monkeypatch):
+    """One job per packed group; each job writes its runs' records; the table renders after --wait."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local jobs share this machine's cores
+    summary = runner.run_table("3", profile="smoke", methods=["dml"], executor="slurm", pack_size=3,
+                               slurm_cluster="local", wait=True, results=tmp_path, progress=False,
+                               slurm_parameters={"timeout_min": 20, "slurm_partition": "ignored-locally"})
+    assert summary.runs == 6 and len(summary.jobs) == 2          # 6 runs packed 3 per job
+    assert summary.trained == 6 and not summary.failed
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 6
+    assert "(n=1)" in summary.markdown and (tmp_path / "tables" / "table3-smoke.md").exists()
+    assert (tmp_path / "slurm").is_dir()  # submitit's logs and pickles
+
+
+def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
+    store = ResultStore(tmp_path)
+    configs = _smoke_configs(store, count=2)
+    job = slurm.PackedJob(configs)
+    # the first run finished before the preemption
+    configs[0].record_path().parent.mkdir(parents=True)
+    configs[0].record_path().write_text(json.dumps({"run_id": configs[0].run_id(), "status": "complete"}))
+    resubmission = job.checkpoint()
+    import submitit
+
+    assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
+    assert resubmission.function is job                      # the same group goes back in the queue
+    trained = []
+    job_module_train = slurm.train_one
+    try:
+        slurm.train_one = lambda cfg: trained.append(cfg.run_id()) or executors.Outcome(cfg.run_id())
+        outcomes = job()
+    finally:
+        slurm.train_one = job_module_train
+    assert trained == [configs[1].run_id()] and len(outcomes) == 2
+    assert slurm.pack(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
+    """`okdph-bench train --ddp` under torchrun: one record, written by rank 0, with the whole test
+    set counted over both shards and the global batch split over the processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "okdph.cli", "train", "--ddp", "--method", "dml", "--profile", "smoke", "--device", "cpu",
+           "--width", "0.125", "--out", str(tmp_path), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "complete" and record["distributed"] == {
+        "world_size": 2, "backend": "gloo", "batch_per_process": 16}
+    assert record["data"]["test_size"] == 180 and set(record["history"]["test_acc"]) == {"student0", "student1"}
+    assert done.stdout.count("complete: ") == 1                   # only rank 0 reports
+    # the same run id as a single-process run of the same configuration: DDP is not part of identity
+    single = RunConfig(method="dml", profile="smoke", device="cpu", width=0.125, out_dir=str(tmp_path))
+    assert path.name == f"{single.run_id()}.json"
+
+
+def _meters_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from okdph.engine.distributed import _Shard, sum_meters
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    losses, correct, count = sum_meters({"ce": torch.tensor(1.5 * (rank + 1))},
+                                        {"student0": torch.tensor(10 * (rank + 1))}, 5 + rank)
+    shard = list(_Shard(5, rank, world))
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump({"ce": float(losses["ce"]), "student0": float(correct["student0"]), "count": count,
+                   "shard": shard}, handle)
+
+
+def test_meters_are_summed_and_the_test_set_sharded_over_processes(tmp_path):
+    import torch.multiprocessing as tmp_mp
+
+    tmp_mp.spawn(_meters_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for got in ranks:
+        assert (got["ce"], got["student0"], got["count"]) == (4.5, 30.0, 11)
+    assert ranks[0]["shard"] == [0, 2, 4] and ranks[1]["shard"] == [1, 3]   # each test item once

@@ -1,0 +1,32 @@
+"""The README's first command: all of supplement Table 3 in the smoke profile, for real."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from okdph.bench import runner
+from okdph.bench.experiments import get_table
+from okdph.strategy import list_strategies
+
+
+@pytest.mark.slow
+def test_smoke_table3_runs_every_registered_method(tmp_path):
+    table = get_table("3")
+    assert len(table.cells) == 84 and list(table.methods) == ["dml", "one", "kdcl", "okddip", "ffl", "pcl", "okdph"]
+    methods = [m for m in table.methods if m in list_strategies()]  # all seven once every baseline is in
+    summary = runner.run_table("3", profile="smoke", methods=methods, results=tmp_path, progress=False)
+    assert not summary.failed, summary.failed
+    assert summary.trained == summary.runs and summary.cells == 12 * len(methods)
+    data = json.loads((tmp_path / "tables" / "table3-smoke.json").read_text())
+    cells = [c for c in data["cells"] if c["method"] in methods]
+    assert len(data["cells"]) == 84 and len(cells) == 12 * len(methods)
+    assert all(c["n"] == 1 and c["seeds"] == [42] and c["paper"] is not None for c in cells)
+    assert all(0.0 <= c["mean"] <= 100.0 for c in cells)
+    rows = {(c["dataset"], c["backbone"], c["students"]) for c in cells if c["best"]}
+    assert len(rows) == 12                                            # a best value in every row
+    okdph = [c for c in cells if c["method"] == "okdph"]
+    assert okdph and all(c["preset"] == "Table 6" for c in okdph)
+    # a second run finds everything recorded and trains nothing
+    again = runner.run_table("3", profile="smoke", methods=methods, results=tmp_path, progress=False)
+    assert again.trained == 0 and again.recorded == again.runs

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from .registry import Backbone, check_num_classes, register_backbone, scale_channels
-from .resnet import PooledHead
+from .resnet import PooledHead, init_resnet_
 
 __all__ = ["ImageNetResNet", "resnet18"]
 
@@ -62,15 +62,7 @@ class ImageNetResNet(Backbone):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """torchvision's init: He-normal fan_out convs, BN 1/0, Linear left at PyTorch's default,
-        no zero-init of the last BN in each block."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
+        init_resnet_(self)  # torchvision's resnet18 init is the same as the CIFAR ResNets'
 
 @register_backbone
 def resnet18(num_classes: int, width: float = 1.0) -> ImageNetResNet:

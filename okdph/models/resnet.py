@@ -17,7 +17,7 @@ from torch import nn
 
 from .registry import Backbone, Head, check_num_classes, register_backbone, scale_channels
 
-__all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "PooledHead", "resnet32", "resnet110", "wrn20_8"]
+__all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "PooledHead", "init_resnet_", "resnet32", "resnet110", "wrn20_8"]
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -149,13 +149,18 @@ class CifarResNet(Backbone):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init (METHODS.md §10): He-normal fan_out convs, BN 1/0, Linear left at PyTorch's default."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_(self)
+
+
+def init_resnet_(module: nn.Module) -> None:
+    """The ResNet init of the official code and of torchvision (METHODS.md §10): He-normal fan_out
+    convs, BN 1/0, Linear left at PyTorch's default, no zero-init of a block's last BN."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 @register_backbone

@@ -82,12 +82,14 @@ def main():
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 8 for CIFAR/ImageNet, else 0].")
 @click.option("--out", "out_dir", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--skip-recorded", is_flag=True, help="Do nothing if this run's record already exists.")
+@click.option("--save-every", type=int, default=None, metavar="E",
+              help="Keep the students' weights every E epochs in <out>/<run>.traj/ (PAC-Bayes, landscape).")
 @click.option("--ddp", is_flag=True, help="One process of a torchrun job: data-parallel over its processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
-          engine, precision, device, deterministic, data_root, download, workers, out_dir, skip_recorded, ddp,
-          quiet, debug):
+          engine, precision, device, deterministic, data_root, download, workers, out_dir, skip_recorded,
+          save_every, ddp, quiet, debug):
     """Train one run and write its JSON record."""
     from okdph.engine.distributed import is_main_process
     from okdph.engine.run import RunConfig, train_run
@@ -95,7 +97,8 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
                     seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic, device=device,
-                    data_root=data_root, download=download, workers=workers, out_dir=out_dir, ddp=ddp)
+                    data_root=data_root, download=download, workers=workers, out_dir=out_dir, ddp=ddp,
+                    save_every=save_every)
     if skip_recorded and _user_errors(lambda: cfg.record_path().exists(), debug):
         click.echo(f"recorded: {cfg.record_path()}")
         return

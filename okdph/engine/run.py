@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from okdph import data as okdata
 from okdph.engine import distributed, reference
+from okdph.engine.checkpoint import save_trajectory_point, trajectory_dir
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, summarise
 from okdph.models import list_backbones
@@ -55,6 +56,7 @@ class RunConfig:
     train_samples: int | None = None  # use the first N training images; None: the profile's (smoke cuts)
     out_dir: str = "runs"
     ddp: bool = False                # one process of a torchrun job (engine/distributed.py); not identity
+    save_every: int | None = None    # keep the students' weights every E epochs (trajectory); not identity
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
 
     def resolved_dataset(self) -> str:
@@ -126,6 +128,8 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"train_samples must be >= 1, got {cfg.train_samples}")
     if cfg.resolved_width() <= 0:
         raise ConfigError(f"width must be > 0, got {cfg.width}")
+    if cfg.save_every is not None and cfg.save_every < 1:
+        raise ConfigError(f"--save-every must be >= 1 epoch, got {cfg.save_every}")
     resolve_recipe(cfg.profile, dataset, cfg.epochs)
     return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
 
@@ -205,6 +209,14 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
         engine = reference.ReferenceEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
                                            workers=workers)
 
+    trajectory = None
+    if cfg.save_every is not None and (not cfg.ddp or distributed.is_main_process()):
+        trajectory = (trajectory_dir(out_path), {
+            "run_id": cfg.run_id(), "method": cfg.method, "backbone": cfg.backbone,
+            "num_classes": info.num_classes, "width": cfg.resolved_width(), "dataset": dataset,
+            "setting": cfg.setting, "train_size": len(train_set), "seed": cfg.seed})
+        save_trajectory_point(trajectory[0], 0, strategy, trajectory[1])
+
     heads = strategy.head_names()
     history = {"test_acc": {h: [] for h in heads}, "train_acc": {}, "train_loss": {}, "lr": [],
                "epoch_s": [], "train_s": []}
@@ -230,6 +242,8 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
             history["test_acc"][name].append(test_acc[name])
         history["epoch_s"].append(time.perf_counter() - t0)
         history["train_s"].append(t1 - t0)
+        if trajectory is not None and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == recipe.epochs):
+            save_trajectory_point(trajectory[0], epoch + 1, strategy, trajectory[1])
         bar.set_postfix(acc=f"{max(test_acc.values()):.2f}", loss=f"{sum(train['loss'].values()):.3f}")
         if not all(np.isfinite(v) for v in train["loss"].values()):
             status = f"diverged at epoch {epoch}"

@@ -1,0 +1,135 @@
+"""Files a run leaves beside its record, all written atomically and read with `weights_only=True`
+(DESIGN.md §7): never executed as code.
+
+- `<run_id>.ckpt.pt`: the resume checkpoint (everything needed to continue exactly), replaced at every
+  epoch end and when the run is preempted; removed once the record is written.
+- `<run_id>.traj/epoch0005.pt`: trajectory points, the students' weights every `--save-every` epochs
+  (`epoch0000.pt` is the initialisation), for the PAC-Bayes bound and the loss landscape
+  (okdph.analysis).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from okdph.strategy import ConfigError
+
+CHECKPOINT_FORMAT = 1
+TRAJECTORY_FORMAT = 1
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or trajectory file that cannot be used: truncated, foreign, from another run."""
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: Path, *, kind: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True; any failure is one CheckpointError line naming the file."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{kind} '{path}' does not exist") from None
+    except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file at all
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{kind} '{path}' is unreadable (truncated or not an okdph-bench file): "
+                              f"{reason}") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise CheckpointError(f"'{path}' is not an okdph-bench {kind}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states (all of them: the run's result must not depend on where it was interrupted)
+
+
+def capture_rng(device: torch.device) -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trajectory points
+
+
+def trajectory_dir(record_path: Path) -> Path:
+    record_path = Path(record_path)
+    return record_path.with_name(record_path.stem + ".traj")
+
+
+def save_trajectory_point(directory: Path, epoch: int, strategy, meta: dict) -> Path:
+    """The students' weights (parameters and BN buffers, one state dict per student, CPU) after
+    `epoch` epochs. `meta` says how to rebuild a student: backbone, num_classes, width, dataset."""
+    students = getattr(strategy, "students", None)
+    if students is None:
+        raise ConfigError(f"--save-every needs a method with separate students; '{strategy.name}' has none")
+    states = [{k: v.detach().to("cpu", copy=True) for k, v in s.items()} for s in students.member_states()]
+    path = Path(directory) / f"epoch{epoch:04d}.pt"
+    atomic_torch_save(path, {"kind": "trajectory point", "format": TRAJECTORY_FORMAT, "epoch": epoch,
+                             **meta, "students": states})
+    return path
+
+
+@dataclass
+class TrajectoryPoint:
+    epoch: int
+    meta: dict                       # backbone, num_classes, width, dataset, setting, run_id, ...
+    students: list[dict[str, Tensor]]
+
+
+def load_trajectory_point(path: Path) -> TrajectoryPoint:
+    data = safe_load(path, kind="trajectory point")
+    if data.get("format") != TRAJECTORY_FORMAT:
+        raise CheckpointError(f"trajectory point '{path}' has format {data.get('format')}, "
+                              f"this version reads {TRAJECTORY_FORMAT}")
+    meta = {k: v for k, v in data.items() if k not in ("kind", "format", "epoch", "students")}
+    return TrajectoryPoint(epoch=int(data["epoch"]), meta=meta, students=data["students"])
+
+
+def load_trajectory(directory: Path) -> list[TrajectoryPoint]:
+    """Every saved point of a run, in epoch order."""
+    directory = Path(directory)
+    files = sorted(directory.glob("epoch*.pt"))
+    if not files:
+        raise CheckpointError(f"no trajectory points in '{directory}'; train the run with --save-every E")
+    return [load_trajectory_point(f) for f in files]

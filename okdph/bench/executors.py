@@ -7,6 +7,7 @@ fails is reported and the others go on.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import shlex
 import traceback
 from dataclasses import dataclass, replace
@@ -14,13 +15,16 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from okdph.engine.run import RunConfig, train_run
+from okdph.engine.checkpoint import Preempted
+from okdph.engine.lock import RunLocked
+from okdph.engine.run import AlreadyRecorded, RunConfig, train_run
 
 
 @dataclass
 class Outcome:
     run_id: str
     error: str | None = None     # one line; None when the run wrote its record
+    skipped: str | None = None   # not trained here: another worker holds it, or recorded it meanwhile
 
 
 def _error_line(exc: BaseException) -> str:
@@ -29,9 +33,15 @@ def _error_line(exc: BaseException) -> str:
 
 
 def train_one(cfg: RunConfig, progress: bool = False) -> Outcome:
+    """Train one run of a sweep (skipped if recorded meanwhile); a failure becomes a one-line error,
+    a run another worker holds or has recorded meanwhile is reported as skipped. Preemption propagates: the worker must stop."""
     try:
-        train_run(cfg, progress=progress)
+        train_run(cfg, progress=progress, skip_recorded=True)
         return Outcome(cfg.run_id())
+    except Preempted:
+        raise
+    except (RunLocked, AlreadyRecorded) as exc:
+        return Outcome(cfg.run_id(), skipped=str(exc))
     except Exception as exc:  # one run's failure must not stop a sweep; the summary lists it
         return Outcome(cfg.run_id(), _error_line(exc))
 
@@ -103,8 +113,12 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
         tasks.put(None)  # one stop sign per worker
         w.start()
     try:
-        for _ in configs:
-            finish(results.get())
+        while len(outcomes) < len(configs):
+            try:
+                finish(results.get(timeout=1.0))
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers):  # all stopped early (preempted)
+                    break
     finally:
         for w in workers:
             w.join(timeout=5)
@@ -126,6 +140,9 @@ def _worker(device: str, tasks, results) -> None:
             return
         try:
             results.put(train_one(replace(cfg, device=device)))
+        except Preempted as exc:  # checkpointed; this worker stops, a rerun resumes
+            results.put(Outcome(cfg.run_id(), f"Preempted: {exc}"))
+            return
         except BaseException:  # never leave the parent waiting for an outcome
             results.put(Outcome(cfg.run_id(), traceback.format_exc().strip().splitlines()[-1]))
 
@@ -152,6 +169,10 @@ def train_command(cfg: RunConfig, *, ddp_procs: int | None = None) -> str:
     if cfg.deterministic:
         args.append("--deterministic")
     args += ["--data-root", str(cfg.data_root)] + (["--download"] if cfg.download else [])
+    if cfg.train_samples is not None:
+        args += ["--train-samples", str(cfg.train_samples)]
+    if cfg.save_every is not None:  # trajectory points for the analyses (Table 5)
+        args += ["--save-every", str(cfg.save_every)]
     args += ["--out", str(cfg.out_dir), "--skip-recorded", "--quiet"]
     if ddp_procs:
         return shlex.join(["torchrun", "--standalone", f"--nproc_per_node={ddp_procs}", "--no-python",

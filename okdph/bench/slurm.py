@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from okdph.bench.executors import Outcome, train_one
-from okdph.engine.run import RunConfig
+from okdph.engine.run import RunConfig, is_done
 
 
 class PackedJob:
@@ -22,15 +22,16 @@ class PackedJob:
     def __call__(self) -> list[Outcome]:
         outcomes = []
         for cfg in self.configs:
-            if cfg.record_path().exists():  # done before a requeue, or by another job
-                outcomes.append(Outcome(cfg.run_id()))
+            if is_done(cfg):  # done before a requeue, or by another job
+                outcomes.append(Outcome(cfg.run_id(), skipped="recorded before this job ran"))
                 continue
             outcomes.append(train_one(cfg))
         return outcomes
 
     def checkpoint(self, *args, **kwargs):
-        """submitit calls this on preemption or timeout: resubmit the same group; finished runs are
-        skipped (and a run's own epochs resume once the engine checkpoints them)."""
+        """submitit calls this on preemption or timeout (SIGUSR1), once the run in flight has written
+        its resume checkpoint (engine/checkpoint.py StopRequest hands the signal over): resubmit the
+        same group; finished runs are skipped and the interrupted one resumes where it stopped."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

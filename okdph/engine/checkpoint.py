@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +135,93 @@ def load_trajectory(directory: Path) -> list[TrajectoryPoint]:
     if not files:
         raise CheckpointError(f"no trajectory points in '{directory}'; train the run with --save-every E")
     return [load_trajectory_point(f) for f in files]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume checkpoints
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def save_resume_checkpoint(path: Path, cfg, *, strategy, engine, history: dict, run: dict, step: int,
+                           device: torch.device) -> None:
+    """Everything the run needs to continue exactly: the strategy's state (networks, HWM, EMA
+    models, gates), the engine's (optimizers, schedules, data order, the epoch in flight), every
+    global RNG, the history and counters of the record so far."""
+    atomic_torch_save(path, {
+        "kind": "resume checkpoint", "format": CHECKPOINT_FORMAT,
+        "run_id": cfg.run_id(), "identity": cfg.identity(),
+        "step": step, "run": run, "history": history,
+        "strategy": strategy.state_dict(), "engine": engine.state_dict(), "rng": capture_rng(device),
+    })
+
+
+def load_resume_checkpoint(path: Path, cfg) -> dict:
+    """A checkpoint of exactly this run (same identity), or one CheckpointError line."""
+    data = safe_load(path, kind="resume checkpoint")
+    if data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' has format {data.get('format')}, this version reads "
+                              f"{CHECKPOINT_FORMAT}; delete it to start the run afresh")
+    if data.get("run_id") != cfg.run_id() or data.get("identity") != cfg.identity():
+        diff = _differences(data.get("identity") or {}, cfg.identity())
+        raise CheckpointError(f"checkpoint '{path}' belongs to another configuration (differs in: "
+                              f"{', '.join(diff) or 'run id'}); delete it or pass the same options")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; rerunning the same command resumes
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGUSR1 after writing its resume checkpoint. Not a failure: the
+    sweep must stop too (its process was asked to), and a rerun continues."""
+
+
+class StopRequest:
+    """SIGTERM and SIGUSR1 (SLURM's pre-timeout signal) ask the run to stop after the current step.
+
+    Callable: True once a signal arrived. `hand_over` is called after the checkpoint is on disk:
+    it gives the signal to the handler that was installed before (submitit's, which requeues the
+    job), and otherwise raises Preempted.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be set from the main thread; a worker thread trains without them
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "none"
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def hand_over(self, message: str):
+        previous = self.previous.get(self.signum)
+        self.restore()
+        if callable(previous):
+            previous(self.signum, None)
+        raise Preempted(message)

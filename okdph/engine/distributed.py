@@ -105,7 +105,9 @@ class DistributedEngine(ReferenceEngine):
         self.ddp = DistributedDataParallel(_TrainStep(strategy), device_ids=[device.index] if device.type == "cuda"
                                            else None, find_unused_parameters=True)
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, should_stop=None) -> dict:
+        """A whole epoch: under DDP every process must stop at the same step, so a preemption waits
+        for the epoch's end, and resumes are epoch-level (each process restores rank 0's RNG state)."""
         self.sampler.set_epoch(epoch)
         return train_one_epoch(self.strategy, self.train_loader, self.optimizers, epoch=epoch, device=self.device,
                                forward=self.ddp, reduce=sum_meters)

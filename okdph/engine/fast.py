@@ -102,8 +102,11 @@ class FastEngine:
         self.epoch_targets = torch.empty_like(self.train_targets)
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
         self.offsets = torch.arange(recipe.batch_size, device=self.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.loss_names: list[str] | None = None
         self.head_names: list[str] | None = None
+        self.step = 0                      # the next step of the epoch in flight
+        self.epoch_rng: Tensor | None = None  # the generator when the epoch in flight began
 
     # ---- schedule -----------------------------------------------------------------------------
 
@@ -136,7 +139,6 @@ class FastEngine:
         for k, view in enumerate(self.views):
             self.epoch_views[k].copy_(self._add_noise(augment(images, view, self.info, self.generator)))
         self.epoch_targets.copy_(self.train_targets[order])
-        self.counter.zero_()
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -160,6 +162,8 @@ class FastEngine:
                 self.correct = torch.zeros(len(heads), dtype=torch.int64, device=self.device)
             self.loss_sums += torch.stack([v.detach().float() for v in losses.values()]) * batch
             self.correct += torch.stack([(z.argmax(dim=1) == targets).sum() for z in heads.values()])
+            bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+            self.first_bad_step.copy_(torch.where(bad, self.counter, self.first_bad_step))
             self.counter += 1
 
     def _run_step(self, batch: int, epoch: int, step: int) -> None:
@@ -194,21 +198,65 @@ class FastEngine:
 
     # ---- epochs -------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, should_stop=None) -> dict | None:
+        """One epoch from step `self.step` (0, or where a resumed epoch stopped). Returns None when
+        `should_stop()` turned true after a step; the epoch then continues from `self.step`."""
         self.strategy.train()
+        if self.step == 0:
+            self.epoch_rng = self.generator.get_state()
+            if self.loss_names is not None:
+                self.loss_sums.zero_()
+                self.correct.zero_()
+            self.first_bad_step.fill_(-1)
+        else:  # resumed mid-epoch: the same order and augmentation, replayed from the epoch's start
+            self.generator.set_state(self.epoch_rng)
         self._prepare_epoch()
-        if self.loss_names is not None:
-            self.loss_sums.zero_()
-            self.correct.zero_()
-        for step in range(self.full_batches):
-            self._run_step(self.recipe.batch_size, epoch, step)
-        if self.remainder:
-            self._run_step(self.remainder, epoch, self.full_batches)
+        self.counter.fill_(self.step)
+        steps = self.full_batches + (1 if self.remainder else 0)
+        while self.step < steps:
+            batch = self.recipe.batch_size if self.step < self.full_batches else self.remainder
+            self._run_step(batch, epoch, self.step)
+            self.step += 1
+            if should_stop is not None and should_stop() and self.step < steps:
+                return None
+        self.step, self.epoch_rng = 0, None
         samples = self.train_images.shape[0]
         sums, correct = self.loss_sums.tolist(), self.correct.tolist()  # the epoch's one host sync
+        bad = int(self.first_bad_step)
         return {"samples": samples,
                 "loss": {n: s / samples for n, s in zip(self.loss_names, sums)},
-                "acc": {n: 100.0 * c / samples for n, c in zip(self.head_names, correct)}}
+                "acc": {n: 100.0 * c / samples for n, c in zip(self.head_names, correct)},
+                "diverged_step": None if bad < 0 else bad}
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        mid_epoch = self.step > 0
+        return {
+            "lrs": [opt.lr.clone() for opt in self.optimizers],
+            "momentum": [[b.clone() for b in opt.buffers] for opt in self.optimizers],
+            "generator": self.epoch_rng if mid_epoch else self.generator.get_state(),
+            "step": self.step,
+            "meters": ({"loss_names": self.loss_names, "head_names": self.head_names,
+                        "loss_sums": self.loss_sums.clone(), "correct": self.correct.clone(),
+                        "first_bad_step": self.first_bad_step.clone()} if mid_epoch else None),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # Copies into the existing tensors: captured graphs and the optimizers hold their addresses.
+        for opt, lr, buffers in zip(self.optimizers, state["lrs"], state["momentum"], strict=True):
+            opt.lr.copy_(lr)
+            for mine, saved in zip(opt.buffers, buffers, strict=True):
+                mine.copy_(saved)
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        if self.step > 0:
+            meters = state["meters"]
+            self.epoch_rng = state["generator"]
+            self.loss_names, self.head_names = meters["loss_names"], meters["head_names"]
+            self.loss_sums = meters["loss_sums"].to(self.device)
+            self.correct = meters["correct"].to(self.device)
+            self.first_bad_step.copy_(meters["first_bad_step"])
 
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:

@@ -34,6 +34,38 @@ def atomic_write_json(path: Path, data: dict) -> None:
         raise
 
 
+def read_record(path: Path, run_id: str | None = None) -> dict:
+    """A record file, checked: JSON, an okdph-bench record, and the run `run_id` when given (the
+    file name says which run it must be). One ConfigError line otherwise."""
+    from okdph.strategy import ConfigError
+
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"record '{path}' is unreadable: {exc}") from None
+    if not isinstance(record, dict) or "run_id" not in record or "schema" not in record:
+        raise ConfigError(f"'{path}' is not an okdph-bench run record")
+    expected = run_id or path.stem
+    if record["run_id"] != expected:
+        raise ConfigError(f"record '{path}' is of run '{record['run_id']}', not '{expected}' "
+                          "(a record from another configuration); move it away")
+    return record
+
+
+# What differs between two executions of the same run by necessity: clocks, machine, resumes.
+_CIRCUMSTANCES = ("timing", "provenance", "created", "resumes")
+_CIRCUMSTANTIAL_HISTORY = ("epoch_s", "train_s")
+
+
+def outcome(record: dict) -> dict:
+    """The part of a record that a deterministic run must reproduce bit for bit (everything but
+    timings, provenance and the resume log); what the resume tests compare."""
+    kept = {k: v for k, v in record.items() if k not in _CIRCUMSTANCES}
+    kept["history"] = {k: v for k, v in record["history"].items() if k not in _CIRCUMSTANTIAL_HISTORY}
+    return kept
+
+
 def git_revision() -> str | None:
     """The suite's git commit, with "+dirty" when the work tree has changes; None outside git."""
     root = Path(__file__).resolve().parents[2]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +22,9 @@ from tqdm import tqdm
 
 from okdph import data as okdata
 from okdph.engine import distributed, reference
-from okdph.engine.checkpoint import save_trajectory_point, trajectory_dir
+from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
+                                     save_trajectory_point, trajectory_dir)
+from okdph.engine.lock import RunLock
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, summarise
 from okdph.models import list_backbones
@@ -57,6 +60,7 @@ class RunConfig:
     out_dir: str = "runs"
     ddp: bool = False                # one process of a torchrun job (engine/distributed.py); not identity
     save_every: int | None = None    # keep the students' weights every E epochs (trajectory); not identity
+    checkpoint_every: int = 1        # resume checkpoint every E epochs, 0: never; not identity
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
 
     def resolved_dataset(self) -> str:
@@ -96,6 +100,12 @@ class RunConfig:
     def record_path(self) -> Path:
         return Path(self.out_dir) / f"{self.run_id()}.json"
 
+    def lock_path(self) -> Path:
+        return Path(self.out_dir) / f"{self.run_id()}.lock"
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.out_dir) / f"{self.run_id()}.ckpt.pt"
+
 
 def validate(cfg: RunConfig):
     """Check every name and value before any work starts; returns the strategy class and config."""
@@ -128,6 +138,8 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"train_samples must be >= 1, got {cfg.train_samples}")
     if cfg.resolved_width() <= 0:
         raise ConfigError(f"width must be > 0, got {cfg.width}")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 epochs (0: never), got {cfg.checkpoint_every}")
     if cfg.save_every is not None and cfg.save_every < 1:
         raise ConfigError(f"--save-every must be >= 1 epoch, got {cfg.save_every}")
     resolve_recipe(cfg.profile, dataset, cfg.epochs)
@@ -161,6 +173,12 @@ def build_strategy(strategy_cls, config, cfg: RunConfig, info):
                         width=cfg.resolved_width())
 
 
+def engine_step(engine) -> int:
+    """The next step of the epoch an engine has in flight (0 between epochs)."""
+    progress = getattr(engine, "progress", None)
+    return progress.step if progress is not None else getattr(engine, "step", 0)
+
+
 def _first(dataset, count: int | None):
     """The first `count` items of an in-memory dataset, as a copy of the same type with the same
     attributes (the smoke profile's short epochs); the dataset itself when `count` is None."""
@@ -174,16 +192,49 @@ def _first(dataset, count: int | None):
     return head
 
 
-def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Train one run and write its record to `cfg.record_path()`; returns the record."""
+def check_writable(folder: Path) -> None:
+    """Create `folder` and prove it takes a file (os.access says yes to root on a read-only mount)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise ConfigError(f"results folder '{folder}' is not writable: {exc.strerror or exc}") from None
+
+
+def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = False) -> dict:
+    """Train one run and write its record to `cfg.record_path()`; returns the record.
+
+    The run holds `<run_id>.lock` while it trains, so concurrent workers on one results folder never
+    train it twice (RunLocked: another live worker has it). With `skip_recorded`, a run whose record
+    exists once the lock is held is not trained again (AlreadyRecorded). A resume checkpoint
+    beside the record (a killed or preempted earlier attempt) is continued.
+    """
+    validate(cfg)
+    check_writable(cfg.record_path().parent)
+    if cfg.ddp:  # torchrun starts each run once; every process trains
+        return _train(cfg, progress)
+    with RunLock(cfg.lock_path()):
+        if skip_recorded and is_done(cfg):
+            raise AlreadyRecorded(f"recorded meanwhile: {cfg.record_path()}")
+        return _train(cfg, progress)
+
+
+class AlreadyRecorded(Exception):
+    """With skip_recorded: the run's record appeared while this worker waited for it (not an error)."""
+
+
+def is_done(cfg: RunConfig) -> bool:
+    """Recorded, with the trajectory points when the configuration asks for them."""
+    return cfg.record_path().exists() and (cfg.save_every is None or trajectory_dir(cfg.record_path()).is_dir())
+
+
+def _train(cfg: RunConfig, progress: bool) -> dict:
     strategy_cls, config = validate(cfg)
     dataset = cfg.resolved_dataset()
     recipe = resolve_recipe(cfg.profile, dataset, cfg.epochs)
     device = distributed.setup(cfg.device) if cfg.ddp else resolve_device(cfg.device)
     out_path = cfg.record_path()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_path.parent, os.W_OK):
-        raise ConfigError(f"results folder '{out_path.parent}' is not writable")
     seed_everything(cfg.seed, cfg.deterministic, device)
 
     info = okdata.get_info(dataset)
@@ -210,50 +261,93 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
                                            workers=workers)
 
     trajectory = None
-    if cfg.save_every is not None and (not cfg.ddp or distributed.is_main_process()):
+    if cfg.save_every is not None:
         trajectory = (trajectory_dir(out_path), {
             "run_id": cfg.run_id(), "method": cfg.method, "backbone": cfg.backbone,
             "num_classes": info.num_classes, "width": cfg.resolved_width(), "dataset": dataset,
             "setting": cfg.setting, "train_size": len(train_set), "seed": cfg.seed})
-        save_trajectory_point(trajectory[0], 0, strategy, trajectory[1])
 
     heads = strategy.head_names()
     history = {"test_acc": {h: [] for h in heads}, "train_acc": {}, "train_loss": {}, "lr": [],
                "epoch_s": [], "train_s": []}
-    status, train_s, eval_s, samples = "complete", 0.0, 0.0, 0
-    started = time.perf_counter()
-    bar = tqdm(range(recipe.epochs), desc=cfg.run_id()[:48], unit="ep", disable=not progress, leave=False)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        history["lr"].append(engine.current_lr())
-        train = engine.train_epoch(epoch)
-        t1 = time.perf_counter()
-        test_acc = engine.evaluate()
-        t2 = time.perf_counter()
-        engine.end_epoch(epoch)
-        strategy.after_epoch(epoch=epoch)
+    run = {"status": "complete", "epoch": 0, "train_s": 0.0, "eval_s": 0.0, "samples": 0, "wall_s": 0.0,
+           "resumes": []}
+    checkpoint_path = cfg.checkpoint_path()
+    writes = not cfg.ddp or distributed.is_main_process()  # under DDP only rank 0 writes
+    if checkpoint_path.exists():
+        saved = load_resume_checkpoint(checkpoint_path, cfg)
+        strategy.load_state_dict(saved["strategy"])
+        engine.load_state_dict(saved["engine"])
+        history, run = saved["history"], saved["run"]
+        run["resumes"].append({"epoch": run["epoch"], "step": saved["step"],
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        restore_rng(saved["rng"], device)
+    elif trajectory is not None:
+        save_trajectory_point(trajectory[0], 0, strategy, trajectory[1])
 
-        train_s, eval_s, samples = train_s + (t1 - t0), eval_s + (t2 - t1), samples + train["samples"]
-        for name, value in train["loss"].items():
-            history["train_loss"].setdefault(name, []).append(value)
-        for name, value in train["acc"].items():
-            history["train_acc"].setdefault(name, []).append(value)
-        for name in heads:
-            history["test_acc"][name].append(test_acc[name])
-        history["epoch_s"].append(time.perf_counter() - t0)
-        history["train_s"].append(t1 - t0)
-        if trajectory is not None and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == recipe.epochs):
-            save_trajectory_point(trajectory[0], epoch + 1, strategy, trajectory[1])
-        bar.set_postfix(acc=f"{max(test_acc.values()):.2f}", loss=f"{sum(train['loss'].values()):.3f}")
-        if not all(np.isfinite(v) for v in train["loss"].values()):
-            status = f"diverged at epoch {epoch}"
-            break
-    bar.close()
+    def checkpoint(step: int) -> None:
+        if writes and cfg.checkpoint_every:
+            save_resume_checkpoint(checkpoint_path, cfg, strategy=strategy, engine=engine, history=history,
+                                   run={**run, "wall_s": run["wall_s"] + time.perf_counter() - session_start},
+                                   step=step, device=device)
+
+    session_start = time.perf_counter()
+    stop = StopRequest()
+    stop.install()
+    bar = tqdm(range(run["epoch"], recipe.epochs), desc=cfg.run_id()[:48], unit="ep", disable=not progress,
+               leave=False)
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            if len(history["lr"]) == epoch:  # not when resuming mid-epoch
+                history["lr"].append(engine.current_lr())
+            train = engine.train_epoch(epoch, should_stop=stop)
+            if train is None:  # preempted mid-epoch: keep the position and leave
+                run["train_s"] += time.perf_counter() - t0
+                checkpoint(step=engine_step(engine))
+                stop.hand_over(f"{cfg.run_id()}: stopped by {stop.signal_name} at epoch {epoch}, "
+                               f"step {engine_step(engine)}; rerun the same command to resume from {checkpoint_path}")
+            t1 = time.perf_counter()
+            test_acc = engine.evaluate()
+            t2 = time.perf_counter()
+            engine.end_epoch(epoch)
+            strategy.after_epoch(epoch=epoch)
+
+            run["train_s"] += t1 - t0
+            run["eval_s"] += t2 - t1
+            run["samples"] += train["samples"]
+            for name, value in train["loss"].items():
+                history["train_loss"].setdefault(name, []).append(value)
+            for name, value in train["acc"].items():
+                history["train_acc"].setdefault(name, []).append(value)
+            for name in heads:
+                history["test_acc"][name].append(test_acc[name])
+            history["epoch_s"].append(time.perf_counter() - t0)
+            history["train_s"].append(t1 - t0)
+            run["epoch"] = epoch + 1
+            bar.set_postfix(acc=f"{max(test_acc.values()):.2f}", loss=f"{sum(train['loss'].values()):.3f}")
+            if train.get("diverged_step") is not None or not all(np.isfinite(v) for v in train["loss"].values()):
+                step = train.get("diverged_step")
+                run["status"] = f"diverged at epoch {epoch}" + (f", step {step}" if step is not None else "")
+                break
+            if trajectory is not None and writes and (run["epoch"] % cfg.save_every == 0
+                                                      or run["epoch"] == recipe.epochs):
+                save_trajectory_point(trajectory[0], run["epoch"], strategy, trajectory[1])
+            if cfg.checkpoint_every and run["epoch"] % cfg.checkpoint_every == 0 and run["epoch"] < recipe.epochs:
+                checkpoint(step=0)
+            if stop():  # preempted at an epoch boundary (or under DDP, which finishes its epoch)
+                checkpoint(step=0)
+                stop.hand_over(f"{cfg.run_id()}: stopped by {stop.signal_name} after epoch {epoch}; "
+                               f"rerun the same command to resume from {checkpoint_path}")
+    finally:
+        bar.close()
+        stop.restore()
+    run["wall_s"] += time.perf_counter() - session_start
 
     record = {
         "schema": SCHEMA_VERSION,
         "run_id": cfg.run_id(),
-        "status": status,
+        "status": run["status"],
         **cfg.identity(),
         "hparams": config_to_dict(config),
         "method_notes": strategy.describe(),
@@ -266,8 +360,9 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
                  "workers": workers},
         "history": history,
         "metrics": summarise(history["test_acc"], strategy.deployed_head),
-        "timing": {"wall_s": time.perf_counter() - started, "train_s": train_s, "eval_s": eval_s,
-                   "train_samples_per_s": samples / train_s if train_s > 0 else None},
+        "timing": {"wall_s": run["wall_s"], "train_s": run["train_s"], "eval_s": run["eval_s"],
+                   "train_samples_per_s": run["samples"] / run["train_s"] if run["train_s"] > 0 else None},
+        "resumes": run["resumes"],
         "provenance": provenance(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "extra": cfg.extra,
@@ -275,7 +370,8 @@ def train_run(cfg: RunConfig, *, progress: bool = True) -> dict:
     if cfg.ddp:
         record["distributed"] = engine.describe()
         distributed.teardown()
-    if not cfg.ddp or distributed.is_main_process():  # under DDP only rank 0 writes
+    if writes:
         atomic_write_json(out_path, record)
+        checkpoint_path.unlink(missing_ok=True)  # after the record: a kill in between only re-writes it
     return record
 

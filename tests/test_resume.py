@@ -1,0 +1,233 @@
+"""Fault injection: interrupted runs resume exactly (DESIGN.md §7, issue 7).
+
+An interrupted deterministic CPU run, restarted with the same configuration, must end with a record
+whose outcome (everything but timings, provenance and the resume log) is bitwise equal to that of an
+uninterrupted run. Interruptions: SIGTERM/SIGUSR1 delivered at a chosen step (in-process), SIGKILL of
+a training process at random moments, SIGTERM to the `okdph-bench train` command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from okdph.engine import run as runmod
+from okdph.engine.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted, StopRequest
+from okdph.engine.record import outcome
+from okdph.engine.run import RunConfig, train_run
+
+# 96 digits images, batch 32: 3 steps an epoch, 3 epochs. Small enough for many interruptions.
+TINY = dict(profile="smoke", epochs=3, train_samples=96, deterministic=True, device="cpu")
+
+# (method, engine, overrides): batch-level fusion (OKDPH 2b: fusion at steps 0 and 2), the paper's
+# Dirichlet HWM (global RNG), EMA state (PCL), a gate (ONE), a separately optimised module (FFL).
+CASES = [
+    ("okdph", "reference", (("interval", "2b"),)),
+    ("okdph", "fast", (("interval", "2b"),)),
+    ("pcl", "reference", ()),
+    ("pcl", "fast", ()),
+    ("dml", "reference", ()),
+    ("one", "fast", ()),
+    ("ffl", "reference", ()),
+]
+
+
+def tiny(method: str, engine: str, overrides=(), **kw) -> RunConfig:
+    return RunConfig(method=method, engine=engine, overrides=tuple(overrides), **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Outcomes of the uninterrupted runs, computed once per configuration."""
+    cache = {}
+
+    def get(cfg: RunConfig) -> dict:
+        key = cfg.run_id()
+        if key not in cache:
+            out = tmp_path_factory.mktemp("clean")
+            cache[key] = outcome(train_run(replace(cfg, out_dir=str(out)), progress=False))
+        return cache[key]
+
+    return get
+
+
+def stop_at(monkeypatch, call: int, signum=signal.SIGTERM):
+    """Deliver `signum` to this process when the run asks for the `call`-th time whether to stop
+    (once per step, and once more at each epoch end)."""
+    calls = {"n": 0}
+    original = StopRequest.__call__
+
+    def counting(self):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return original(self)
+
+    monkeypatch.setattr(StopRequest, "__call__", counting)
+
+
+@pytest.mark.parametrize("method,engine,overrides", CASES)
+def test_signal_at_random_steps_resumes_bitwise(method, engine, overrides, tmp_path, monkeypatch, uninterrupted):
+    cfg = tiny(method, engine, overrides, out_dir=str(tmp_path))
+    expected = uninterrupted(cfg)
+    rng = random.Random(f"{method}-{engine}")
+    # A run asks 12 times (after each of 3 steps and at each of 3 epoch ends); a resumed run asks
+    # again from 1, so the second stop is counted from the first resume.
+    first = rng.randint(1, 8)
+    points = [first, rng.randint(1, 11 - first)]
+    for point in points:
+        with monkeypatch.context() as patch:
+            stop_at(patch, point)
+            with pytest.raises(Preempted, match="SIGTERM"):
+                train_run(cfg, progress=False)
+        assert cfg.checkpoint_path().exists() and not cfg.record_path().exists()
+    record = train_run(cfg, progress=False)
+    assert len(record["resumes"]) == len(points)
+    assert outcome(record) == expected
+    assert not cfg.checkpoint_path().exists(), "the checkpoint is removed once the record is written"
+
+
+def test_preemption_hands_the_signal_to_the_previous_handler(tmp_path, monkeypatch):
+    """Under submitit, SIGUSR1 belongs to its requeue handler: the run checkpoints first, then calls it."""
+    seen = []
+
+    def requeue(signum, frame):
+        seen.append((signum, cfg.checkpoint_path().exists()))
+        raise SystemExit(0)  # submitit's handler requeues and exits
+
+    cfg = tiny("dml", "reference", out_dir=str(tmp_path))
+    previous = signal.signal(signal.SIGUSR1, requeue)
+    try:
+        stop_at(monkeypatch, 2, signal.SIGUSR1)
+        with pytest.raises(SystemExit):
+            train_run(cfg, progress=False)
+        assert signal.getsignal(signal.SIGUSR1) is requeue, "the run restores the handlers it replaced"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == [(signal.SIGUSR1, True)]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    a = tiny("dml", "reference", out_dir=str(tmp_path), checkpoint_every=1)
+    b = replace(a, seed=43)
+    runmod.save_resume_checkpoint(a.checkpoint_path(), a, strategy=torch.nn.Linear(1, 1),
+                                  engine=_NoEngine(), history={}, run={}, step=0, device=torch.device("cpu"))
+    os.replace(a.checkpoint_path(), b.checkpoint_path())
+    with pytest.raises(CheckpointError, match="another configuration.*seed"):
+        train_run(b, progress=False)
+
+
+class _NoEngine:
+    def state_dict(self):
+        return {}
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a checkpoint at all"])
+def test_truncated_or_foreign_checkpoint_is_one_line(tmp_path, content):
+    cfg = tiny("dml", "reference", out_dir=str(tmp_path))
+    cfg.checkpoint_path().parent.mkdir(parents=True, exist_ok=True)
+    cfg.checkpoint_path().write_bytes(content)
+    with pytest.raises(CheckpointError, match="unreadable") as info:
+        train_run(cfg, progress=False)
+    assert "\n" not in str(info.value)
+    assert cfg.checkpoint_path().read_bytes() == content, "nothing recorded is touched"
+
+
+def test_checkpoint_holding_code_is_never_executed(tmp_path):
+    """weights_only=True: a pickle that would run code on load is refused."""
+    cfg = tiny("dml", "reference", out_dir=str(tmp_path))
+    marker = tmp_path / "executed"
+    cfg.checkpoint_path().parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": "resume checkpoint", "payload": _Exploit(str(marker))}, cfg.checkpoint_path())
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train_run(cfg, progress=False)
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+# --------------------------------------------------------------------------------------------------
+# Real processes: SIGKILL at random moments, SIGTERM to the command line
+
+
+def _train_command(cfg: RunConfig) -> list[str]:
+    sets = [a for key, value in cfg.overrides for a in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "okdph.cli", "train", "--method", cfg.method, "--engine", cfg.engine,
+            "--profile", "smoke", "--epochs", str(cfg.epochs), "--deterministic", "--device", "cpu",
+            "--train-samples", str(cfg.train_samples), "--out", cfg.out_dir, "--quiet", *sets]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, uninterrupted):
+    """Kill the training process at random moments until a run completes; every restart continues
+    from the last checkpoint (or from scratch before the first) and the final record matches."""
+    rng = random.Random(7)
+    totals = {"kills": 0, "resumed_from_checkpoint": 0, "runs": 0}
+    for method, engine, overrides in [("okdph", "reference", (("interval", "2b"),)), ("pcl", "fast", ())]:
+        cfg = tiny(method, engine, overrides, out_dir=str(tmp_path / method))
+        expected = uninterrupted(cfg)
+        kills = 0
+        while not cfg.record_path().exists():
+            proc = subprocess.Popen(_train_command(cfg), env=_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            if kills < 6:
+                # Half the kills come at any moment after the start (model building, the first
+                # epoch), half after a checkpoint exists (mid-epoch, during a checkpoint write, ...).
+                marker = cfg.checkpoint_path() if kills % 2 else cfg.lock_path()
+                deadline = time.monotonic() + 120
+                while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0.0, 1.5 if kills % 2 else 4.0))
+                if proc.poll() is None:
+                    had_checkpoint = cfg.checkpoint_path().exists()
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    kills += 1
+                    totals["resumed_from_checkpoint"] += had_checkpoint
+                    continue
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.decode()[-2000:]
+        record = json.loads(cfg.record_path().read_text())
+        assert outcome(record) == expected, f"{method}/{engine} after {kills} kills"
+        assert not cfg.checkpoint_path().exists() and not cfg.lock_path().exists()
+        totals["kills"] += kills
+        totals["runs"] += 1
+    print("fault injection:", totals)
+    assert totals["kills"] >= 10 and totals["resumed_from_checkpoint"] >= 4
+
+
+def test_sigterm_to_the_command_checkpoints_exits_75_and_resumes(tmp_path, uninterrupted):
+    cfg = tiny("okdph", "reference", (("interval", "2b"),), out_dir=str(tmp_path), epochs=4)
+    proc = subprocess.Popen(_train_command(cfg), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not cfg.checkpoint_path().exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # after the first epoch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, err.decode()
+    message = err.decode().strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("preempted:") and "rerun the same command" in message[0]
+    assert cfg.checkpoint_path().exists() and not cfg.record_path().exists()
+    done = subprocess.run(_train_command(cfg), env=_env(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    record = json.loads(cfg.record_path().read_text())
+    assert len(record["resumes"]) == 1
+    assert outcome(record) == uninterrupted(cfg)

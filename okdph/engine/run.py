@@ -26,7 +26,7 @@ from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restor
                                      save_trajectory_point, trajectory_dir)
 from okdph.engine.lock import RunLock
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
-from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, summarise
+from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, read_record, summarise
 from okdph.models import list_backbones
 from okdph.strategy import FIDELITIES, ConfigError, build_config, config_to_dict, get_strategy
 
@@ -212,6 +212,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = Fa
     """
     validate(cfg)
     check_writable(cfg.record_path().parent)
+    is_done(cfg)  # a foreign or unreadable file where the record goes: refused before any work
     if cfg.ddp:  # torchrun starts each run once; every process trains
         return _train(cfg, progress)
     with RunLock(cfg.lock_path()):
@@ -225,8 +226,12 @@ class AlreadyRecorded(Exception):
 
 
 def is_done(cfg: RunConfig) -> bool:
-    """Recorded, with the trajectory points when the configuration asks for them."""
-    return cfg.record_path().exists() and (cfg.save_every is None or trajectory_dir(cfg.record_path()).is_dir())
+    """Recorded, with the trajectory points when the configuration asks for them. A file at the
+    record's path that is not this run's record is refused (ConfigError), never overwritten."""
+    if not cfg.record_path().exists():
+        return False
+    read_record(cfg.record_path(), cfg.run_id())
+    return cfg.save_every is None or trajectory_dir(cfg.record_path()).is_dir()
 
 
 def _train(cfg: RunConfig, progress: bool) -> dict:

@@ -1,0 +1,151 @@
+"""Bad input (DESIGN.md §7, issue 7): every case is refused with one line on stderr and a non-zero
+exit, no traceback (unless --debug), before any work, and nothing already on disk is touched."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from okdph.cli import main
+from okdph.engine.run import RunConfig
+
+SMOKE = ["train", "--profile", "smoke", "--quiet"]
+DML = [*SMOKE, "--method", "dml"]
+
+
+def _existing_record(tmp: Path, *, foreign: bool) -> list[str]:
+    """A file where the smoke DML run's record goes: another run's record, or garbage."""
+    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp / "runs"))
+    cfg.record_path().parent.mkdir(parents=True)
+    other = {"schema": 1, "run_id": "okdph-resnet32-digits-standard-n2-official-smoke-seed42-00000000"}
+    cfg.record_path().write_text(json.dumps(other) if foreign else '{"schema": 1, "run_id": ')
+    return [*DML, "--out", str(tmp / "runs")]
+
+
+def _checkpoint(tmp: Path, content: bytes | None) -> list[str]:
+    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp / "runs"))
+    cfg.checkpoint_path().parent.mkdir(parents=True)
+    if content is None:  # a valid checkpoint of another configuration (seed 43) under this run's name
+        other = RunConfig(method="dml", profile="smoke", seed=43, out_dir=str(tmp / "runs"))
+        torch.save({"kind": "resume checkpoint", "format": 1, "run_id": cfg.run_id(),
+                    "identity": other.identity()}, cfg.checkpoint_path())
+    else:
+        cfg.checkpoint_path().write_bytes(content)
+    return [*DML, "--out", str(tmp / "runs")]
+
+
+def _cifar(tmp: Path, corrupt: bool) -> list[str]:
+    root = tmp / "data"
+    if corrupt:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                     "test_batch", "batches.meta"]:
+            (folder / name).write_bytes(b"not a pickle")
+    return ["train", "--method", "dml", "--dataset", "cifar10", "--epochs", "1", "--quiet",
+            "--data-root", str(root), "--out", str(tmp / "runs")]
+
+
+def _not_writable(tmp: Path) -> list[str]:
+    blocker = tmp / "a-file"
+    blocker.write_text("a file where the results folder should be")
+    return [*DML, "--out", str(blocker / "runs")]
+
+
+# (case, arguments or a function of tmp_path making them, the message it must show)
+CASES = [
+    ("unknown method", [*SMOKE, "--method", "nope"], r"unknown method 'nope'; valid: .*okdph"),
+    ("unknown backbone", [*DML, "--backbone", "resnet50"], r"unknown backbone 'resnet50'; valid: .*resnet32"),
+    ("unknown dataset", [*DML, "--dataset", "mnist"], r"unknown dataset 'mnist'; valid: .*cifar10"),
+    ("unknown setting", [*DML, "--setting", "noisy5"], r"unknown setting 'noisy5'; valid: "),
+    ("unknown profile", ["train", "--method", "dml", "--profile", "fast"], r"'fast' is not one of 'paper'"),
+    ("unknown fidelity", [*DML, "--fidelity", "exact"], r"'exact' is not one of 'official', 'paper'"),
+    ("unknown engine", [*DML, "--engine", "turbo"], r"unknown engine 'turbo'; valid: auto, reference, fast"),
+    ("unknown precision", [*DML, "--precision", "fp8"], r"unknown precision 'fp8'"),
+    ("unknown table", ["run", "--table", "9", "--profile", "smoke"], r"unknown table '9'"),
+    ("unknown command", ["trian"], r"No such command 'trian'"),
+    ("missing required option", ["train", "--profile", "smoke"], r"Missing option '--method'"),
+    ("mistyped hyper-parameter", [*SMOKE, "--method", "okdph", "--set", "omega=high"], r"omega expects a float, got 'high'"),
+    ("out-of-range hyper-parameter", [*SMOKE, "--method", "okdph", "--set", "gamma=1.5"], r"gamma must be in \[0, 1\], got 1.5"),
+    ("non-positive temperature", [*SMOKE, "--method", "pcl", "--set", "temperature=0"], r"temperature must be > 0"),
+    ("unknown hyper-parameter", [*DML, "--set", "omega=0.5"], r"unknown hyper-parameter 'omega'"),
+    ("PCL option on another method", [*DML, "--set", "ema_decay=0.99"], r"unknown hyper-parameter 'ema_decay'"),
+    ("malformed interval", [*SMOKE, "--method", "okdph", "--set", "interval=5x"], r"malformed interval '5x'"),
+    ("zero interval", [*SMOKE, "--method", "okdph", "--set", "interval=0b"], r"malformed interval '0b'"),
+    ("--set without =", [*DML, "--set", "omega"], r"--set expects key=value, got 'omega'"),
+    ("mistyped integer", [*DML, "--epochs", "three"], r"'three' is not a valid integer"),
+    ("zero epochs", [*DML, "--epochs", "0"], r"epochs must be >= 1, got 0"),
+    ("too few students", [*SMOKE, "--method", "okdph", "--students", "1"], r"needs at least 2 models, got 1"),
+    ("no students", [*DML, "--students", "0"], r"students must be >= 1, got 0"),
+    ("negative width", [*DML, "--width", "-1"], r"width must be > 0"),
+    ("OKDPH views of the wrong length", [*SMOKE, "--method", "okdph", "--set", "views=base,base"],
+     r"views needs 3 entries"),
+    ("backbone of another dataset", [*DML, "--backbone", "resnet18"], r"does not fit dataset 'digits'"),
+    ("bf16 on the reference engine", [*DML, "--engine", "reference", "--precision", "bf16"], r"runs fp32 only"),
+    ("CUDA requested without CUDA", [*DML, "--device", "cuda"], r"CUDA is not available"),
+    ("zero save interval", [*DML, "--save-every", "0"], r"--save-every must be >= 1"),
+    ("negative checkpoint interval", [*DML, "--checkpoint-every", "-1"], r"--checkpoint-every must be >= 0"),
+    ("unknown table metric", ["table", "3", "--profile", "smoke", "--metric", "best"], r"unknown metric 'best'"),
+    ("no CPU workers", ["run", "--table", "3", "--profile", "smoke", "--jobs", "0"], r"jobs must be >= 1"),
+    ("bad GPU list", ["run", "--table", "3", "--profile", "smoke", "--gpus", "a,b"], r"--gpus expects GPU indices"),
+    ("missing dataset files", lambda tmp: _cifar(tmp, corrupt=False), r"(not found|missing).*--download"),
+    ("corrupted dataset files", lambda tmp: _cifar(tmp, corrupt=True), r"(corrupt|md5|checksum|integrity)"),
+    ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"), r"checkpoint .* is unreadable"),
+    ("foreign file as checkpoint", lambda tmp: _checkpoint(tmp, b"#!/bin/sh\nrm -rf /\n"), r"checkpoint .* is unreadable"),
+    ("checkpoint of another configuration", lambda tmp: _checkpoint(tmp, None),
+     r"belongs to another configuration \(differs in: seed\)"),
+    ("record of another configuration", lambda tmp: _existing_record(tmp, foreign=True),
+     r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
+    ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
+    ("results folder not writable", _not_writable, r"results folder .* is not writable"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case,args,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_touches_nothing(case, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default folders (runs/, results/) land in the temp dir
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = args(tmp_path) if callable(args) else args
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, (case, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)
+    assert "Traceback" not in result.output
+    assert re.search(message, lines[0]), (case, lines[0])
+    assert _snapshot(tmp_path) == before, "nothing on disk changes"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*.lock"))
+
+
+def test_the_table_has_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+def test_debug_shows_the_traceback():
+    result = CliRunner().invoke(main, [*SMOKE, "--method", "nope", "--debug"])
+    assert result.exit_code != 0 and result.exception is not None
+    assert "unknown method 'nope'" in str(result.exception)
+
+
+def test_preempted_is_its_own_exit_code(tmp_path, monkeypatch):
+    """Not an error: one line saying how to resume, exit 75."""
+    from okdph.engine import checkpoint as ckpt
+
+    def preempt(*args, **kwargs):
+        raise ckpt.Preempted("run-x: stopped by SIGTERM after epoch 0; rerun the same command to resume")
+
+    monkeypatch.setattr("okdph.engine.run.train_run", preempt)
+    result = CliRunner().invoke(main, [*DML, "--out", str(tmp_path)])
+    assert result.exit_code == ckpt.PREEMPTED_EXIT == 75
+    assert result.stderr.strip().splitlines() == [
+        "preempted: run-x: stopped by SIGTERM after epoch 0; rerun the same command to resume"]
+    assert os.listdir(tmp_path) == []

@@ -33,7 +33,10 @@ class UserError(click.ClickException):
 
 
 def _user_errors(func, debug: bool):
+    """Run `func`; a user error becomes one line and exit 2 (the traceback only with --debug), a
+    preempted run one line and exit 75 (its checkpoint is on disk: rerun the same command)."""
     from okdph.data import DataError
+    from okdph.engine.checkpoint import PREEMPTED_EXIT, Preempted
 
     try:
         return func()
@@ -41,6 +44,9 @@ def _user_errors(func, debug: bool):
         if debug:
             raise
         raise UserError(str(exc).splitlines()[0]) from None
+    except Preempted as exc:
+        click.echo(f"preempted: {exc}", err=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -53,7 +59,25 @@ def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Usage errors (a missing or unknown option, a value that is not one of the choices) are one
+    line and exit 2, like every other user error; click's own layout adds the usage and a hint."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="okdph-bench")
 def main():
     """Online knowledge distillation benchmark: OKDPH (CVPR 2023) and its baselines on one engine."""
@@ -80,29 +104,45 @@ def main():
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--download", is_flag=True, help="Download CIFAR if missing (off by default).")
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 8 for CIFAR/ImageNet, else 0].")
+@click.option("--train-samples", type=int, default=None, metavar="N",
+              help="Train on the first N training images [default: all; the smoke profile's cut].")
 @click.option("--out", "out_dir", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--skip-recorded", is_flag=True, help="Do nothing if this run's record already exists.")
 @click.option("--save-every", type=int, default=None, metavar="E",
               help="Keep the students' weights every E epochs in <out>/<run>.traj/ (PAC-Bayes, landscape).")
+@click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="E",
+              help="Resume checkpoint every E epochs (0: never); a rerun of the same command resumes.")
 @click.option("--ddp", is_flag=True, help="One process of a torchrun job: data-parallel over its processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
-          engine, precision, device, deterministic, data_root, download, workers, out_dir, skip_recorded,
-          save_every, ddp, quiet, debug):
+          engine, precision, device, deterministic, data_root, download, workers, train_samples, out_dir,
+          skip_recorded, save_every, checkpoint_every, ddp, quiet, debug):
     """Train one run and write its JSON record."""
     from okdph.engine.distributed import is_main_process
-    from okdph.engine.run import RunConfig, train_run
+    from okdph.engine.run import AlreadyRecorded, RunConfig, is_done, train_run
 
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
                     seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic, device=device,
-                    data_root=data_root, download=download, workers=workers, out_dir=out_dir, ddp=ddp,
-                    save_every=save_every)
-    if skip_recorded and _user_errors(lambda: cfg.record_path().exists(), debug):
+                    data_root=data_root, download=download, workers=workers, train_samples=train_samples,
+                    out_dir=out_dir, ddp=ddp,
+                    save_every=save_every, checkpoint_every=checkpoint_every)
+    from okdph.engine.lock import RunLocked
+
+    if skip_recorded and _user_errors(lambda: is_done(cfg), debug):
         click.echo(f"recorded: {cfg.record_path()}")
         return
-    record = _user_errors(lambda: train_run(cfg, progress=not quiet), debug)
+    try:
+        record = _user_errors(lambda: train_run(cfg, progress=not quiet, skip_recorded=skip_recorded), debug)
+    except AlreadyRecorded:
+        click.echo(f"recorded: {cfg.record_path()}")
+        return
+    except RunLocked as exc:  # another live worker trains it: nothing to do with --skip-recorded
+        if skip_recorded:
+            click.echo(f"held elsewhere: {exc}")
+            return
+        raise UserError(f"{exc}; it is being trained elsewhere") from None
     if ddp and not is_main_process():
         return
     paper, final = record["metrics"]["paper"], record["metrics"]["final"]
@@ -185,7 +225,9 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
         if not wait:
             click.echo(f"when they finish: okdph-bench table {table_name} --profile {profile}")
             return
-    click.echo(f"trained {summary.trained} runs, {len(summary.failed)} failed, {summary.seconds:.0f} s")
+    analysed = f", {summary.analysed} bounds computed" if summary.analysed else ""
+    click.echo(f"trained {summary.trained} runs, {len(summary.skipped)} left to other workers, "
+               f"{len(summary.failed)} failed{analysed}, {summary.seconds:.0f} s")
     if summary.markdown:
         click.echo("\n" + summary.markdown)
         click.echo("wrote " + ", ".join(str(p) for p in summary.outputs.values()))
@@ -271,3 +313,14 @@ def regress(update, expected, methods, debug):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Generalization analyses (okdph/analysis): PAC-Bayes bound and loss landscape
+from okdph.analysis.commands import landscape as _landscape_cmd, pacbayes as _pacbayes_cmd  # noqa: E402
+
+main.add_command(_pacbayes_cmd)
+main.add_command(_landscape_cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -60,7 +61,8 @@ def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
     job = slurm.PackedJob(configs)
     # the first run finished before the preemption
     configs[0].record_path().parent.mkdir(parents=True)
-    configs[0].record_path().write_text(json.dumps({"run_id": configs[0].run_id(), "status": "complete"}))
+    configs[0].record_path().write_text(json.dumps({"schema": 1, "run_id": configs[0].run_id(),
+                                                   "status": "complete"}))
     resubmission = job.checkpoint()
     import submitit
 
@@ -75,6 +77,54 @@ def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
         slurm.train_one = job_module_train
     assert trained == [configs[1].run_id()] and len(outcomes) == 2
     assert slurm.pack(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_a_preempted_slurm_job_checkpoints_requeues_and_resumes(tmp_path, monkeypatch):
+    """submitit's preemption signal reaches the run first: it checkpoints mid-run, hands the signal
+    to submitit, which requeues the job; the requeued job resumes the run and its record equals an
+    uninterrupted one (submitit's local backend runs the same job objects as local processes)."""
+    import time
+
+    import submitit
+
+    from okdph.engine.record import outcome
+    from okdph.engine.run import train_run
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = RunConfig(method="okdph", overrides=(("interval", "2b"),), profile="smoke", epochs=4, train_samples=96,
+                    deterministic=True, device="cpu", out_dir=str(tmp_path / "runs"))
+    executor = submitit.AutoExecutor(folder=tmp_path / "slurm" / "%j", cluster="local")
+    executor.update_parameters(timeout_min=20, gpus_per_node=0)
+    job = executor.submit(slurm.PackedJob([cfg]))
+    deadline = time.monotonic() + 300
+    while not cfg.checkpoint_path().exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cfg.checkpoint_path().exists() and not cfg.record_path().exists()
+    # SLURM signals the job's tasks before a preemption or the time limit (--signal); the local
+    # backend's own _interrupt() signals its controller, which does not forward it, so signal the task.
+    task = _children(job._process.pid)
+    assert len(task) == 1
+    os.kill(task[0], submitit.JobEnvironment._usr_sig())
+    outcomes = job.result()
+    assert [o.error for o in outcomes] == [None]
+    record = json.loads(cfg.record_path().read_text())
+    assert len(record["resumes"]) == 1
+    clean = train_run(replace(cfg, out_dir=str(tmp_path / "clean")), progress=False)
+    assert outcome(record) == outcome(clean)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat))
+    return found
 
 
 def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):

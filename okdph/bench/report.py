@@ -1,5 +1,7 @@
 """`okdph-bench report`: results/REPORT.md with every table that has records (one section per
 table, profile and fidelity) and a learning-curve PNG per cell, linked from the cell's value.
+Table 5 (PAC-Bayes bound) is one of those tables; the analysis figures that `okdph-bench pacbayes
+--per-epoch` and `okdph-bench landscape` write to results/figures/analysis/ follow, one image each.
 
 The figures use matplotlib's object API (no pyplot, no global backend state).
 """
@@ -67,6 +69,25 @@ def _collect_by_engine(table, store, **options) -> list[tuple[str | None, list[C
         return [(engine, collect(table, store, engine=engine, **options)) for engine in engines]
 
 
+def analysis_figures(store: ResultStore) -> str:
+    """The section of the analysis PNGs under results/figures/analysis/ ('' when there are none):
+    each image with the data file it was drawn from (.json / .npz beside it)."""
+    pngs = sorted(store.analysis_dir.glob("*.png"))
+    if not pngs:
+        return ""
+    lines = ['<a id="analyses"></a>', "", "## Analyses", "",
+             "Figures of `okdph-bench pacbayes --per-epoch` (the bound against the epoch, supplement Fig. 1) and "
+             "`okdph-bench landscape` (training loss around the students' trajectories, Figs. 2-5), from "
+             f"`{store.analysis_dir}`; the data beside each figure redraws it.", ""]
+    for png in pngs:
+        rel = Path(os.path.relpath(png, store.root)).as_posix()
+        data = sorted(p.name for p in png.parent.glob(f"{png.stem}*") if p.suffix in (".json", ".npz"))
+        lines += [f"### {png.stem}", "", f"![{png.stem}]({rel})", ""]
+        if data:
+            lines += ["Data: " + ", ".join(f"`{name}`" for name in data), ""]
+    return "\n".join(lines)
+
+
 def write_report(results="results", *, metric: str = "paper") -> Path:
     """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path."""
     store = ResultStore(results)
@@ -99,6 +120,10 @@ def write_report(results="results", *, metric: str = "paper") -> Path:
                 sections.append(f'<a id="{anchor}"></a>\n\n' + markdown(
                     table, results_, profile=profile, fidelity=fidelity, metric=metric, runs_dir=store.runs_dir,
                     links=links, level=2))
+    figures = analysis_figures(store)
+    if figures:
+        index.append("- [analyses](#analyses): PAC-Bayes bound per epoch (Fig. 1) and loss landscapes (Figs. 2-5)")
+        sections.append(figures)
     head = [
         "# okdph-bench report", "",
         f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from {len(records)} run records "

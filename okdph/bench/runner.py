@@ -7,18 +7,29 @@ rest on an executor, and render the table from the records (DESIGN.md §6).
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from okdph.bench import executors
 from okdph.bench.experiments import Table, expand, get_table, unique_configs
 from okdph.bench.render import check_metric, collect, write_table
 from okdph.bench.store import ResultStore
+from okdph.engine.checkpoint import trajectory_dir
+from okdph.engine.recipe import resolve_recipe
 from okdph.engine.run import RunConfig, validate
 from okdph.strategy import ConfigError
 
 EXECUTORS = ("local", "slurm")
+# Metrics computed after training (Table 5's PAC-Bayes bound): a table whose metric is one of these
+# trains its runs with trajectory points (`save_every` = the run's epochs: the initialisation and
+# the final weights) and, once trained, computes the metric into every record that lacks it.
+ANALYSED_METRICS = ("pacbayes",)
+# The smoke profile checks the pipeline: its σ search stops within 1e-2 of ε (Jiang et al. 2020's
+# tolerance, about half the steps) instead of the default 1e-4, after at most 15 loss evaluations
+# (barely trained smoke networks often have no clean crossing); the record says which was used.
+SMOKE_SEARCH = {"tolerance": 1e-2, "max_iterations": 15}
 
 
 @dataclass
@@ -30,7 +41,9 @@ class RunSummary:
     recorded: int                                # skipped: their record already existed
     pending: list[str] = field(default_factory=list)   # run ids still to train (dry run)
     trained: int = 0
+    analysed: int = 0                            # records that got their analysed metric (Table 5)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run id, one-line error)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (run id, why): another worker had it
     jobs: list[str] = field(default_factory=list)      # SLURM job ids
     outputs: dict[str, Path] = field(default_factory=dict)
     markdown: str = ""
@@ -46,7 +59,58 @@ def _plan(table_name: str, *, profile: str, seeds, methods, fidelity: str, engin
     configs = unique_configs(runs)
     for cfg in configs:  # every name and value checked before any work starts
         validate(cfg)
+    if table.metric in ANALYSED_METRICS:  # keep the weights the analysis needs: init and last epoch
+        configs = [replace(cfg, save_every=resolve_recipe(cfg.profile, cfg.resolved_dataset(), cfg.epochs).epochs)
+                   for cfg in configs]
     return table, runs, configs, store
+
+
+def _record(cfg: RunConfig) -> dict | None:
+    try:
+        return json.loads(cfg.record_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _needs_analysis(cfg: RunConfig, metric: str) -> bool:
+    record = _record(cfg)
+    return (record is not None and record.get("status") == "complete"
+            and (record.get("metrics") or {}).get(metric) is None)
+
+
+def _must_train(cfg: RunConfig, store: ResultStore, metric: str) -> bool:
+    """Not recorded yet; or, for an analysed metric, recorded without the metric and without the
+    trajectory to compute it (e.g. trained by another table): trained again, with trajectory."""
+    if not store.is_recorded(cfg):
+        return True
+    return (metric in ANALYSED_METRICS and _needs_analysis(cfg, metric)
+            and not trajectory_dir(cfg.record_path()).is_dir())
+
+
+def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: str,
+             progress: bool) -> tuple[int, list[tuple[str, str]]]:
+    """Compute `metric` into every complete record of `configs` that lacks it; (done, failed)."""
+    import torch
+
+    from okdph.analysis.pacbayes import compute_and_write
+
+    todo = [cfg for cfg in configs if _needs_analysis(cfg, metric)]
+    done, failed = 0, []
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # as the CPU training workers: the cores are shared
+    try:
+        for cfg in todo:
+            try:
+                options = SMOKE_SEARCH if cfg.profile == "smoke" else {}
+                compute_and_write(cfg.record_path(), device=device, data_root=data_root, progress=progress,
+                                  **options)
+                done += 1
+            except Exception as exc:  # one run's failure must not stop the others; the summary lists it
+                failed.append((cfg.run_id(), f"{metric}: {type(exc).__name__}: {str(exc).strip()[:200]}"))
+    finally:
+        torch.set_num_threads(threads)
+    return done, failed
 
 
 def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
@@ -67,7 +131,7 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
     table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
                                         fidelity=fidelity, engine=engine, results=results,
                                         data_root=data_root, download=download)
-    pending = [cfg for cfg in configs if not store.is_recorded(cfg)]
+    pending = [cfg for cfg in configs if _must_train(cfg, store, table.metric)]
     summary = RunSummary(table.id, profile, len({r.cell for r in runs}), len(configs),
                          len(configs) - len(pending), pending=[c.run_id() for c in pending])
     if dry_run:
@@ -79,8 +143,13 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
 
         devices = executors.parse_gpus(gpus, torch.cuda.device_count(), jobs)
         outcomes = executors.run_local(pending, devices, progress=progress, desc=table.id)
-        summary.trained = sum(o.error is None for o in outcomes)
+        summary.trained = sum(o.error is None and o.skipped is None for o in outcomes)
+        summary.skipped = [(o.run_id, o.skipped) for o in outcomes if o.skipped]
         summary.failed = [(o.run_id, o.error) for o in outcomes if o.error]
+        if table.metric in ANALYSED_METRICS:
+            summary.analysed, failed = _analyse(configs, table.metric, device=devices[0], data_root=data_root,
+                                                progress=progress)
+            summary.failed += failed
     elif pending:
         from okdph.bench import slurm
 
@@ -95,8 +164,17 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
             for outcome in job.result():
                 if outcome.error:
                     summary.failed.append((outcome.run_id, outcome.error))
+                elif outcome.skipped:
+                    summary.skipped.append((outcome.run_id, outcome.skipped))
                 else:
                     summary.trained += 1
+        if table.metric in ANALYSED_METRICS:  # here, after the jobs: on this machine's first GPU or CPU
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            summary.analysed, failed = _analyse(configs, table.metric, device=device, data_root=data_root,
+                                                progress=progress)
+            summary.failed += failed
 
     store.refresh()
     summary.outputs, summary.markdown = _render(table, store, profile=profile, fidelity=fidelity, metric=metric)

@@ -2,6 +2,7 @@
 
     results/runs/<run_id>.json     one record per run (okdph.engine.run.train_run writes it atomically)
     results/tables/<stem>.md|csv|json  rendered tables     results/figures/  learning curves
+    results/figures/analysis/      PAC-Bayes-per-epoch and loss-landscape figures (okdph.analysis)
     results/REPORT.md              every rendered table with its figures
 
 A run is recorded once its record exists: the runner skips it. A cell's records are those whose run
@@ -34,6 +35,7 @@ class ResultStore:
         self.runs_dir = self.root / "runs"
         self.tables_dir = self.root / "tables"
         self.figures_dir = self.root / "figures"
+        self.analysis_dir = self.figures_dir / "analysis"  # `pacbayes --per-epoch`, `landscape` (+ data)
         self._index: dict[tuple, list[dict]] | None = None
 
     def is_recorded(self, cfg: RunConfig) -> bool:

@@ -183,14 +183,14 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """SIGTERM and SIGUSR1 (SLURM's pre-timeout signal) ask the run to stop after the current step.
+    """SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's pre-timeout signals) ask the run to stop after the step.
 
     Callable: True once a signal arrived. `hand_over` is called after the checkpoint is on disk:
     it gives the signal to the handler that was installed before (submitit's, which requeues the
     job), and otherwise raises Preempted.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # SLURM --signal: USR1 by habit, USR2 under submitit
 
     def __init__(self):
         self.signum: int | None = None

@@ -1,0 +1,8 @@
+"""Generalization measurements of trained runs (PAPER.md §4-5), from the trajectory points that
+`okdph-bench train --save-every E` keeps beside a record:
+
+- `pacbayes`: the PAC-Bayes bound (supplement Table 5, Fig. 1);
+- `landscape`: the training-loss landscape around the students' trajectories (supplement Figs. 2-5);
+- `evaluate`: what both share (training images without augmentation, many weight sets per pass);
+- `commands`: the `okdph-bench pacbayes` / `landscape` commands.
+"""

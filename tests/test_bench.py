@@ -277,7 +277,7 @@ def test_report_links_a_learning_curve_per_cell(tmp_path):
 def test_resume_trains_only_the_runs_without_a_record(tmp_path, monkeypatch):
     trained = []
 
-    def fake_train(cfg, progress=False):
+    def fake_train(cfg, progress=False, **_):
         trained.append(cfg.run_id())
         return fake_record(cfg, 50.0)
 
@@ -299,7 +299,7 @@ def test_resume_trains_only_the_runs_without_a_record(tmp_path, monkeypatch):
 
 
 def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
-    def flaky(cfg, progress=False):
+    def flaky(cfg, progress=False, **_):
         if cfg.method == "kdcl":
             raise RuntimeError("out of memory\nmore detail")
         return fake_record(cfg, 50.0)

@@ -109,7 +109,14 @@ def test_a_preempted_slurm_job_checkpoints_requeues_and_resumes(tmp_path, monkey
     assert [o.error for o in outcomes] == [None]
     record = json.loads(cfg.record_path().read_text())
     assert len(record["resumes"]) == 1
-    clean = train_run(replace(cfg, out_dir=str(tmp_path / "clean")), progress=False)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job (OMP_NUM_THREADS=1): reductions split by thread count
+    try:
+        clean = train_run(replace(cfg, out_dir=str(tmp_path / "clean")), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert outcome(record) == outcome(clean)
 
 

@@ -45,6 +45,16 @@ def tiny(method: str, engine: str, overrides=(), **kw) -> RunConfig:
     return RunConfig(method=method, engine=engine, overrides=tuple(overrides), **{**TINY, **kw})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The training subprocesses run with OMP_NUM_THREADS=1: in-process runs must use the same
+    thread count, since intra-op reductions split differently with more threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """Outcomes of the uninterrupted runs, computed once per configuration."""
@@ -54,7 +64,12 @@ def uninterrupted(tmp_path_factory):
         key = cfg.run_id()
         if key not in cache:
             out = tmp_path_factory.mktemp("clean")
-            cache[key] = outcome(train_run(replace(cfg, out_dir=str(out)), progress=False))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cache[key] = outcome(train_run(replace(cfg, out_dir=str(out)), progress=False))
+            finally:
+                torch.set_num_threads(threads)
         return cache[key]
 
     return get

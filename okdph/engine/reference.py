@@ -189,7 +189,7 @@ class ReferenceEngine:
         with warnings.catch_warnings():
             # A run resumed after the epoch's last step steps the schedule before any optimizer step
             # of this process; MultiStepLR's value depends on its epoch count only, so it is right.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             for scheduler in self.schedulers:
                 scheduler.step()
 

@@ -285,7 +285,8 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
         engine.load_state_dict(saved["engine"])
         history, run = saved["history"], saved["run"]
         run["resumes"].append({"epoch": run["epoch"], "step": saved["step"],
-                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "cpu_threads": torch.get_num_threads()})  # results depend on it on CPU
         restore_rng(saved["rng"], device)
     elif trajectory is not None:
         save_trajectory_point(trajectory[0], 0, strategy, trajectory[1])

@@ -288,7 +288,7 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
                                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "cpu_threads": torch.get_num_threads()})  # results depend on it on CPU
         restore_rng(saved["rng"], device)
-    elif trajectory is not None:
+    elif trajectory is not None and writes:
         save_trajectory_point(trajectory[0], 0, strategy, trajectory[1])
 
     def checkpoint(step: int) -> None:

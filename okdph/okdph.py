@@ -32,7 +32,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from okdph.losses import kd_loss

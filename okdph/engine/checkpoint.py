@@ -9,11 +9,9 @@
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from okdph.engine.record import atomic_write
 from okdph.strategy import ConfigError
 
 CHECKPOINT_FORMAT = 1
@@ -32,19 +31,7 @@ class CheckpointError(ConfigError):
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 def safe_load(path: Path, *, kind: str, map_location="cpu") -> dict:

@@ -16,22 +16,29 @@ import okdph
 SCHEMA_VERSION = 1
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a reader
-    sees the old record or the new one, never a truncated one."""
+def atomic_write(path: Path, write, *, binary: bool = False) -> None:
+    """Call `write(handle)` on a temporary file in the same folder, fsync, then rename over `path`:
+    a reader sees the old file or the new one, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=False)
-            handle.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    def write(handle):
+        json.dump(data, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+
+    atomic_write(path, write)
 
 
 def read_record(path: Path, run_id: str | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Run records: one JSON file per run, written atomically, with its provenance (DESIGN.md §6)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -73,8 +74,12 @@ def outcome(record: dict) -> dict:
     return kept
 
 
+@functools.lru_cache(maxsize=1)
 def git_revision() -> str | None:
-    """The suite's git commit, with "+dirty" when the work tree has changes; None outside git."""
+    """The suite's git commit, with "+dirty" when the work tree has changes; None outside git.
+
+    Read once per process (train_run asks before training): the code a process runs is what was
+    checked out when it started, not what the work tree holds when a later record is written."""
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

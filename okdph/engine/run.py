@@ -26,7 +26,8 @@ from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restor
                                      save_trajectory_point, trajectory_dir)
 from okdph.engine.lock import RunLock
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
-from okdph.engine.record import SCHEMA_VERSION, atomic_write_json, provenance, read_record, summarise
+from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
+                                 summarise)
 from okdph.models import list_backbones
 from okdph.strategy import FIDELITIES, ConfigError, build_config, config_to_dict, get_strategy
 
@@ -211,6 +212,7 @@ def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = Fa
     beside the record (a killed or preempted earlier attempt) is continued.
     """
     validate(cfg)
+    git_revision()  # the provenance of the code this process loaded, read before training
     check_writable(cfg.record_path().parent)
     is_done(cfg)  # a foreign or unreadable file where the record goes: refused before any work
     if cfg.ddp:  # torchrun starts each run once; every process trains

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
 from okdph.models.branches import ffl_network
-from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_positive, register_strategy
+from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Loss
@@ -90,8 +90,7 @@ class FFLConfig:
 
     def __post_init__(self):
         check_positive("temperature", self.temperature)
-        if self.rampup < 0:
-            raise ConfigError(f"rampup must be >= 0 epochs, got {self.rampup}")
+        check_non_negative("rampup", self.rampup, " epochs")
 
 
 @register_strategy("ffl")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
 from okdph.models.branches import init_linear_like_, okddip_network
-from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_positive, register_strategy
+from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Attention and loss
@@ -93,10 +93,8 @@ class OKDDipConfig:
 
     def __post_init__(self):
         check_positive("temperature", self.temperature)
-        if self.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if self.rampup < 0:
-            raise ConfigError(f"rampup must be >= 0 epochs, got {self.rampup}")
+        check_non_negative("alpha", self.alpha)
+        check_non_negative("rampup", self.rampup, " epochs")
         if self.attention_reduction < 1:
             raise ConfigError(f"attention_reduction must be >= 1, got {self.attention_reduction}")
 

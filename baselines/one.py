@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
 from okdph.models.branches import init_linear_like_, one_network
-from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_positive, register_strategy
+from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Gate and loss
@@ -81,10 +81,8 @@ class ONEConfig:
 
     def __post_init__(self):
         check_positive("temperature", self.temperature)
-        if self.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha}")
-        if self.rampup < 0:
-            raise ConfigError(f"rampup must be >= 0 epochs, got {self.rampup}")
+        check_non_negative("alpha", self.alpha)
+        check_non_negative("rampup", self.rampup, " epochs")
 
 
 @register_strategy("one")

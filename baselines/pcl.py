@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from okdph.losses import kd_loss, sigmoid_rampup
 from okdph.models.branches import MultiBranchNet, init_linear_like_, pcl_network
-from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_positive, register_strategy
+from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Ramp-up, loss and temporal mean
@@ -124,8 +124,7 @@ class PCLConfig:
 
     def __post_init__(self):
         check_positive("temperature", self.temperature)
-        if self.rampup < 0:
-            raise ConfigError(f"rampup must be >= 0 epochs, got {self.rampup}")
+        check_non_negative("rampup", self.rampup, " epochs")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 

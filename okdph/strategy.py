@@ -84,6 +84,11 @@ def check_positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
+def check_non_negative(name: str, value: float, unit: str = "") -> None:
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0{unit}, got {value}")
+
+
 def _convert(name: str, text: str, kind) -> object:
     """Turn a `--set key=value` string into the field's declared type."""
     try:

@@ -162,8 +162,7 @@ class FastEngine:
                 self.correct = torch.zeros(len(heads), dtype=torch.int64, device=self.device)
             self.loss_sums += torch.stack([v.detach().float() for v in losses.values()]) * batch
             self.correct += torch.stack([(z.argmax(dim=1) == targets).sum() for z in heads.values()])
-            bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-            self.first_bad_step.copy_(torch.where(bad, self.counter, self.first_bad_step))
+            self.first_bad_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_step < 0), self.counter)
             self.counter += 1
 
     def _run_step(self, batch: int, epoch: int, step: int) -> None:

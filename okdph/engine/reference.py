@@ -39,9 +39,7 @@ class EpochProgress:
                 self.correct[name] = self.correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
             if self.first_bad_step is None:
                 self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
-            self.first_bad_step.copy_(torch.where(bad, torch.as_tensor(step, device=loss.device),
-                                                  self.first_bad_step))
+            self.first_bad_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_step < 0), step)
 
     def diverged_at(self) -> int | None:
         step = -1 if self.first_bad_step is None else int(self.first_bad_step)

@@ -48,40 +48,72 @@ def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -
 
     Integer entries (BN's num_batches_tracked) are mixed as floats and truncated back, as
     `load_state_dict` does with the official code's float result (METHODS.md §9.4). The sum runs
-    in student order, which reproduces the official accumulation bit for bit.
+    in student order, which reproduces the official accumulation bit for bit. Floating entries go
+    through multi-tensor (foreach) kernels: a handful of launches for the whole network instead of
+    a few per entry, which matters inside a captured GPU step.
     """
-    out = {}
-    for key, first in states[0].items():
-        acc = _as_float(first) * coefficients[0]
-        for j in range(1, len(states)):
-            acc = _as_float(states[j][key]) * coefficients[j] + acc
-        out[key] = acc if first.is_floating_point() else acc.to(first.dtype)
-    return out
+    keys = list(states[0])
+    floats = [k for k in keys if states[0][k].is_floating_point()]
+    mul, add = _multi_tensor(states[0][floats[0]])
+    acc = mul([states[0][k] for k in floats], coefficients[0])
+    for j in range(1, len(states)):
+        acc = add(mul([states[j][k] for k in floats], coefficients[j]), acc)
+    out = dict(zip(floats, acc))
+    for key in keys:
+        if key not in out:
+            mixed = states[0][key].float() * coefficients[0]
+            for j in range(1, len(states)):
+                mixed = states[j][key].float() * coefficients[j] + mixed
+            out[key] = mixed.to(states[0][key].dtype)
+    return {key: out[key] for key in keys}
 
 
-def _as_float(value: Tensor) -> Tensor:
-    return value if value.is_floating_point() else value.float()
+def _multi_tensor(example: Tensor):
+    """Elementwise mul and add over lists of tensors: foreach kernels on plain tensors; one op per
+    tensor under vmap (packed runs), where foreach ops have no batching rule. Same values either way."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(example):
+        return (lambda xs, c: [x * c for x in xs]), (lambda xs, ys: [x + y for x, y in zip(xs, ys)])
+    return torch._foreach_mul, torch._foreach_add
+
+
+def _copy_all_(targets: list[Tensor], values: list[Tensor]) -> None:
+    if targets and torch._C._functorch.is_functorch_wrapped_tensor(targets[0]):
+        for t, v in zip(targets, values):
+            t.copy_(v)
+    else:
+        torch._foreach_copy_(targets, values)
+
+
+def load_state_(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+    """`load_state_dict` for aliasing state views, in one multi-tensor copy."""
+    with torch.no_grad():
+        _copy_all_([targets[k] for k in values], list(values.values()))
 
 
 def fuse_(student: Mapping[str, Tensor], hwm: Mapping[str, Tensor], gamma: float) -> None:
     """Eq. (5) in place on a student's state: γ = 0 keeps it, γ = 1 copies the HWM, otherwise
-    γ·θ_h + (1 − γ)·θ_i (the official expression, evaluated in that order)."""
+    γ·θ_h + (1 − γ)·θ_i (the official expression, evaluated in that order; integer entries as floats
+    truncated back)."""
     if gamma == 0.0:
         return
     with torch.no_grad():
+        if gamma == 1.0:
+            load_state_(student, {k: hwm[k] for k in student})
+            return
+        floats = [k for k, v in student.items() if v.is_floating_point()]
+        mul, add = _multi_tensor(student[floats[0]])
+        mixed = add(mul([hwm[k] for k in floats], gamma), mul([student[k] for k in floats], 1.0 - gamma))
+        _copy_all_([student[k] for k in floats], mixed)
         for key, value in student.items():
-            target = hwm[key]
-            if gamma == 1.0:
-                value.copy_(target)
-            elif value.is_floating_point():
-                value.copy_(target * gamma + value * (1.0 - gamma))
-            else:
-                value.copy_((target.float() * gamma + value.float() * (1.0 - gamma)).to(value.dtype))
+            if not value.is_floating_point():
+                value.copy_((hwm[key].float() * gamma + value.float() * (1.0 - gamma)).to(value.dtype))
 
 
 def dirichlet_coefficients(count: int, device, generator: Optional[torch.Generator] = None) -> Tensor:
-    """r ~ Dir(1_N), uniform on the simplex: normalised i.i.d. Exp(1) draws."""
-    draws = torch.empty(count, device=device).exponential_(1.0, generator=generator)
+    """r ~ Dir(1_N), uniform on the simplex: normalised i.i.d. Exp(1) draws, as −log(1 − U).
+
+    Out of place, so that packed runs (vmap over runs, okdph.engine.packed) draw per run."""
+    draws = -torch.log1p(-torch.rand(count, device=device, generator=generator))
     return draws / draws.sum()
 
 
@@ -172,8 +204,7 @@ class OKDPH(Strategy):
     def _hwm_logits(self, image: Tensor, coefficients: Tensor) -> Tensor:
         """Rebuild the HWM from the students' current state, then run it on its own view."""
         with torch.no_grad():
-            mixed = hybrid_state(self.students.member_states(), coefficients)
-            self.hwm.load_state_dict(mixed)
+            load_state_(self.hwm.state_dict(keep_vars=True), hybrid_state(self.students.member_states(), coefficients))
         if self.fidelity == "official":
             with torch.no_grad():
                 return self.hwm(image)

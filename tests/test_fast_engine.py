@@ -55,7 +55,8 @@ def test_fast_step_equals_reference_step_on_the_same_batch():
                       width=0.125).double()
     fast_strategy = copy.deepcopy(reference)
     recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
-    engine = FastEngine(fast_strategy, _Arrays(8, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0, graphs=False)
+    engine = FastEngine(fast_strategy, _Arrays(8, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0, graphs=False, fuse=True)
+    assert engine.fused == ["students"]
     views = torch.randn(3, 8, 3, 32, 32, dtype=torch.float64)
     targets = torch.randint(0, 10, (8,))
     engine.epoch_views, engine.epoch_targets = views, targets

@@ -1,4 +1,4 @@
-"""The fused group (K networks as one vmapped network) equals K separate networks."""
+"""The fused group (K networks as one grouped network) equals K separate networks."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from okdph.data import get_info
-from okdph.engine.fused import FusedGroup, fuse_model_groups
+from okdph.engine.fused import FusedGroup, NotGroupable, fuse_model_groups
 from okdph.engine.reference import train_one_epoch
 from okdph.models import create_backbone
 from okdph.okdph import OKDPH
@@ -34,7 +34,7 @@ def test_fused_group_equals_separate_networks_outputs_gradients_and_bn_buffers(b
     F.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
     for k, state in enumerate(fused.member_states()):
         for name, p in group[k].named_parameters():
-            grad = fused.get_parameter(name.replace(".", "__")).grad[k]
+            grad = fused.stacked()[name].grad[k]
             assert relative(grad, p.grad) <= 1e-10, name
         for name, b in group[k].named_buffers():
             assert torch.allclose(state[name].double(), b.double(), rtol=1e-10, atol=1e-12), name
@@ -57,7 +57,7 @@ def test_member_states_alias_the_fused_tensors_and_unfuse_round_trips():
     state = fused.member_states()[1]
     with torch.no_grad():
         state["head.classifier.bias"].fill_(3.0)
-    assert (fused.get_parameter("head__classifier__bias")[1] == 3.0).all()
+    assert (fused.stacked()["head.classifier.bias"][1] == 3.0).all()
     back = fused.unfuse()
     assert torch.equal(back[1].head.classifier.bias, torch.full((10,), 3.0))
 
@@ -77,3 +77,60 @@ def test_okdph_step_on_fused_students_equals_the_reference_step():
     for k, state in enumerate(fast.students.member_states()):
         for name, value in reference.students[k].state_dict().items():
             assert torch.allclose(state[name].double(), value.double(), rtol=1e-9, atol=1e-12), name
+
+
+class _ChannelFlip(torch.nn.Module):
+    """A network whose forward mixes channels outside its layers (reverses them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x).flip(1), 1), 1))
+
+
+def test_a_network_that_mixes_channels_outside_its_layers_stays_unfused():
+    holder = torch.nn.Module()
+    holder.students = ModelGroup([_ChannelFlip(), _ChannelFlip()])
+    with pytest.warns(UserWarning, match="runs unfused"):
+        assert fuse_model_groups(holder, probe_shape=(3, 8, 8)) == []
+    assert isinstance(holder.students, ModelGroup) and not isinstance(holder.students, FusedGroup)
+
+
+def test_densenet_needs_its_grouped_concatenation():
+    torch.manual_seed(0)
+    group = ModelGroup([create_backbone("densenet40_12", 10, width=0.25) for _ in range(2)])
+    FusedGroup(copy.deepcopy(group), probe_shape=(3, 32, 32))  # passes the probe
+    from okdph.models import densenet
+    original = densenet.concat_channels
+    try:  # a plain torch.cat over the shared channel axis interleaves the networks wrongly
+        densenet.concat_channels = lambda tensors, groups: torch.cat(tensors, dim=1)
+        with pytest.raises(NotGroupable):
+            FusedGroup(copy.deepcopy(group), probe_shape=(3, 32, 32))
+    finally:
+        densenet.concat_channels = original
+
+
+def test_grouped_layers_keep_per_network_state_dict_names_and_shapes():
+    group = ModelGroup([create_backbone("vgg16", 10, width=0.125) for _ in range(3)])
+    fused = FusedGroup(copy.deepcopy(group))
+    stacked = fused.stacked()
+    member = group[0].state_dict()
+    assert list(stacked) == list(member)
+    for name, value in member.items():
+        assert stacked[name].shape == (3, *value.shape), name
+
+
+def test_bf16_autocast_runs_fused_with_fp32_batchnorm_statistics():
+    torch.manual_seed(0)
+    fused = FusedGroup(ModelGroup([create_backbone("resnet32", 10, width=0.125) for _ in range(2)])).train()
+    x = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    F.cross_entropy(out.float().flatten(0, 1), torch.zeros(8, dtype=torch.long)).backward()
+    stacked = fused.stacked()
+    assert stacked["trunk.bn1.running_mean"].dtype == torch.float32
+    assert stacked["trunk.bn1.running_mean"].abs().sum() > 0  # the statistics moved
+    assert torch.isfinite(stacked["trunk.conv1.weight"].grad).all()

@@ -3,7 +3,9 @@
 - The dataset lives on the device as uint8, once per process; each epoch draws one permutation and
   augments every view of the whole epoch at once with per-sample random parameters
   (okdph.data.gpu_augment, torchvision's semantics).
-- Same-architecture networks of a strategy run fused (okdph.engine.fused), in fp32.
+- On a GPU, same-architecture networks of a strategy run as one grouped network (okdph.engine.fused).
+  On a CPU they stay separate by default: there the grouped convolutions measured slower than the
+  networks one after another (results/perf/README.md).
 - The whole training step (batch gather, forward, losses, backward, SGD with the learning rate as a
   device tensor, the strategy's hooks, meters) is captured in a CUDA graph per distinct step, as the
   strategy's `graph_key` defines it, plus one per batch size so the last partial batch is never
@@ -71,22 +73,23 @@ class FastEngine:
     """Trains one strategy with device-resident data, fused networks and CUDA graphs."""
 
     def __init__(self, strategy: Strategy, train_set, test_set, recipe, device, *, seed: int,
-                 precision: str = "fp32", graphs: bool | None = None, noise: tuple[float, float] | None = None):
+                 precision: str = "fp32", graphs: bool | None = None, fuse: bool | None = None,
+                 noise: tuple[float, float] | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
         self.device = torch.device(device)
         self.strategy = strategy
-        # Fusion must happen before the optimizers exist (new parameter tensors). Under bf16 autocast
-        # the vmapped BatchNorm rejects bf16 activations with fp32 running statistics (seen on an
-        # H100 with torch 2.11), so bf16 runs keep the networks separate.
-        self.fused = fuse_model_groups(strategy) if precision == "fp32" else []
         self.recipe = recipe
         self.info = test_set.info
         self.noise = noise
         self.views = strategy.views()
         self.train_images, self.train_targets = as_device_images(train_set, self.device)
+        # Before the optimizers exist: the fused parameters are new tensors.
+        fuse = self.device.type == "cuda" if fuse is None else fuse
+        self.fused = fuse_model_groups(strategy, probe_shape=self.train_images.shape[1:]) if fuse else []
         test_images, self.test_targets = as_device_images(test_set, self.device)
-        self.test_inputs = augment(test_images, "base", self.info)  # normalised once; no augmentation
+        self.dtype = next(strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
+        self.test_inputs = augment(test_images, "base", self.info).to(self.dtype)  # normalised once
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
                              cache_enabled=False)
@@ -98,7 +101,8 @@ class FastEngine:
         self.seen: set = set()
         n = self.train_images.shape[0]
         self.full_batches, self.remainder = divmod(n, recipe.batch_size)
-        self.epoch_views = torch.empty(len(self.views), *self.train_images.shape, device=self.device)
+        self.epoch_views = torch.empty(len(self.views), *self.train_images.shape, dtype=self.dtype,
+                                       device=self.device)
         self.epoch_targets = torch.empty_like(self.train_targets)
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
         self.offsets = torch.arange(recipe.batch_size, device=self.device)
@@ -226,6 +230,11 @@ class FastEngine:
                 "loss": {n: s / samples for n, s in zip(self.loss_names, sums)},
                 "acc": {n: 100.0 * c / samples for n, c in zip(self.head_names, correct)},
                 "diverged_step": None if bad < 0 else bad}
+
+    def describe(self) -> dict:
+        """How this run executed (numerics differ slightly between fused and separate networks)."""
+        return {"fused_groups": self.fused, "cuda_graphs": len([g for g in self.graphs.values() if g is not None]),
+                "graphs_enabled": self.graphs_enabled}
 
     # ---- resume -------------------------------------------------------------------------------
 

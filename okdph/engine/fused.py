@@ -1,105 +1,230 @@
-"""Fused execution of K same-architecture networks (DESIGN.md §4).
+"""Fused execution of K same-architecture networks as ONE grouped network (DESIGN.md §4).
 
-`FusedGroup` holds the K networks' parameters and buffers stacked along a leading K dimension and
-runs them as one network with `torch.func.vmap` over `functional_call`: convolutions become one
-grouped convolution, BatchNorm one normalisation over K·C channels (exactly per-network BN, running
-statistics included) and the heads one batched matmul. It offers the same methods as
-`okdph.strategy.ModelGroup`, so a strategy runs unchanged on either.
+Activations have the layout (B, K·C, ...): network k owns channels [k·C, (k+1)·C). On that layout
+- a convolution of K networks is one convolution with K times the groups,
+- a BatchNorm is one normalisation over K·C channels, which is exactly per-network BN, running
+  statistics included,
+- a Linear is one batched matmul,
+and everything else a CIFAR backbone does (ReLU, pooling, residual sums, flattening a map whose
+channels are outermost) acts on each network's channels alone. So `FusedGroup` takes a copy of the
+member's module tree, swaps its Conv2d, BatchNorm and Linear layers for grouped ones and runs the
+member's own forward code on it. The only backbone code that moves channels across positions is a
+channel concatenation (DenseNet's blocks); such a module has a `channel_groups` attribute, set here
+to K, and concatenates with `okdph.models.registry.concat_channels`.
+
+Parameters and buffers are stored stacked, (K, ...) per entry, under the member's state-dict names;
+a grouped convolution's weight is that stack with its first two dimensions merged, a view, so no
+weight is copied per step and an optimizer steps the stacks directly.
+
+A backbone whose forward mixes channels some other way would silently compute something else, so
+construction runs a probe: the grouped network against the members, in float64 on the CPU, in train
+mode. On any mismatch `fuse_model_groups` leaves that group unfused (with a warning).
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from okdph.strategy import ModelGroup
 
 
-def _slot(name: str) -> str:
-    # Module attribute names may not contain dots; state-dict names do.
-    return name.replace(".", "__")
+class NotGroupable(ValueError):
+    """A module the grouped layout cannot express."""
+
+
+def _stack(members: Sequence[nn.Module], name: str) -> Tensor | None:
+    values = [getattr(m, name) for m in members]
+    if values[0] is None:
+        return None
+    return torch.stack([v.detach() for v in values]).clone()
+
+
+class GroupedConv2d(nn.Module):
+    """K Conv2d layers as one; `weight` is (K, out, in/groups, kh, kw)."""
+
+    def __init__(self, convs: Sequence[nn.Conv2d]):
+        super().__init__()
+        first = convs[0]
+        if first.padding_mode != "zeros":
+            raise NotGroupable(f"Conv2d with padding_mode={first.padding_mode}")
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+        self.groups = first.groups * len(convs)
+        self.weight = nn.Parameter(_stack(convs, "weight"), requires_grad=first.weight.requires_grad)
+        bias = _stack(convs, "bias")
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.flatten()
+        return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class GroupedBatchNorm(nn.Module):
+    """K BatchNorm layers (1d or 2d) as one over K·C channels; entries are (K, C), the step counter (K,)."""
+
+    def __init__(self, norms: Sequence[nn.modules.batchnorm._BatchNorm]):
+        super().__init__()
+        first = norms[0]
+        if not first.track_running_stats or first.momentum is None:
+            raise NotGroupable("BatchNorm without running statistics or with a cumulative average")
+        self.eps, self.momentum = first.eps, first.momentum
+        for name in ("weight", "bias"):
+            value = _stack(norms, name)
+            self.register_parameter(name, None if value is None else
+                                    nn.Parameter(value, requires_grad=getattr(first, name).requires_grad))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, _stack(norms, name))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        weight = None if self.weight is None else self.weight.flatten()
+        bias = None if self.bias is None else self.bias.flatten()
+        # flatten() of the contiguous (K, C) buffers is a view: the running statistics update in place.
+        return F.batch_norm(x, self.running_mean.flatten(), self.running_var.flatten(), weight, bias,
+                            self.training, self.momentum, self.eps)
+
+
+class GroupedLinear(nn.Module):
+    """K Linear layers as one on inputs (..., K·in) -> (..., K·out); `weight` is (K, out, in)."""
+
+    def __init__(self, linears: Sequence[nn.Linear]):
+        super().__init__()
+        first = linears[0]
+        self.count, self.in_features, self.out_features = len(linears), first.in_features, first.out_features
+        self.weight = nn.Parameter(_stack(linears, "weight"), requires_grad=first.weight.requires_grad)
+        bias = _stack(linears, "bias")
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=first.bias.requires_grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        per_network = x.reshape(-1, self.count, self.in_features).transpose(0, 1)  # (K, N, in)
+        if self.bias is None:
+            out = torch.bmm(per_network, self.weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(self.bias.unsqueeze(1), per_network, self.weight.transpose(1, 2))
+        return out.transpose(0, 1).reshape(*lead, self.count * self.out_features)
+
+
+_GROUPED_LAYERS = {nn.Conv2d: GroupedConv2d, nn.BatchNorm1d: GroupedBatchNorm, nn.BatchNorm2d: GroupedBatchNorm,
+                   nn.Linear: GroupedLinear}
+
+
+def grouped_network(members: Sequence[nn.Module]) -> nn.Module:
+    """One module running `members` (same architecture) on the grouped layout; see the module docstring."""
+    first = members[0]
+    layer = _GROUPED_LAYERS.get(type(first))
+    if layer is not None:
+        return layer(members)
+    if first._parameters or any(b is not None for b in first._buffers.values()):
+        raise NotGroupable(f"{type(first).__name__} holds its own parameters or buffers")
+    shell = copy.copy(first)  # same class and attributes; its own children below
+    shell.__dict__.update(_parameters={}, _buffers={}, _non_persistent_buffers_set=set())
+    shell._modules = {name: None if child is None else grouped_network([m._modules[name] for m in members])
+                      for name, child in first._modules.items()}
+    if hasattr(shell, "channel_groups"):
+        shell.channel_groups = len(members)
+    return shell
+
+
+def to_grouped_layout(inputs: Sequence[Tensor]) -> Tensor:
+    """K inputs (B, C, ...) -> (B, K·C, ...)."""
+    if all(x is inputs[0] for x in inputs):  # one batch for every network (evaluation)
+        return inputs[0].repeat(1, len(inputs), *([1] * (inputs[0].dim() - 2)))
+    return torch.stack(list(inputs), dim=1).flatten(1, 2)
 
 
 class FusedGroup(nn.Module):
-    """K networks as one: parameters (K, ...) that an optimizer steps directly."""
+    """K networks as one grouped network, with the methods of `okdph.strategy.ModelGroup`.
 
-    def __init__(self, group: ModelGroup):
+    Args:
+        group: the K networks; their current state is copied in.
+        probe_shape: one input's shape, e.g. (3, 32, 32), for the construction-time probe; None skips it.
+    """
+
+    def __init__(self, group: ModelGroup, probe_shape: Sequence[int] | None = None):
         super().__init__()
         members = list(group)
-        # The architecture without storage: functional_call supplies every tensor.
-        self._template = [copy.deepcopy(members[0]).to("meta")]
-        params, buffers = stack_module_state(members)
-        self.param_names = list(params)
-        self.buffer_names = list(buffers)
-        for name, value in params.items():
-            self.register_parameter(_slot(name), nn.Parameter(value.detach().clone()))
-        for name, value in buffers.items():
-            self.register_buffer(_slot(name), value.clone())
         self.count = len(members)
+        # A storage-free copy of one member, to rebuild ordinary networks (`unfuse`).
+        self._template = [copy.deepcopy(members[0]).to("meta")]
+        self.network = grouped_network(members)
         self.train(group.training)
-
-    @property
-    def template(self) -> nn.Module:
-        return self._template[0]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.template.train(mode)
-        return self
+        if probe_shape is not None:
+            _probe(members, self, tuple(probe_shape))
 
     def __len__(self) -> int:
         return self.count
 
-    def stacked(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        params = {name: getattr(self, _slot(name)) for name in self.param_names}
-        buffers = {name: getattr(self, _slot(name)) for name in self.buffer_names}
-        return params, buffers
-
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
         """K inputs of (B, ...) (a list or a (K, B, ...) tensor) -> stacked logits (K, B, C)."""
-        x = inputs if isinstance(inputs, Tensor) else torch.stack(list(inputs))
-        if x.shape[0] != self.count:
-            raise ValueError(f"{self.count} networks but {x.shape[0]} inputs")
-        params, buffers = self.stacked()
-        template = self.template
+        inputs = list(inputs.unbind(0)) if isinstance(inputs, Tensor) else list(inputs)
+        if len(inputs) != self.count:
+            raise ValueError(f"{self.count} networks but {len(inputs)} inputs")
+        out = self.network(to_grouped_layout(inputs))  # (B, K·C)
+        return out.reshape(out.shape[0], self.count, -1).transpose(0, 1)
 
-        def one(p, b, xi):
-            return functional_call(template, (p, b), (xi,))
-
-        return vmap(one)(params, buffers, x)
+    def stacked(self) -> dict[str, Tensor]:
+        """Every state entry, (K, ...), under the member's state-dict name (live tensors)."""
+        return dict(self.network.state_dict(keep_vars=True))
 
     def member_states(self) -> list[dict[str, Tensor]]:
-        params, buffers = self.stacked()
-        state = {**params, **buffers}
-        return [{name: value.detach()[k] for name, value in state.items()} for k in range(self.count)]
+        state = {name: value.detach() for name, value in self.stacked().items()}
+        return [{name: value[k] for name, value in state.items()} for k in range(self.count)]
 
     def member_parameters(self, k: int) -> dict[str, Tensor]:
-        params, _ = self.stacked()
-        return {name: value[k] for name, value in params.items()}
+        return {name: value[k] for name, value in self.network.named_parameters()}
 
     def unfuse(self) -> ModelGroup:
         """K ordinary modules holding copies of the current state (for checkpoints and analysis)."""
         members = []
         for state in self.member_states():
-            net = copy.deepcopy(self.template).to_empty(device=next(iter(state.values())).device)
+            net = copy.deepcopy(self._template[0]).to_empty(device=next(iter(state.values())).device)
             net.load_state_dict({k: v.clone() for k, v in state.items()})
             members.append(net.train(self.training))
         return ModelGroup(members)
 
 
-def fuse_model_groups(module: nn.Module) -> list[str]:
-    """Replace every `ModelGroup` inside `module` by a `FusedGroup` in place; returns their names.
+@torch.no_grad()
+def _probe(members: Sequence[nn.Module], fused: FusedGroup, shape: tuple[int, ...]) -> None:
+    """Raise NotGroupable unless the grouped network computes what the members compute (float64, CPU,
+    train mode, so batch statistics and running-statistic updates are both checked)."""
+    members = [copy.deepcopy(m).to("cpu", torch.float64).train() for m in members]
+    grouped = copy.deepcopy(fused).to("cpu", torch.float64).train()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, *shape, generator=gen, dtype=torch.float64) for _ in members]
+    expected = torch.stack([m(x) for m, x in zip(members, inputs)])
+    got = grouped(inputs)
+    scale = expected.abs().max().clamp_min(1e-12)
+    if got.shape != expected.shape or ((got - expected).abs().max() / scale) > 1e-9:
+        raise NotGroupable(f"{type(members[0]).__name__}: the grouped network does not reproduce the "
+                           "members (its forward mixes channels outside Conv2d/BatchNorm/Linear layers)")
+    state = grouped.member_states()
+    for k, member in enumerate(members):
+        for name, value in member.state_dict().items():
+            if not torch.allclose(state[k][name].double(), value.double(), rtol=1e-9, atol=1e-12):
+                raise NotGroupable(f"{type(members[0]).__name__}: '{name}' is not updated per network")
+
+
+def fuse_model_groups(module: nn.Module, probe_shape: Sequence[int] | None = None) -> list[str]:
+    """Replace every `ModelGroup` of two or more networks inside `module` by a `FusedGroup`, in place;
+    returns the names replaced. A group the grouped layout cannot express stays as it is (warning).
 
     Must run before optimizers are built: the fused parameters are new tensors.
     """
     fused = []
     for name, child in list(module.named_children()):
         if isinstance(child, ModelGroup) and len(child) > 1:
-            setattr(module, name, FusedGroup(child))
+            try:
+                setattr(module, name, FusedGroup(child, probe_shape))
+            except NotGroupable as exc:
+                warnings.warn(f"'{name}' runs unfused: {exc}")
+                continue
             fused.append(name)
         else:
-            fused += [f"{name}.{n}" for n in fuse_model_groups(child)]
+            fused += [f"{name}.{n}" for n in fuse_model_groups(child, probe_shape)]
     return fused

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Backbone, Head, check_num_classes, register_backbone, scale_channels
+from .registry import Backbone, Head, check_num_classes, concat_channels, register_backbone, scale_channels
 
 __all__ = ["DenseBlock", "DenseLayer", "DenseNet", "DenseNetHead", "Transition", "densenet40_12"]
 
@@ -38,10 +38,15 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.Module):
-    """Each layer sees the concatenation of the block input and all earlier layers' outputs."""
+    """Each layer sees the concatenation of the block input and all earlier layers' outputs.
+
+    `channel_groups` is K when the fast engine runs K networks as one grouped network
+    (okdph.engine.fused); the concatenation then joins each network's channels separately.
+    """
 
     def __init__(self, num_layers: int, in_ch: int, growth: int, bn_size: int) -> None:
         super().__init__()
+        self.channel_groups = 1
         self.layers = nn.ModuleList(
             DenseLayer(in_ch + i * growth, growth, bn_size) for i in range(num_layers)
         )
@@ -49,7 +54,7 @@ class DenseBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = torch.cat([x, layer(x)], dim=1)
+            x = concat_channels([x, layer(x)], self.channel_groups)
         return x
 
 

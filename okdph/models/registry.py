@@ -21,6 +21,7 @@ __all__ = [
     "list_backbones",
     "register_backbone",
     "scale_channels",
+    "concat_channels",
 ]
 
 _BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
@@ -65,6 +66,17 @@ def scale_channels(channels: int, width: float) -> int:
     if not (width > 0 and math.isfinite(width)):  # the comparison also rejects NaN
         raise ValueError(f"width must be a finite number > 0, got {width}")
     return max(1, int(round(channels * width)))
+
+
+def concat_channels(tensors: list[torch.Tensor], groups: int = 1) -> torch.Tensor:
+    """torch.cat along channels. With `groups` = K networks sharing the channel axis, as the fast engine
+    runs them (okdph.engine.fused: network k owns one contiguous K-th of the channels), each network's
+    channels are joined separately."""
+    if groups == 1:
+        return torch.cat(tensors, dim=1)
+    b = tensors[0].shape[0]
+    out = torch.cat([t.reshape(b, groups, -1, *t.shape[2:]) for t in tensors], dim=2)
+    return out.reshape(b, -1, *out.shape[3:])
 
 
 def check_num_classes(num_classes: int) -> None:

@@ -199,7 +199,9 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
-@click.option("--pack", type=int, default=None, help="slurm: runs per job [default: one cell's seeds].")
+@click.option("--pack", type=int, default=None,
+              help="Train up to N seeds of a cell as one pack on the fast engine (one process, one step); "
+                   "slurm: also the runs per job [default: no packing; slurm jobs of one cell's seeds].")
 @click.option("--slurm", "slurm_params", multiple=True, metavar="KEY=VALUE",
               help="slurm: a submitit parameter, e.g. slurm_partition=gpu or timeout_min=720; repeatable.")
 @click.option("--wait", is_flag=True, help="slurm: wait for the jobs, then write the table.")

@@ -69,12 +69,12 @@ def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
     assert isinstance(resubmission, submitit.helpers.DelayedSubmission)
     assert resubmission.function is job                      # the same group goes back in the queue
     trained = []
-    job_module_train = slurm.train_one
+    job_module_train = slurm.train_group
     try:
-        slurm.train_one = lambda cfg: trained.append(cfg.run_id()) or executors.Outcome(cfg.run_id())
+        slurm.train_group = lambda group: [trained.append(c.run_id()) or executors.Outcome(c.run_id()) for c in group]
         outcomes = job()
     finally:
-        slurm.train_one = job_module_train
+        slurm.train_group = job_module_train
     assert trained == [configs[1].run_id()] and len(outcomes) == 2
     assert slurm.pack(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
@@ -178,3 +178,22 @@ def test_meters_are_summed_and_the_test_set_sharded_over_processes(tmp_path):
     for got in ranks:
         assert (got["ce"], got["student0"], got["count"]) == (4.5, 30.0, 11)
     assert ranks[0]["shard"] == [0, 2, 4] and ranks[1]["shard"] == [1, 3]   # each test item once
+
+
+def test_a_job_packs_a_cells_seeds_only_when_asked(tmp_path):
+    store = ResultStore(tmp_path)
+    base = _smoke_configs(store, count=2)
+    configs = [replace(base[0], seed=42), replace(base[0], seed=43), base[1]]  # two seeds of one cell + another
+    groups = []
+    original = slurm.train_group
+    try:
+        slurm.train_group = lambda group: groups.append([(c.backbone, c.seed) for c in group]) or [
+            executors.Outcome(c.run_id()) for c in group]
+        slurm.PackedJob(configs, packed=True)()
+        packed, groups[:] = list(groups), []
+        slurm.PackedJob(configs)()
+    finally:
+        slurm.train_group = original
+    cell = base[0].backbone
+    assert packed == [[(cell, 42), (cell, 43)], [(base[1].backbone, base[1].seed)]]
+    assert groups == [[(cell, 42)], [(cell, 43)], [(base[1].backbone, base[1].seed)]]

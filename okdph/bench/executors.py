@@ -46,6 +46,39 @@ def train_one(cfg: RunConfig, progress: bool = False) -> Outcome:
         return Outcome(cfg.run_id(), _error_line(exc))
 
 
+def train_packed_one(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
+    """Train runs that differ only in their seed as one pack (okdph.engine.packed); outcomes as
+    `train_one`'s. A failure fails every run of the pack."""
+    from okdph.engine.packed import train_packed
+
+    try:
+        records = train_packed(cfgs, progress=progress, skip_recorded=True)
+    except Preempted:
+        raise
+    except Exception as exc:
+        return [Outcome(cfg.run_id(), _error_line(exc)) for cfg in cfgs]
+    return [Outcome(cfg.run_id()) if cfg.run_id() in records
+            else Outcome(cfg.run_id(), skipped="held by another worker or recorded meanwhile") for cfg in cfgs]
+
+
+def group_packs(configs: list[RunConfig], size: int) -> list[list[RunConfig]]:
+    """Runs in groups of at most `size` that differ only in their seed (a cell's seeds), in order."""
+    from okdph.engine.packed import pack_key
+
+    groups: dict[tuple, list[RunConfig]] = {}
+    for cfg in configs:
+        groups.setdefault(pack_key(cfg), []).append(cfg)
+    size = max(1, size)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def train_group(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
+    """A group from `group_packs`: one pack on the fast engine, else one run after another."""
+    if len(cfgs) > 1 and cfgs[0].resolved_engine() == "fast" and not cfgs[0].ddp:
+        return train_packed_one(cfgs, progress)
+    return [train_one(cfg, progress) for cfg in cfgs]
+
+
 def parse_gpus(gpus: str | None, cuda_count: int, jobs: int = 1) -> list[str]:
     """The devices of the local workers: `--gpus 0,2` -> ["cuda:0", "cuda:2"]; "all" or nothing ->
     every visible GPU; no GPU or "cpu" -> `jobs` CPU workers (1: this process)."""
@@ -69,10 +102,11 @@ def parse_gpus(gpus: str | None, cuda_count: int, jobs: int = 1) -> list[str]:
 
 
 def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = True, desc: str = "runs",
-              on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+              on_done: Callable[[Outcome], None] | None = None, pack_size: int = 1) -> list[Outcome]:
     """Run `configs` on `devices`: in this process when there is one device, else one worker
-    process per device (spawned, so CUDA initialises cleanly), each taking the next run from a
-    shared queue. One progress bar counts the runs across all workers.
+    process per device (spawned, so CUDA initialises cleanly), each taking the next group of runs
+    from a shared queue. One progress bar counts the runs across all workers. With `pack_size` > 1,
+    up to that many seeds of a cell train as one pack on the fast engine (`group_packs`).
 
     A CPU worker (this process included) runs one thread: smoke-size models are bound by per-op
     dispatch, where intra-op threads gain little, and OpenMP threads that wait for a core taken by
@@ -95,10 +129,11 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
         if devices[0] == "cpu":
             torch.set_num_threads(1)
         try:
-            for cfg in configs:
-                bar.set_postfix_str(f"now {cfg.run_id()[:40]}")
-                finish(train_one(replace(cfg, device=devices[0]) if cfg.device == "auto" else cfg,
-                                 progress=progress and cfg.profile != "smoke"))
+            for group in group_packs(configs, pack_size):
+                bar.set_postfix_str(f"now {group[0].run_id()[:40]}" + (f" +{len(group) - 1}" if len(group) > 1 else ""))
+                group = [replace(cfg, device=devices[0]) if cfg.device == "auto" else cfg for cfg in group]
+                for outcome in train_group(group, progress=progress and group[0].profile != "smoke"):
+                    finish(outcome)
         finally:
             torch.set_num_threads(threads)
             bar.close()
@@ -106,8 +141,8 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
 
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
-    for cfg in configs:
-        tasks.put(cfg)
+    for group in group_packs(configs, pack_size):
+        tasks.put(group)
     workers = [ctx.Process(target=_worker, args=(device, tasks, results), daemon=True) for device in devices]
     for w in workers:
         tasks.put(None)  # one stop sign per worker
@@ -129,22 +164,29 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
 
 
 def _worker(device: str, tasks, results) -> None:
-    """A worker process: train runs on `device` until the stop sign."""
+    """A worker process: train groups of runs on `device` until the stop sign."""
     import torch
 
     if device == "cpu":
         torch.set_num_threads(1)  # CPU workers share the cores: one thread each, no oversubscription
     while True:
-        cfg = tasks.get()
-        if cfg is None:
+        group = tasks.get()
+        if group is None:
             return
+        group = [replace(cfg, device=device) for cfg in group]
+        done: list[Outcome] = []
         try:
-            results.put(train_one(replace(cfg, device=device)))
+            for outcome in train_group(group):
+                done.append(outcome)
+                results.put(outcome)
         except Preempted as exc:  # checkpointed; this worker stops, a rerun resumes
-            results.put(Outcome(cfg.run_id(), f"Preempted: {exc}"))
+            for cfg in group[len(done):]:
+                results.put(Outcome(cfg.run_id(), f"Preempted: {exc}"))
             return
         except BaseException:  # never leave the parent waiting for an outcome
-            results.put(Outcome(cfg.run_id(), traceback.format_exc().strip().splitlines()[-1]))
+            line = traceback.format_exc().strip().splitlines()[-1]
+            for cfg in group[len(done):]:
+                results.put(Outcome(cfg.run_id(), line))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -122,12 +122,16 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
     """Train every run of a table that has no record yet, then write results/tables/<stem>.md|csv|json.
 
     executor "local": in this process on CPU or one GPU, one worker process per GPU with several
-    (`gpus`), or `jobs` CPU worker processes; "slurm": one submitit job per `pack_size` runs
-    (default: one cell's seeds), rendered when `wait` (else later with `okdph-bench table`)."""
+    (`gpus`), or `jobs` CPU worker processes; with `pack_size` > 1 that many seeds of a cell train as
+    one pack on the fast engine (okdph.engine.packed). "slurm": one submitit job per `pack_size` runs
+    (default: one cell's seeds, one after another; packed when `pack_size` is given), rendered when
+    `wait` (else later with `okdph-bench table`)."""
     started = time.perf_counter()
     check_metric(metric)
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
+    if pack_size is not None and pack_size < 1:
+        raise ConfigError(f"--pack must be >= 1 run, got {pack_size}")
     table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
                                         fidelity=fidelity, engine=engine, results=results,
                                         data_root=data_root, download=download)
@@ -142,7 +146,7 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
         import torch
 
         devices = executors.parse_gpus(gpus, torch.cuda.device_count(), jobs)
-        outcomes = executors.run_local(pending, devices, progress=progress, desc=table.id)
+        outcomes = executors.run_local(pending, devices, progress=progress, desc=table.id, pack_size=pack_size or 1)
         summary.trained = sum(o.error is None and o.skipped is None for o in outcomes)
         summary.skipped = [(o.run_id, o.skipped) for o in outcomes if o.skipped]
         summary.failed = [(o.run_id, o.error) for o in outcomes if o.error]
@@ -155,6 +159,7 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
 
         seeds_per_cell = max(1, len(runs) // max(1, summary.cells))
         submitted = slurm.submit(pending, folder=store.root / "slurm", pack_size=pack_size or seeds_per_cell,
+                                 packed=pack_size is not None and pack_size > 1,
                                  parameters=slurm_parameters, cluster=slurm_cluster)
         summary.jobs = [job.job_id for job in submitted]
         if not wait:

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from okdph.bench.executors import Outcome, train_one
+from okdph.bench.executors import Outcome, group_packs, train_group
 from okdph.engine.run import RunConfig, is_done
 
 
 class PackedJob:
-    """A picklable callable that submitit runs on a node: the runs of one group, in order."""
+    """A picklable callable that submitit runs on a node: the runs of one group, in order, or with
+    `packed` a cell's seeds as one pack on the fast engine."""
 
-    def __init__(self, configs: list[RunConfig]):
+    def __init__(self, configs: list[RunConfig], packed: bool = False):
         self.configs = list(configs)
+        self.packed = packed
 
     def __call__(self) -> list[Outcome]:
-        outcomes = []
+        outcomes, todo = [], []
         for cfg in self.configs:
             if is_done(cfg):  # done before a requeue, or by another job
                 outcomes.append(Outcome(cfg.run_id(), skipped="recorded before this job ran"))
-                continue
-            outcomes.append(train_one(cfg))
+            else:
+                todo.append(cfg)
+        # With packing, a cell's seeds on the fast engine train as one pack (okdph.engine.packed).
+        for group in group_packs(todo, len(todo) if self.packed else 1):
+            outcomes += train_group(group)
         return outcomes
 
     def checkpoint(self, *args, **kwargs):
@@ -43,8 +48,8 @@ def pack(configs: list[RunConfig], size: int) -> list[list[RunConfig]]:
     return [configs[i:i + size] for i in range(0, len(configs), size)]
 
 
-def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, parameters: dict | None = None,
-           cluster: str | None = None) -> list:
+def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, packed: bool = False,
+           parameters: dict | None = None, cluster: str | None = None) -> list:
     """Submit one job per group; returns the submitit jobs. `parameters` go to
     `AutoExecutor.update_parameters` (e.g. slurm_partition, timeout_min, gpus_per_node); `cluster`
     picks a submitit backend ("slurm", or "local"/"debug" for tests), None lets submitit choose."""
@@ -60,5 +65,5 @@ def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, parameters: 
     executor.update_parameters(**params)
     groups = pack(configs, pack_size)
     with executor.batch():
-        jobs = [executor.submit(PackedJob(group)) for group in groups]
+        jobs = [executor.submit(PackedJob(group, packed)) for group in groups]
     return jobs

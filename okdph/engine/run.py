@@ -236,6 +236,67 @@ def is_done(cfg: RunConfig) -> bool:
     return cfg.save_every is None or trajectory_dir(cfg.record_path()).is_dir()
 
 
+def new_history(heads: list[str]) -> dict:
+    """A record's per-epoch history, empty."""
+    return {"test_acc": {h: [] for h in heads}, "train_acc": {}, "train_loss": {}, "lr": [],
+            "epoch_s": [], "train_s": []}
+
+
+def new_run_state() -> dict:
+    """A run's progress and counters, as the resume checkpoint keeps them."""
+    return {"status": "complete", "epoch": 0, "train_s": 0.0, "eval_s": 0.0, "samples": 0, "wall_s": 0.0,
+            "resumes": []}
+
+
+def log_epoch(history: dict, run: dict, epoch: int, train: dict, test_acc: dict, *, train_s: float,
+              eval_s: float, epoch_s: float) -> None:
+    """Add one epoch to a run's history and counters; a non-finite loss marks the run diverged."""
+    run["train_s"] += train_s
+    run["eval_s"] += eval_s
+    run["samples"] += train["samples"]
+    for name, value in train["loss"].items():
+        history["train_loss"].setdefault(name, []).append(value)
+    for name, value in train["acc"].items():
+        history["train_acc"].setdefault(name, []).append(value)
+    for name in history["test_acc"]:
+        history["test_acc"][name].append(test_acc[name])
+    history["epoch_s"].append(epoch_s)
+    history["train_s"].append(train_s)
+    run["epoch"] = epoch + 1
+    if train.get("diverged_step") is not None or not all(np.isfinite(v) for v in train["loss"].values()):
+        step = train.get("diverged_step")
+        run["status"] = f"diverged at epoch {epoch}" + (f", step {step}" if step is not None else "")
+
+
+def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, workers, history: dict,
+                 run: dict, device, execution: dict | None = None) -> dict:
+    """The run record (DESIGN.md §6) of a finished run."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "run_id": cfg.run_id(),
+        "status": run["status"],
+        **cfg.identity(),
+        "hparams": config_to_dict(config),
+        "method_notes": strategy.describe(),
+        "recipe": recipe.to_dict(),
+        "views": strategy.views(),
+        "heads": strategy.head_names(),
+        "deployed_head": strategy.deployed_head,
+        "deterministic": cfg.deterministic,
+        "data": {"root": str(cfg.data_root), "train_size": len(train_set), "test_size": len(test_set),
+                 "workers": workers},
+        "history": history,
+        "metrics": summarise(history["test_acc"], strategy.deployed_head),
+        "timing": {"wall_s": run["wall_s"], "train_s": run["train_s"], "eval_s": run["eval_s"],
+                   "train_samples_per_s": run["samples"] / run["train_s"] if run["train_s"] > 0 else None,
+                   **({"execution": execution} if execution is not None else {})},
+        "resumes": run["resumes"],
+        "provenance": provenance(device),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "extra": cfg.extra,
+    }
+
+
 def _train(cfg: RunConfig, progress: bool) -> dict:
     strategy_cls, config = validate(cfg)
     dataset = cfg.resolved_dataset()
@@ -275,10 +336,7 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
             "setting": cfg.setting, "train_size": len(train_set), "seed": cfg.seed})
 
     heads = strategy.head_names()
-    history = {"test_acc": {h: [] for h in heads}, "train_acc": {}, "train_loss": {}, "lr": [],
-               "epoch_s": [], "train_s": []}
-    run = {"status": "complete", "epoch": 0, "train_s": 0.0, "eval_s": 0.0, "samples": 0, "wall_s": 0.0,
-           "resumes": []}
+    history, run = new_history(heads), new_run_state()
     checkpoint_path = cfg.checkpoint_path()
     writes = not cfg.ddp or distributed.is_main_process()  # under DDP only rank 0 writes
     if checkpoint_path.exists():
@@ -321,22 +379,10 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
             engine.end_epoch(epoch)
             strategy.after_epoch(epoch=epoch)
 
-            run["train_s"] += t1 - t0
-            run["eval_s"] += t2 - t1
-            run["samples"] += train["samples"]
-            for name, value in train["loss"].items():
-                history["train_loss"].setdefault(name, []).append(value)
-            for name, value in train["acc"].items():
-                history["train_acc"].setdefault(name, []).append(value)
-            for name in heads:
-                history["test_acc"][name].append(test_acc[name])
-            history["epoch_s"].append(time.perf_counter() - t0)
-            history["train_s"].append(t1 - t0)
-            run["epoch"] = epoch + 1
+            log_epoch(history, run, epoch, train, test_acc, train_s=t1 - t0, eval_s=t2 - t1,
+                      epoch_s=time.perf_counter() - t0)
             bar.set_postfix(acc=f"{max(test_acc.values()):.2f}", loss=f"{sum(train['loss'].values()):.3f}")
-            if train.get("diverged_step") is not None or not all(np.isfinite(v) for v in train["loss"].values()):
-                step = train.get("diverged_step")
-                run["status"] = f"diverged at epoch {epoch}" + (f", step {step}" if step is not None else "")
+            if run["status"] != "complete":  # diverged
                 break
             if trajectory is not None and writes and (run["epoch"] % cfg.save_every == 0
                                                       or run["epoch"] == recipe.epochs):
@@ -352,29 +398,8 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
         stop.restore()
     run["wall_s"] += time.perf_counter() - session_start
 
-    record = {
-        "schema": SCHEMA_VERSION,
-        "run_id": cfg.run_id(),
-        "status": run["status"],
-        **cfg.identity(),
-        "hparams": config_to_dict(config),
-        "method_notes": strategy.describe(),
-        "recipe": recipe.to_dict(),
-        "views": views,
-        "heads": heads,
-        "deployed_head": strategy.deployed_head,
-        "deterministic": cfg.deterministic,
-        "data": {"root": str(cfg.data_root), "train_size": len(train_set), "test_size": len(test_set),
-                 "workers": workers},
-        "history": history,
-        "metrics": summarise(history["test_acc"], strategy.deployed_head),
-        "timing": {"wall_s": run["wall_s"], "train_s": run["train_s"], "eval_s": run["eval_s"],
-                   "train_samples_per_s": run["samples"] / run["train_s"] if run["train_s"] > 0 else None},
-        "resumes": run["resumes"],
-        "provenance": provenance(device),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "extra": cfg.extra,
-    }
+    record = build_record(cfg, config, strategy, recipe, train_set, test_set, workers, history, run, device,
+                          execution=engine.describe() if engine_name == "fast" and not cfg.ddp else None)
     if cfg.ddp:
         record["distributed"] = engine.describe()
         distributed.teardown()

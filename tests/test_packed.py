@@ -52,10 +52,18 @@ def state(strategy):
 @pytest.mark.parametrize("method, overrides, fidelity, fused", CASES,
                          ids=[f"{c[0]}-{c[2]}-{'fused' if c[3] else 'separate'}-{i}" for i, c in enumerate(CASES)])
 def test_packed_runs_equal_the_same_runs_trained_alone(method, overrides, fidelity, fused):
+    compare_packed_with_alone(method, overrides, fidelity, fused)
+
+
+def test_packed_noisy_runs_draw_their_own_noise_as_alone():
+    compare_packed_with_alone("dml", {}, "official", False, noise=(0.0, 1.0))
+
+
+def compare_packed_with_alone(method, overrides, fidelity, fused, noise=None):
     info = get_info("cifar10")
     recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
     train, test = _Images(20, info, 0), _Images(12, info, 1)
-    kw = dict(graphs=False, fuse=fused)
+    kw = dict(graphs=False, fuse=fused, noise=noise)
 
     alone = []
     for seed in SEEDS:

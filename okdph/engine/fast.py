@@ -129,11 +129,12 @@ class FastEngine:
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def _add_noise(self, x: Tensor) -> Tensor:
+    def _add_noise(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if self.noise is None:
             return x
         mean, std = self.noise
-        return x + (torch.randn(x.shape, device=x.device, generator=self.generator) * std + mean)
+        generator = self.generator if generator is None else generator
+        return x + (torch.randn(x.shape, device=x.device, generator=generator) * std + mean)
 
     def _prepare_epoch(self) -> None:
         """Shuffle and augment the whole epoch into the same buffers every epoch: captured graphs
@@ -206,13 +207,13 @@ class FastEngine:
         `should_stop()` turned true after a step; the epoch then continues from `self.step`."""
         self.strategy.train()
         if self.step == 0:
-            self.epoch_rng = self.generator.get_state()
+            self.epoch_rng = self._rng_state()
             if self.loss_names is not None:
                 self.loss_sums.zero_()
                 self.correct.zero_()
             self.first_bad_step.fill_(-1)
         else:  # resumed mid-epoch: the same order and augmentation, replayed from the epoch's start
-            self.generator.set_state(self.epoch_rng)
+            self._set_rng_state(self.epoch_rng)
         self._prepare_epoch()
         self.counter.fill_(self.step)
         steps = self.full_batches + (1 if self.remainder else 0)
@@ -223,6 +224,15 @@ class FastEngine:
             if should_stop is not None and should_stop() and self.step < steps:
                 return None
         self.step, self.epoch_rng = 0, None
+        return self._epoch_summary()
+
+    def _rng_state(self):
+        return self.generator.get_state()
+
+    def _set_rng_state(self, state) -> None:
+        self.generator.set_state(state)
+
+    def _epoch_summary(self) -> dict:
         samples = self.train_images.shape[0]
         sums, correct = self.loss_sums.tolist(), self.correct.tolist()  # the epoch's one host sync
         bad = int(self.first_bad_step)

@@ -127,19 +127,13 @@ class PackedFastEngine(FastEngine):
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def _noisy(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        if self.noise is None:
-            return x
-        mean, std = self.noise
-        return x + (torch.randn(x.shape, device=x.device, generator=generator) * std + mean)
-
     def _prepare_epoch(self) -> None:
         """Each run's shuffle and views, drawn from its generator in a single run's order."""
         for p, generator in enumerate(self.generators):
             order = torch.randperm(self.train_images.shape[0], device=self.device, generator=generator)
             images = self.train_images[order]
             for k, view in enumerate(self.views):
-                self.epoch_views[p, k].copy_(self._noisy(augment(images, view, self.info, generator), generator))
+                self.epoch_views[p, k].copy_(self._add_noise(augment(images, view, self.info, generator), generator))
             self.epoch_targets[p].copy_(self.train_targets[order])
 
     # ---- one step -----------------------------------------------------------------------------
@@ -173,28 +167,15 @@ class PackedFastEngine(FastEngine):
 
     # ---- epochs -------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, should_stop=None) -> list[dict] | None:
-        """One epoch for every run, from step `self.step`; None when `should_stop()` turned true."""
-        self.strategy.train()
-        if self.step == 0:
-            self.epoch_rng = [g.get_state() for g in self.generators]
-            if self.loss_names is not None:
-                self.loss_sums.zero_()
-                self.correct.zero_()
-            self.first_bad_step.fill_(-1)
-        else:
-            for g, state in zip(self.generators, self.epoch_rng):
-                g.set_state(state)
-        self._prepare_epoch()
-        self.counter.fill_(self.step)
-        steps = self.full_batches + (1 if self.remainder else 0)
-        while self.step < steps:
-            batch = self.recipe.batch_size if self.step < self.full_batches else self.remainder
-            self._run_step(batch, epoch, self.step)
-            self.step += 1
-            if should_stop is not None and should_stop() and self.step < steps:
-                return None
-        self.step, self.epoch_rng = 0, None
+    def _rng_state(self) -> list[Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def _set_rng_state(self, states) -> None:
+        for g, state in zip(self.generators, states):
+            g.set_state(state)
+
+    def _epoch_summary(self) -> list[dict]:
+        """`train_epoch`'s result: one summary per run."""
         samples = self.train_images.shape[0]
         sums, correct, bad = self.loss_sums.tolist(), self.correct.tolist(), self.first_bad_step.tolist()
         return [{"samples": samples,
@@ -208,7 +189,7 @@ class PackedFastEngine(FastEngine):
         total = self.test_inputs.shape[0]
         correct: dict[str, Tensor] = {}
         noisy = self.noise is not None
-        inputs = (torch.stack([self._noisy(self.test_inputs, g) for g in self.generators]) if noisy
+        inputs = (torch.stack([self._add_noise(self.test_inputs, g) for g in self.generators]) if noisy
                   else self.test_inputs)
         for start in range(0, total, EVAL_BATCH):
             x = inputs[:, start:start + EVAL_BATCH] if noisy else inputs[start:start + EVAL_BATCH]

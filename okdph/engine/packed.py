@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 from torch.nn.utils.stateless import _reparametrize_module
-
 from tqdm import tqdm
 
+from okdph import data as okdata
 from okdph.data.gpu_augment import augment
+from okdph.engine import run as single  # the single-run driver: validation, history and record code
 from okdph.engine.checkpoint import (CheckpointError, StopRequest, atomic_torch_save, capture_rng, restore_rng,
                                      safe_load, save_trajectory_point)
 from okdph.engine.fast import EVAL_BATCH, SGD, FastEngine, as_device_images
@@ -261,8 +262,6 @@ def train_packed(cfgs: Sequence, *, progress: bool = True, skip_recorded: bool =
     Returns {run_id: record} for the runs trained here. Runs another worker holds, and with
     `skip_recorded` runs already recorded, are left out; a run with a single-run resume checkpoint
     continues alone. Packs checkpoint and stop at epoch boundaries (`--checkpoint-every`, SIGTERM)."""
-    from okdph.engine import run as single
-
     cfgs = list(cfgs)
     for cfg in cfgs:
         single.validate(cfg)
@@ -287,20 +286,17 @@ def train_packed(cfgs: Sequence, *, progress: bool = True, skip_recorded: bool =
             if skip_recorded and single.is_done(cfg):
                 continue
             if cfg.checkpoint_path().exists() or len(cfgs) == 1:  # an unpacked attempt to continue
-                records[cfg.run_id()] = single._train(cfg, progress)
+                records[cfg.run_id()] = single.train_locked(cfg, progress)
                 continue
             todo.append(cfg)
         if len(todo) == 1:
-            records[todo[0].run_id()] = single._train(todo[0], progress)
+            records[todo[0].run_id()] = single.train_locked(todo[0], progress)
         elif todo:
             records.update(_train_pack(todo, progress))
     return records
 
 
 def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
-    from okdph import data as okdata
-    from okdph.engine import run as single
-
     first = cfgs[0]
     strategy_cls, config = single.validate(first)
     dataset = first.resolved_dataset()
@@ -312,10 +308,7 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
         single.seed_everything(cfg.seed, cfg.deterministic, device)
         strategies.append(single.build_strategy(strategy_cls, config, cfg, info).to(device))
     views = strategies[0].views()
-    train_set = okdata.build_train_set(dataset, first.data_root, views, setting=first.setting, download=first.download)
-    test_set = okdata.build_test_set(dataset, first.data_root, setting=first.setting, download=first.download)
-    train_cap = first.train_samples if first.train_samples is not None else recipe.train_samples
-    train_set, test_set = single._first(train_set, train_cap), single._first(test_set, recipe.test_samples)
+    train_set, test_set = single.build_data(first, views, recipe)
     noise = (train_set.noise_mean, train_set.noise_std) if first.setting == "noisy" else None
     engine = PackedFastEngine(strategies, train_set, test_set, recipe, device, seeds=[c.seed for c in cfgs],
                               precision=first.precision, noise=noise)

@@ -193,6 +193,15 @@ def _first(dataset, count: int | None):
     return head
 
 
+def build_data(cfg: RunConfig, views: list[str], recipe) -> tuple:
+    """The run's training set (with its views) and test set, cut to the profile's sizes."""
+    dataset = cfg.resolved_dataset()
+    train_set = okdata.build_train_set(dataset, cfg.data_root, views, setting=cfg.setting, download=cfg.download)
+    test_set = okdata.build_test_set(dataset, cfg.data_root, setting=cfg.setting, download=cfg.download)
+    train_cap = cfg.train_samples if cfg.train_samples is not None else recipe.train_samples
+    return _first(train_set, train_cap), _first(test_set, recipe.test_samples)
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` and prove it takes a file (os.access says yes to root on a read-only mount)."""
     try:
@@ -216,11 +225,11 @@ def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = Fa
     check_writable(cfg.record_path().parent)
     is_done(cfg)  # a foreign or unreadable file where the record goes: refused before any work
     if cfg.ddp:  # torchrun starts each run once; every process trains
-        return _train(cfg, progress)
+        return train_locked(cfg, progress)
     with RunLock(cfg.lock_path()):
         if skip_recorded and is_done(cfg):
             raise AlreadyRecorded(f"recorded meanwhile: {cfg.record_path()}")
-        return _train(cfg, progress)
+        return train_locked(cfg, progress)
 
 
 class AlreadyRecorded(Exception):
@@ -297,7 +306,8 @@ def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, 
     }
 
 
-def _train(cfg: RunConfig, progress: bool) -> dict:
+def train_locked(cfg: RunConfig, progress: bool) -> dict:
+    """`train_run` once the caller holds the run's lock (or under DDP, where torchrun starts the run once)."""
     strategy_cls, config = validate(cfg)
     dataset = cfg.resolved_dataset()
     recipe = resolve_recipe(cfg.profile, dataset, cfg.epochs)
@@ -308,11 +318,7 @@ def _train(cfg: RunConfig, progress: bool) -> dict:
     info = okdata.get_info(dataset)
     strategy = build_strategy(strategy_cls, config, cfg, info).to(device)
     views = strategy.views()
-    train_set = okdata.build_train_set(dataset, cfg.data_root, views, setting=cfg.setting,
-                                       download=cfg.download)
-    test_set = okdata.build_test_set(dataset, cfg.data_root, setting=cfg.setting, download=cfg.download)
-    train_cap = cfg.train_samples if cfg.train_samples is not None else recipe.train_samples
-    train_set, test_set = _first(train_set, train_cap), _first(test_set, recipe.test_samples)
+    train_set, test_set = build_data(cfg, views, recipe)
     workers = cfg.workers if cfg.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)
     engine_name = cfg.resolved_engine()
     if cfg.ddp:

@@ -86,31 +86,48 @@ class FastEngine:
         self.train_images, self.train_targets = as_device_images(train_set, self.device)
         # Before the optimizers exist: the fused parameters are new tensors.
         fuse = self.device.type == "cuda" if fuse is None else fuse
-        self.fused = fuse_model_groups(strategy, probe_shape=self.train_images.shape[1:]) if fuse else []
+        self.fused = self._fuse(probe_shape=self.train_images.shape[1:]) if fuse else []
         test_images, self.test_targets = as_device_images(test_set, self.device)
         self.dtype = next(strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
         self.test_inputs = augment(test_images, "base", self.info).to(self.dtype)  # normalised once
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._make_generators(seed)
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
                              cache_enabled=False)
-        self.optimizers = [SGD(g.params, recipe.lr, recipe.momentum, recipe.weight_decay, self.device)
-                           for g in strategy.optimizer_groups()]
+        self.optimizers = self._make_optimizers()
         self.scheduled = [g.scheduled for g in strategy.optimizer_groups()]
         self.graphs_enabled = (self.device.type == "cuda") if graphs is None else graphs
         self.graphs: dict = {}
         self.seen: set = set()
         n = self.train_images.shape[0]
         self.full_batches, self.remainder = divmod(n, recipe.batch_size)
-        self.epoch_views = torch.empty(len(self.views), *self.train_images.shape, dtype=self.dtype,
+        runs = self._run_shape()
+        self.epoch_views = torch.empty(*runs, len(self.views), *self.train_images.shape, dtype=self.dtype,
                                        device=self.device)
-        self.epoch_targets = torch.empty_like(self.train_targets)
+        self.epoch_targets = torch.empty(*runs, n, dtype=self.train_targets.dtype, device=self.device)
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
         self.offsets = torch.arange(recipe.batch_size, device=self.device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.first_bad_step = torch.full(runs, -1, dtype=torch.int64, device=self.device)
         self.loss_names: list[str] | None = None
         self.head_names: list[str] | None = None
         self.step = 0                      # the next step of the epoch in flight
         self.epoch_rng: Tensor | None = None  # the generator when the epoch in flight began
+
+    # ---- what a pack of runs (okdph.engine.packed) does differently ------------------------------
+
+    def _fuse(self, probe_shape) -> list[str]:
+        return fuse_model_groups(self.strategy, probe_shape=probe_shape)
+
+    def _make_generators(self, seed: int) -> None:
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _make_optimizers(self) -> list[SGD]:
+        recipe = self.recipe
+        return [SGD(g.params, recipe.lr, recipe.momentum, recipe.weight_decay, self.device)
+                for g in self.strategy.optimizer_groups()]
+
+    def _run_shape(self) -> tuple[int, ...]:
+        """Leading dimensions of the per-run buffers: none for one run."""
+        return ()
 
     # ---- schedule -----------------------------------------------------------------------------
 

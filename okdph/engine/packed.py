@@ -36,7 +36,7 @@ from okdph.data.gpu_augment import augment
 from okdph.engine import run as single  # the single-run driver: validation, history and record code
 from okdph.engine.checkpoint import (CheckpointError, StopRequest, atomic_torch_save, capture_rng, restore_rng,
                                      safe_load, save_trajectory_point)
-from okdph.engine.fast import EVAL_BATCH, SGD, FastEngine, as_device_images
+from okdph.engine.fast import EVAL_BATCH, SGD, FastEngine
 from okdph.engine.fused import fuse_model_groups
 from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import resolve_recipe
@@ -56,58 +56,40 @@ class PackedFastEngine(FastEngine):
         self.runs = list(strategies)
         self.seeds = list(seeds)
         self.count = len(self.runs)
-        self.device = torch.device(device)
-        self.strategy = self.runs[0]  # the code every call runs; its own tensors are swapped per call
-        self.recipe = recipe
-        self.info = test_set.info
-        self.noise = noise
-        self.views = self.strategy.views()
-        self.train_images, self.train_targets = as_device_images(train_set, self.device)
-        fuse = self.device.type == "cuda" if fuse is None else fuse
-        fused = [fuse_model_groups(s, probe_shape=self.train_images.shape[1:]) if fuse else [] for s in self.runs]
-        self.fused = fused[0]
-        test_images, self.test_targets = as_device_images(test_set, self.device)
-        self.dtype = next(self.strategy.parameters()).dtype
-        self.test_inputs = augment(test_images, "base", self.info).to(self.dtype)
-        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
-                             cache_enabled=False)
+        # Run 0's object is the code every call runs; its own tensors are swapped per call (`_each`).
+        super().__init__(self.runs[0], train_set, test_set, recipe, device, seed=self.seeds[0],
+                         precision=precision, graphs=graphs, fuse=fuse, noise=noise)
 
-        # The stacked state: (P, ...) per entry, under the strategy's own names.
+    def _fuse(self, probe_shape) -> list[str]:
+        fused = [fuse_model_groups(s, probe_shape=probe_shape) for s in self.runs]
+        return fused[0]  # every run has the same groups
+
+    def _make_generators(self, seed: int) -> None:
+        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
+
+    def _make_optimizers(self) -> list[SGD]:
+        """Stack the runs' states, (P, ...) per entry under the strategy's own names, and step the stacks."""
         template = self.strategy
         own = [dict(s.named_parameters()) for s in self.runs]
         self.params = {name: torch.stack([o[name].detach() for o in own]).requires_grad_(p.requires_grad)
                        for name, p in template.named_parameters()}
+        self.detached = {name: p.detach() for name, p in self.params.items()}  # for in-place hooks
         own_buffers = [dict(s.named_buffers()) for s in self.runs]
         self.buffers = {name: torch.stack([o[name] for o in own_buffers]) for name, _ in template.named_buffers()}
         name_of = {id(p): name for name, p in template.named_parameters()}
-        groups = template.optimizer_groups()
-        self.optimizers = [SGD([self.params[name_of[id(p)]] for p in g.params], recipe.lr, recipe.momentum,
-                               recipe.weight_decay, self.device) for g in groups]
-        self.scheduled = [g.scheduled for g in groups]
+        recipe = self.recipe
+        return [SGD([self.params[name_of[id(p)]] for p in g.params], recipe.lr, recipe.momentum,
+                    recipe.weight_decay, self.device) for g in template.optimizer_groups()]
 
-        self.graphs_enabled = (self.device.type == "cuda") if graphs is None else graphs
-        self.graphs: dict = {}
-        self.seen: set = set()
-        n = self.train_images.shape[0]
-        self.full_batches, self.remainder = divmod(n, recipe.batch_size)
-        self.epoch_views = torch.empty(self.count, len(self.views), *self.train_images.shape, dtype=self.dtype,
-                                       device=self.device)
-        self.epoch_targets = torch.empty(self.count, n, dtype=self.train_targets.dtype, device=self.device)
-        self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.offsets = torch.arange(recipe.batch_size, device=self.device)
-        self.first_bad_step = torch.full((self.count,), -1, dtype=torch.int64, device=self.device)
-        self.loss_names: list[str] | None = None
-        self.head_names: list[str] | None = None
-        self.step = 0
-        self.epoch_rng: list[Tensor] | None = None
+    def _run_shape(self) -> tuple[int, ...]:
+        return (self.count,)
 
     # ---- every strategy call, once for all runs ------------------------------------------------
 
     def _each(self, fn: Callable, *args: Tensor, in_dims=None, trainable: bool = True):
         """fn(*args) with the template holding run p's state, for every p; outputs stacked (P, ...).
         `trainable=False` passes detached stacks, which hooks update in place."""
-        params = self.params if trainable else {k: v.detach() for k, v in self.params.items()}
+        params = self.params if trainable else self.detached
         template = self.strategy
 
         def one(p, b, *a):
@@ -285,7 +267,7 @@ def train_packed(cfgs: Sequence, *, progress: bool = True, skip_recorded: bool =
                 continue  # another worker trains it
             if skip_recorded and single.is_done(cfg):
                 continue
-            if cfg.checkpoint_path().exists() or len(cfgs) == 1:  # an unpacked attempt to continue
+            if cfg.checkpoint_path().exists():  # an unpacked attempt to continue
                 records[cfg.run_id()] = single.train_locked(cfg, progress)
                 continue
             todo.append(cfg)
@@ -319,12 +301,7 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
     run_ids = [c.run_id() for c in cfgs]
     checkpoint_path = pack_checkpoint_path(cfgs)
     trajectories = [single.trajectory_dir(c.record_path()) for c in cfgs] if first.save_every else None
-
-    def meta(p: int) -> dict:
-        cfg = cfgs[p]
-        return {"run_id": run_ids[p], "method": cfg.method, "backbone": cfg.backbone,
-                "num_classes": info.num_classes, "width": cfg.resolved_width(), "dataset": dataset,
-                "setting": cfg.setting, "train_size": len(train_set), "seed": cfg.seed}
+    metas = [single.trajectory_meta(c, info, len(train_set)) for c in cfgs]
 
     if checkpoint_path.exists():
         saved = safe_load(checkpoint_path, kind="pack checkpoint")
@@ -339,7 +316,7 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
         restore_rng(saved["rng"], device)
     elif trajectories:
         for p, strategy in enumerate(strategies):
-            save_trajectory_point(trajectories[p], 0, strategy, meta(p))
+            save_trajectory_point(trajectories[p], 0, strategy, metas[p])
 
     def checkpoint() -> None:
         if first.checkpoint_every:
@@ -374,7 +351,7 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
             if trajectories and (done % first.save_every == 0 or done == recipe.epochs):
                 engine.write_back()
                 for p in live:
-                    save_trajectory_point(trajectories[p], done, strategies[p], meta(p))
+                    save_trajectory_point(trajectories[p], done, strategies[p], metas[p])
             if first.checkpoint_every and done % first.checkpoint_every == 0 and done < recipe.epochs:
                 checkpoint()
             if stop():

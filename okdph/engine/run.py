@@ -277,6 +277,13 @@ def log_epoch(history: dict, run: dict, epoch: int, train: dict, test_acc: dict,
         run["status"] = f"diverged at epoch {epoch}" + (f", step {step}" if step is not None else "")
 
 
+def trajectory_meta(cfg: RunConfig, info, train_size: int) -> dict:
+    """What each trajectory point says about its run (the analyses rebuild the network from it)."""
+    return {"run_id": cfg.run_id(), "method": cfg.method, "backbone": cfg.backbone,
+            "num_classes": info.num_classes, "width": cfg.resolved_width(), "dataset": cfg.resolved_dataset(),
+            "setting": cfg.setting, "train_size": train_size, "seed": cfg.seed}
+
+
 def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, workers, history: dict,
                  run: dict, device, execution: dict | None = None) -> dict:
     """The run record (DESIGN.md §6) of a finished run."""
@@ -336,10 +343,7 @@ def train_locked(cfg: RunConfig, progress: bool) -> dict:
 
     trajectory = None
     if cfg.save_every is not None:
-        trajectory = (trajectory_dir(out_path), {
-            "run_id": cfg.run_id(), "method": cfg.method, "backbone": cfg.backbone,
-            "num_classes": info.num_classes, "width": cfg.resolved_width(), "dataset": dataset,
-            "setting": cfg.setting, "train_size": len(train_set), "seed": cfg.seed})
+        trajectory = (trajectory_dir(out_path), trajectory_meta(cfg, info, len(train_set)))
 
     heads = strategy.head_names()
     history, run = new_history(heads), new_run_state()

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from okdph import multi_tensor
 from okdph.losses import kd_loss, sigmoid_rampup
 from okdph.models.branches import MultiBranchNet, init_linear_like_, pcl_network
 from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
@@ -86,14 +87,14 @@ def temporal_mean_update_(mean: nn.Module, student: nn.Module, decay: float, ste
     tensor t, so that the update never syncs with the host.
     """
     pairs = list(zip(mean.named_parameters(), student.named_parameters()))
+    assert all(m[0] == s[0] for m, s in pairs), "the temporal mean and the student differ in layout"
+    means, students = [m for (_, m), _ in pairs], [s for _, (_, s) in pairs]
     if step is None:
-        for (_, p_mean), (_, p_student) in pairs:
-            p_mean.copy_(p_student)
+        multi_tensor.copy_(means, students)
         return
-    keep = torch.clamp(1.0 - 1.0 / (step.to(torch.float32) + 1.0), max=decay)
-    for (name_mean, p_mean), (name_student, p_student) in pairs:
-        assert name_mean == name_student, (name_mean, name_student)
-        p_mean.lerp_(p_student, (1.0 - keep).to(p_mean.dtype))
+    keep = torch.clamp(1.0 - 1.0 / (step.to(torch.float32) + 1.0), max=decay).to(means[0].dtype)
+    # a·θ_M + (1 − a)·θ_S in the official order (mul_, then add_), over the whole network at once.
+    multi_tensor.copy_(means, multi_tensor.add(multi_tensor.mul(means, keep), multi_tensor.mul(students, 1.0 - keep)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from okdph import multi_tensor
 from okdph.losses import kd_loss
 from okdph.strategy import (ConfigError, Interval, Strategy, check_positive, check_unit_range,
                             make_students, register_strategy)
@@ -48,16 +49,14 @@ def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -
 
     Integer entries (BN's num_batches_tracked) are mixed as floats and truncated back, as
     `load_state_dict` does with the official code's float result (METHODS.md §9.4). The sum runs
-    in student order, which reproduces the official accumulation bit for bit. Floating entries go
-    through multi-tensor (foreach) kernels: a handful of launches for the whole network instead of
-    a few per entry, which matters inside a captured GPU step.
+    in student order, which reproduces the official accumulation bit for bit, with multi-tensor
+    kernels (okdph.multi_tensor) over the floating entries.
     """
     keys = list(states[0])
     floats = [k for k in keys if states[0][k].is_floating_point()]
-    mul, add = _multi_tensor(states[0][floats[0]])
-    acc = mul([states[0][k] for k in floats], coefficients[0])
+    acc = multi_tensor.mul([states[0][k] for k in floats], coefficients[0])
     for j in range(1, len(states)):
-        acc = add(mul([states[j][k] for k in floats], coefficients[j]), acc)
+        acc = multi_tensor.add(multi_tensor.mul([states[j][k] for k in floats], coefficients[j]), acc)
     out = dict(zip(floats, acc))
     for key in keys:
         if key not in out:
@@ -68,26 +67,10 @@ def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -
     return {key: out[key] for key in keys}
 
 
-def _multi_tensor(example: Tensor):
-    """Elementwise mul and add over lists of tensors: foreach kernels on plain tensors; one op per
-    tensor under vmap (packed runs), where foreach ops have no batching rule. Same values either way."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(example):
-        return (lambda xs, c: [x * c for x in xs]), (lambda xs, ys: [x + y for x, y in zip(xs, ys)])
-    return torch._foreach_mul, torch._foreach_add
-
-
-def _copy_all_(targets: list[Tensor], values: list[Tensor]) -> None:
-    if targets and torch._C._functorch.is_functorch_wrapped_tensor(targets[0]):
-        for t, v in zip(targets, values):
-            t.copy_(v)
-    else:
-        torch._foreach_copy_(targets, values)
-
-
 def load_state_(targets: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
     """`load_state_dict` for aliasing state views, in one multi-tensor copy."""
     with torch.no_grad():
-        _copy_all_([targets[k] for k in values], list(values.values()))
+        multi_tensor.copy_([targets[k] for k in values], list(values.values()))
 
 
 def fuse_(student: Mapping[str, Tensor], hwm: Mapping[str, Tensor], gamma: float) -> None:
@@ -101,9 +84,9 @@ def fuse_(student: Mapping[str, Tensor], hwm: Mapping[str, Tensor], gamma: float
             load_state_(student, {k: hwm[k] for k in student})
             return
         floats = [k for k, v in student.items() if v.is_floating_point()]
-        mul, add = _multi_tensor(student[floats[0]])
-        mixed = add(mul([hwm[k] for k in floats], gamma), mul([student[k] for k in floats], 1.0 - gamma))
-        _copy_all_([student[k] for k in floats], mixed)
+        mixed = multi_tensor.add(multi_tensor.mul([hwm[k] for k in floats], gamma),
+                                 multi_tensor.mul([student[k] for k in floats], 1.0 - gamma))
+        multi_tensor.copy_([student[k] for k in floats], mixed)
         for key, value in student.items():
             if not value.is_floating_point():
                 value.copy_((hwm[key].float() * gamma + value.float() * (1.0 - gamma)).to(value.dtype))

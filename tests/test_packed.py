@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -79,12 +80,19 @@ def compare_packed_with_alone(method, overrides, fidelity, fused, noise=None):
     strategies = [build(method, overrides, fidelity, seed) for seed in SEEDS]
     packed = PackedFastEngine(strategies, train, test, recipe, "cpu", seeds=SEEDS, **kw)
     logs = [[] for _ in SEEDS]
-    for epoch in range(2):
-        for p, result in enumerate(zip(packed.train_epoch(epoch), packed.evaluate())):
-            logs[p].append(result)
-        packed.end_epoch(epoch)
-        packed.after_epoch(epoch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            for p, result in enumerate(zip(packed.train_epoch(epoch), packed.evaluate())):
+                logs[p].append(result)
+            packed.end_epoch(epoch)
+            packed.after_epoch(epoch)
     packed.write_back()
+    # Every op of the packed step has a vmap batching rule: none runs once per run (on a GPU, P
+    # small kernels instead of one).
+    fallbacks = {str(w.message).split("batching rule for ")[1].split(".")[0]
+                 for w in caught if "batching rule for" in str(w.message)}
+    assert not fallbacks, fallbacks
 
     for p, (log, final) in enumerate(alone):
         for (train_a, test_a), (train_b, test_b) in zip(log, logs[p]):

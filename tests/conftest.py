@@ -1,12 +1,16 @@
-"""Shared test helpers: networks whose output is a parameter, so loss tests run on fixed logits."""
+"""Shared test helpers: networks whose output is a parameter, so loss tests run on fixed logits; a
+preemption signal delivered at a chosen step."""
 from __future__ import annotations
 
 import copy
+import os
+import signal
 
 import pytest
 import torch
 from torch import nn
 
+from okdph.engine.checkpoint import StopRequest
 from okdph.strategy import ModelGroup
 
 
@@ -31,3 +35,18 @@ def use_fixed_logits(strategy, logits: list[torch.Tensor]) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def stop_at(monkeypatch, call: int, signum=signal.SIGTERM):
+    """Deliver `signum` to this process when the run asks for the `call`-th time whether to stop
+    (once per step, and once more at each epoch end)."""
+    calls = {"n": 0}
+    original = StopRequest.__call__
+
+    def counting(self):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return original(self)
+
+    monkeypatch.setattr(StopRequest, "__call__", counting)

@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from okdph.data import get_info
+from okdph.engine.checkpoint import Preempted
 from okdph.engine.fast import FastEngine
-from okdph.engine.packed import PackedFastEngine
+from okdph.engine.packed import PackedFastEngine, pack_checkpoint_path, train_packed
 from okdph.engine.recipe import resolve_recipe
-from okdph.strategy import build_config, get_strategy
+from okdph.engine.record import outcome
+from okdph.engine.run import RunConfig, train_run
+from okdph.strategy import ConfigError, build_config, get_strategy
+
+from conftest import stop_at
 
 SEEDS = (42, 43, 44)
 CASES = [  # (method, overrides, fidelity, fused)
@@ -123,10 +128,6 @@ def test_packed_runs_draw_their_own_data_order():
 
 # ---- a pack end to end: records, resume ---------------------------------------------------------
 
-from okdph.engine.packed import pack_checkpoint_path, train_packed  # noqa: E402
-from okdph.engine.record import outcome  # noqa: E402
-from okdph.engine.run import RunConfig, train_run  # noqa: E402
-from okdph.strategy import ConfigError  # noqa: E402
 
 
 def smoke(tmp_path, seed, **kw):
@@ -180,6 +181,29 @@ def test_an_interrupted_pack_resumes_to_the_same_records(tmp_path, monkeypatch):
         mine = resumed[cfg.run_id()]
         assert mine["resumes"] and mine["resumes"][0]["epoch"] == 1
         assert outcome(mine) == outcome(record)
+
+
+def test_a_preempted_pack_resumes_mid_epoch_to_the_same_records(tmp_path, monkeypatch):
+    """SIGTERM inside an epoch and at its end: the pack checkpoints where it is and resumes to records
+    whose outcome equals an uninterrupted pack's."""
+    torch.set_num_threads(1)
+    whole = train_packed([smoke(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
+    cfgs = [smoke(tmp_path / "cut", s) for s in SEEDS[:2]]
+    # A pack asks whether to stop after each of its 8 steps an epoch and at each epoch end: call 2
+    # stops epoch 0 after its second step; resumed there, call 7 is epoch 0's end.
+    points = [2, 7]
+    for point in points:
+        with monkeypatch.context() as patch:
+            stop_at(patch, point)
+            with pytest.raises(Preempted, match="SIGTERM"):
+                train_packed(cfgs, progress=False)
+        assert pack_checkpoint_path(cfgs).exists() and not any(c.record_path().exists() for c in cfgs)
+    resumed = train_packed(cfgs, progress=False)
+    for cfg in cfgs:
+        mine = resumed[cfg.run_id()]
+        assert [(r["epoch"], r["step"]) for r in mine["resumes"]] == [(0, 2), (1, 0)]
+        assert outcome(mine) == outcome(whole[cfg.run_id()])
+    assert not pack_checkpoint_path(cfgs).exists()
 
 
 def test_a_pack_refuses_runs_that_differ_beyond_the_seed(tmp_path):

@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from okdph.engine import run as runmod
-from okdph.engine.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted, StopRequest
+from okdph.engine.checkpoint import PREEMPTED_EXIT, CheckpointError, Preempted
 from okdph.engine.record import outcome
 from okdph.engine.run import RunConfig, train_run
+
+from conftest import stop_at
 
 # 96 digits images, batch 32: 3 steps an epoch, 3 epochs. Small enough for many interruptions.
 TINY = dict(profile="smoke", epochs=3, train_samples=96, deterministic=True, device="cpu")
@@ -73,21 +75,6 @@ def uninterrupted(tmp_path_factory):
         return cache[key]
 
     return get
-
-
-def stop_at(monkeypatch, call: int, signum=signal.SIGTERM):
-    """Deliver `signum` to this process when the run asks for the `call`-th time whether to stop
-    (once per step, and once more at each epoch end)."""
-    calls = {"n": 0}
-    original = StopRequest.__call__
-
-    def counting(self):
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), signum)
-        return original(self)
-
-    monkeypatch.setattr(StopRequest, "__call__", counting)
 
 
 @pytest.mark.parametrize("method,engine,overrides", CASES)

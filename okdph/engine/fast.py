@@ -270,7 +270,7 @@ class FastEngine:
         return {
             "lrs": [opt.lr.clone() for opt in self.optimizers],
             "momentum": [[b.clone() for b in opt.buffers] for opt in self.optimizers],
-            "generator": self.epoch_rng if mid_epoch else self.generator.get_state(),
+            "generator": self.epoch_rng if mid_epoch else self._rng_state(),
             "step": self.step,
             "meters": ({"loss_names": self.loss_names, "head_names": self.head_names,
                         "loss_sums": self.loss_sums.clone(), "correct": self.correct.clone(),
@@ -283,7 +283,7 @@ class FastEngine:
             opt.lr.copy_(lr)
             for mine, saved in zip(opt.buffers, buffers, strict=True):
                 mine.copy_(saved)
-        self.generator.set_state(state["generator"])
+        self._set_rng_state(state["generator"])
         self.step = state["step"]
         if self.step > 0:
             meters = state["meters"]

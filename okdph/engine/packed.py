@@ -198,16 +198,14 @@ class PackedFastEngine(FastEngine):
             for name, value in strategy.named_buffers():
                 value.copy_(self.buffers[name][p])
 
-    # ---- resume (epoch boundaries) ---------------------------------------------------------------
+    # ---- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        if self.step:
-            raise RuntimeError("packed runs checkpoint between epochs only")
-        return {"params": {k: v.detach().clone() for k, v in self.params.items()},
-                "buffers": {k: v.clone() for k, v in self.buffers.items()},
-                "lrs": [opt.lr.clone() for opt in self.optimizers],
-                "momentum": [[b.clone() for b in opt.buffers] for opt in self.optimizers],
-                "generators": [g.get_state() for g in self.generators]}
+        """The fast engine's resume state (per-run generators, position and meters of an epoch in
+        flight) plus the stacked strategy states, which live here rather than in the runs' objects."""
+        return {**super().state_dict(),
+                "params": {k: v.detach().clone() for k, v in self.params.items()},
+                "buffers": {k: v.clone() for k, v in self.buffers.items()}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -215,12 +213,7 @@ class PackedFastEngine(FastEngine):
             value.copy_(state["params"][name])
         for name, value in self.buffers.items():
             value.copy_(state["buffers"][name])
-        for opt, lr, buffers in zip(self.optimizers, state["lrs"], state["momentum"], strict=True):
-            opt.lr.copy_(lr)
-            for mine, saved in zip(opt.buffers, buffers, strict=True):
-                mine.copy_(saved)
-        for g, saved in zip(self.generators, state["generators"], strict=True):
-            g.set_state(saved)
+        super().load_state_dict(state)
         self.write_back()
 
 
@@ -243,7 +236,8 @@ def train_packed(cfgs: Sequence, *, progress: bool = True, skip_recorded: bool =
 
     Returns {run_id: record} for the runs trained here. Runs another worker holds, and with
     `skip_recorded` runs already recorded, are left out; a run with a single-run resume checkpoint
-    continues alone. Packs checkpoint and stop at epoch boundaries (`--checkpoint-every`, SIGTERM)."""
+    continues alone. Packs checkpoint as single runs do: every `checkpoint_every` epochs, and where a
+    signal (SIGTERM, ...) stops them, mid-epoch included."""
     cfgs = list(cfgs)
     for cfg in cfgs:
         single.validate(cfg)
@@ -310,7 +304,7 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
         engine.load_state_dict(saved["engine"])
         histories, runs = saved["histories"], saved["runs"]
         for run in runs:
-            run["resumes"].append({"epoch": run["epoch"], "step": 0, "packed": True,
+            run["resumes"].append({"epoch": run["epoch"], "step": engine.step, "packed": True,
                                    "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    "cpu_threads": torch.get_num_threads()})
         restore_rng(saved["rng"], device)
@@ -320,9 +314,11 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
 
     def checkpoint() -> None:
         if first.checkpoint_every:
+            elapsed = time.perf_counter() - start
             atomic_torch_save(checkpoint_path, {"kind": "pack checkpoint", "run_ids": run_ids,
                                                 "engine": engine.state_dict(), "histories": histories,
-                                                "runs": runs, "rng": capture_rng(device)})
+                                                "runs": [{**r, "wall_s": r["wall_s"] + elapsed} for r in runs],
+                                                "rng": capture_rng(device)})
 
     live = [p for p in range(len(cfgs)) if runs[p]["status"] == "complete"]
     start = time.perf_counter()
@@ -334,8 +330,15 @@ def _train_pack(cfgs: list, progress: bool) -> dict[str, dict]:
         for epoch in bar:
             t0 = time.perf_counter()
             for p in live:
-                histories[p]["lr"].append(engine.current_lr())
-            trained = engine.train_epoch(epoch)
+                if len(histories[p]["lr"]) == epoch:  # not when resuming mid-epoch
+                    histories[p]["lr"].append(engine.current_lr())
+            trained = engine.train_epoch(epoch, should_stop=stop)
+            if trained is None:  # stopped mid-epoch: keep the position and leave
+                for p in live:
+                    runs[p]["train_s"] += time.perf_counter() - t0
+                checkpoint()
+                stop.hand_over(f"pack of {len(cfgs)} ({run_ids[0]}, ...): stopped by {stop.signal_name} at epoch "
+                               f"{epoch}, step {engine.step}; rerun the same command to resume from {checkpoint_path}")
             t1 = time.perf_counter()
             tested = engine.evaluate()
             t2 = time.perf_counter()

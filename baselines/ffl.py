@@ -124,8 +124,8 @@ class FFL(Strategy):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Branch logits (m, B, C) and the fused logits (B, C)."""
         t = self.net.trunk(x)
-        maps, logits = zip(*(branch.forward_map(t) for branch in self.net.branches))
-        return torch.stack(logits), self.fusion(list(maps))
+        maps, logits = self.net.branches([t] * self.num_models, method="forward_map")
+        return logits, self.fusion(list(maps.unbind(0)))
 
     def _heads(self, logits: Tensor, fused: Tensor) -> dict[str, Tensor]:
         heads = {f"branch{b}": z for b, z in enumerate(logits)}

@@ -131,18 +131,18 @@ class OKDDip(Strategy):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Peer logits (p, B, C), attention (B, p, p) and the leader's logits (B, C)."""
         t = self.net.trunk(x)
-        outputs = [branch(t) for branch in self.net.branches]
-        peers = outputs if self.leader_in_peer_set else outputs[:-1]
-        attention = self.attention(torch.stack([h for h, _ in peers]))
-        peer_logits = torch.stack([z for _, z in peers])
+        features, logits = self.net.branches([t] * self.num_models)
+        peers = self.num_models if self.leader_in_peer_set else self.num_models - 1
+        attention = self.attention(features[:peers])
+        peer_logits = logits[:peers]
         if self.leader_in_peer_set:
             # The shared block 3 runs once more (its BN statistics move m+1 times per step), then
             # avgpool -> classifier_{m-1} with no norm_final/ReLU (densenet_okddip.py).
-            leader_branch = self.net.branches[-1]
+            leader_branch = self.net.branches[-1]  # an unfused group: its branches share block 3
             pooled = torch.flatten(F.adaptive_avg_pool2d(leader_branch.last_stage(t), 1), 1)
             leader = leader_branch.head.classifier(pooled)
         else:
-            leader = outputs[-1][1]
+            leader = logits[-1]
         return peer_logits, attention, leader
 
     def _heads(self, peer_logits: Tensor, leader: Tensor) -> dict[str, Tensor]:

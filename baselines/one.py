@@ -120,11 +120,11 @@ class ONE(Strategy):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Branch logits (m, B, C) and the gated ensemble x_m (B, C)."""
         t = self.net.trunk(x)
+        shared = [t] * self.num_models  # every branch reads the trunk's output
         if self.branches_run_twice and self.training:
             with torch.no_grad():
-                for branch in self.net.branches:
-                    branch(t)
-        logits = torch.stack([branch(t)[1] for branch in self.net.branches])
+                self.net.branches(shared)
+        _, logits = self.net.branches(shared)
         return logits, gated_ensemble(logits, self.gate(t))
 
     def _heads(self, logits: Tensor, x_m: Tensor) -> dict[str, Tensor]:

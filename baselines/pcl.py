@@ -112,9 +112,8 @@ class PeerNetwork(nn.Module):
 
     def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Branch b on views[b], the trunk run once per view: logits (m, B, C) and z_en (B, C)."""
-        outputs = [branch(self.net.trunk(x)) for branch, x in zip(self.net.branches, views)]
-        features = torch.cat([h for h, _ in outputs], dim=1)
-        return torch.stack([z for _, z in outputs]), self.ensemble(features)
+        features, logits = self.net.branches([self.net.trunk(x) for x in views])
+        return logits, self.ensemble(torch.cat(list(features.unbind(0)), dim=1))
 
 
 @dataclass(frozen=True)
@@ -186,13 +185,13 @@ class PCL(Strategy):
         # The clean test image goes to every branch (06_PCL.py:115-141); in eval mode the trunk's
         # output is the same for each, so it runs once.
         heads = {}
+        m = self.num_models
         if self.true_ema:
-            t = self.student.net.trunk(images)
-            outputs = [branch(t) for branch in self.student.net.branches]
-            heads.update({f"branch{b}": z for b, (_, z) in enumerate(outputs)})
-            heads["ensemble"] = self.student.ensemble(torch.cat([h for h, _ in outputs], dim=1))
-        t = self.mean.net.trunk(images)
-        heads.update({f"mean{b}": branch(t)[1] for b, branch in enumerate(self.mean.net.branches)})
+            features, logits = self.student.net.branches([self.student.net.trunk(images)] * m)
+            heads.update({f"branch{b}": z for b, z in enumerate(logits)})
+            heads["ensemble"] = self.student.ensemble(torch.cat(list(features.unbind(0)), dim=1))
+        _, logits = self.mean.net.branches([self.mean.net.trunk(images)] * m)
+        heads.update({f"mean{b}": z for b, z in enumerate(logits)})
         return heads
 
     def head_names(self):

@@ -151,18 +151,24 @@ class OptimizerGroup:
 
 
 class ModelGroup(nn.ModuleList):
-    """K networks of one architecture, called together: input k goes to network k.
+    """K networks of one architecture (students, or a multi-branch network's branches), called
+    together: input k goes to network k.
 
     This is the seam for the fast engine, which swaps in a fused network with the same methods
     (okdph.engine.fused.FusedGroup); strategies only ever go through these methods, never through
     the members' own modules, so they run unchanged on either.
     """
 
-    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        """K inputs of (B, ...) -> stacked logits (K, B, C)."""
+    def forward(self, inputs: Sequence[Tensor], method: str = "forward"):
+        """K inputs of (B, ...) -> the members' outputs stacked, (K, B, ...): logits (K, B, C) for a
+        network; a tuple of stacks where the members return tuples (a branch's features and logits).
+        `method` names another method of the members to call instead of their forward."""
         if len(inputs) != len(self):
             raise ValueError(f"{len(self)} networks but {len(inputs)} inputs")
-        return torch.stack([net(x) for net, x in zip(self, inputs)])
+        outputs = [getattr(net, method)(x) for net, x in zip(self, inputs)]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outputs))
+        return torch.stack(outputs)
 
     def member_states(self) -> list[dict[str, Tensor]]:
         """Each member's state (parameters and buffers) as detached tensors that alias the live

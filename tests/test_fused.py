@@ -12,7 +12,7 @@ from okdph.engine.fused import FusedGroup, NotGroupable, fuse_model_groups
 from okdph.engine.reference import train_one_epoch
 from okdph.models import create_backbone
 from okdph.okdph import OKDPH
-from okdph.strategy import ModelGroup, build_config
+from okdph.strategy import ModelGroup, build_config, get_strategy
 
 BACKBONES = ["resnet32", "resnet110", "wrn20_8", "vgg16", "densenet40_12"]
 
@@ -92,11 +92,74 @@ class _ChannelFlip(torch.nn.Module):
 
 
 def test_a_network_that_mixes_channels_outside_its_layers_stays_unfused():
-    holder = torch.nn.Module()
-    holder.students = ModelGroup([_ChannelFlip(), _ChannelFlip()])
+    strategy = make("dml")
+    strategy.students = ModelGroup([_ChannelFlip(), _ChannelFlip()])
     with pytest.warns(UserWarning, match="runs unfused"):
-        assert fuse_model_groups(holder, probe_shape=(3, 8, 8)) == []
-    assert isinstance(holder.students, ModelGroup) and not isinstance(holder.students, FusedGroup)
+        assert fuse_model_groups(strategy, image_shape=(3, 8, 8)) == []
+    assert isinstance(strategy.students, ModelGroup) and not isinstance(strategy.students, FusedGroup)
+
+
+# ---- the branches of multi-branch methods ----------------------------------------------------------
+
+
+def make(method, backbone="resnet32", fidelity="official", num_models=2):
+    cls = get_strategy(method)
+    return cls(config=build_config(cls.Config), backbone=backbone, num_classes=10, num_models=num_models,
+               dataset=get_info("cifar10"), fidelity=fidelity, width=0.125).double()
+
+
+@pytest.mark.parametrize("method, backbone, fidelity, groups", [
+    ("one", "resnet32", "official", ["net.branches"]),
+    ("okddip", "vgg16", "official", ["net.branches"]),  # dropout heads: probed with dropout off
+    ("ffl", "wrn20_8", "official", ["net.branches"]),
+    ("pcl", "resnet32", "paper", ["student.net.branches", "mean.net.branches"]),
+    ("dml", "densenet40_12", "official", ["students"]),
+])
+def test_fusion_groups_independent_branches_and_students(method, backbone, fidelity, groups):
+    torch.manual_seed(0)
+    strategy = make(method, backbone, fidelity)
+    assert fuse_model_groups(strategy, image_shape=(3, 32, 32)) == groups
+
+
+@pytest.mark.parametrize("method, backbone, shared", [
+    ("one", "densenet40_12", "last_stage"),  # official: one block 3 object for every branch
+    ("ffl", "vgg16", "head"),                # official: one VGG classifier for every branch
+])
+def test_branches_sharing_a_module_stay_unfused(method, backbone, shared):
+    strategy = make(method, backbone)
+    with pytest.warns(UserWarning, match=f"runs unfused: .*share '{shared}"):
+        assert fuse_model_groups(strategy, image_shape=(3, 32, 32)) == []
+
+
+@pytest.mark.parametrize("method, backbone, fidelity, num_models", [
+    ("one", "resnet32", "official", 3),
+    ("okddip", "resnet32", "official", 3),
+    ("ffl", "densenet40_12", "paper", 2),
+    ("pcl", "resnet32", "paper", 2),  # trunk per view, EMA temporal mean of fused branches
+])
+def test_fused_branches_train_as_the_separate_branches(method, backbone, fidelity, num_models):
+    torch.manual_seed(0)
+    reference = make(method, backbone, fidelity, num_models)
+    fast = copy.deepcopy(reference)
+    assert fuse_model_groups(fast, image_shape=(3, 32, 32))
+    views = len(reference.views())
+    batches = [(torch.randn(6, views, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (6,)))
+               for _ in range(2)]
+    results = []
+    for strategy in (reference, fast):
+        optimizers = [torch.optim.SGD(g.params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+                      for g in strategy.optimizer_groups()]
+        trained = train_one_epoch(strategy, batches, optimizers, epoch=100, device="cpu")
+        with torch.no_grad():
+            heads = strategy.eval().eval_heads(torch.randn(5, 3, 32, 32, dtype=torch.float64,
+                                                           generator=torch.Generator().manual_seed(1)))
+        results.append((trained, heads))
+    (train_ref, heads_ref), (train_fast, heads_fast) = results
+    for name, value in train_ref["loss"].items():
+        assert train_fast["loss"][name] == pytest.approx(value, rel=1e-9), name
+    assert heads_fast.keys() == heads_ref.keys()
+    for name, logits in heads_ref.items():  # after two steps: parameters and BN statistics agree
+        assert relative(heads_fast[name], logits) <= 1e-9, name
 
 
 def test_densenet_needs_its_grouped_concatenation():

@@ -29,10 +29,12 @@ CASES = [  # (method, overrides, fidelity, fused)
     ("kdcl", {}, "official", False),
     ("base", {}, "official", True),
     ("one", {}, "official", False),
+    ("one", {}, "official", True),  # fused branches on a shared trunk output
     ("okddip", {}, "official", False),
     ("ffl", {}, "official", False),
     ("pcl", {}, "official", False),
     ("pcl", {}, "paper", False),  # the temporal-mean EMA hook
+    ("pcl", {}, "paper", True),   # ... over fused branches
 ]
 
 

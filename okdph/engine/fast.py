@@ -3,7 +3,8 @@
 - The dataset lives on the device as uint8, once per process; each epoch draws one permutation and
   augments every view of the whole epoch at once with per-sample random parameters
   (okdph.data.gpu_augment, torchvision's semantics).
-- On a GPU, same-architecture networks of a strategy run as one grouped network (okdph.engine.fused).
+- On a GPU, same-architecture networks of a strategy (its students, or the independent branches of a
+  multi-branch network) run as one grouped network (okdph.engine.fused).
   On a CPU they stay separate by default: there the grouped convolutions measured slower than the
   networks one after another (results/perf/README.md).
 - The whole training step (batch gather, forward, losses, backward, SGD with the learning rate as a
@@ -86,7 +87,7 @@ class FastEngine:
         self.train_images, self.train_targets = as_device_images(train_set, self.device)
         # Before the optimizers exist: the fused parameters are new tensors.
         fuse = self.device.type == "cuda" if fuse is None else fuse
-        self.fused = self._fuse(probe_shape=self.train_images.shape[1:]) if fuse else []
+        self.fused = self._fuse(image_shape=self.train_images.shape[1:]) if fuse else []
         test_images, self.test_targets = as_device_images(test_set, self.device)
         self.dtype = next(strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
         self.test_inputs = augment(test_images, "base", self.info).to(self.dtype)  # normalised once
@@ -114,8 +115,8 @@ class FastEngine:
 
     # ---- what a pack of runs (okdph.engine.packed) does differently ------------------------------
 
-    def _fuse(self, probe_shape) -> list[str]:
-        return fuse_model_groups(self.strategy, probe_shape=probe_shape)
+    def _fuse(self, image_shape) -> list[str]:
+        return fuse_model_groups(self.strategy, image_shape=image_shape)
 
     def _make_generators(self, seed: int) -> None:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -6,7 +6,7 @@ Activations have the layout (B, K·C, ...): network k owns channels [k·C, (k+1)
   statistics included,
 - a Linear is one batched matmul,
 and everything else a CIFAR backbone does (ReLU, pooling, residual sums, flattening a map whose
-channels are outermost) acts on each network's channels alone. So `FusedGroup` takes a copy of the
+channels are outermost, dropout) acts on each network's channels alone. So `FusedGroup` takes a copy of the
 member's module tree, swaps its Conv2d, BatchNorm and Linear layers for grouped ones and runs the
 member's own forward code on it. The only backbone code that moves channels across positions is a
 channel concatenation (DenseNet's blocks); such a module has a `channel_groups` attribute, set here
@@ -16,9 +16,16 @@ Parameters and buffers are stored stacked, (K, ...) per entry, under the member'
 a grouped convolution's weight is that stack with its first two dimensions merged, a view, so no
 weight is copied per step and an optimizer steps the stacks directly.
 
+The members may be whole networks (students) or the branches of a multi-branch network, which all
+read the same trunk output (`to_grouped_layout` repeats it) and return (features, logits); outputs
+of any (B, K·C, ...) shape are split back per network. Members that share a module (an official
+quirk of some multi-branch models) cannot be grouped.
+
 A backbone whose forward mixes channels some other way would silently compute something else, so
 construction runs a probe: the grouped network against the members, in float64 on the CPU, in train
-mode. On any mismatch `fuse_model_groups` leaves that group unfused (with a warning).
+mode with dropout off (dropout is elementwise, the same distribution grouped or not, but draws
+differently). `fuse_model_groups` finds each group's input shape by watching the strategy evaluate
+a probe batch, and leaves a group that fails the probe unfused (with a warning).
 """
 from __future__ import annotations
 
@@ -150,6 +157,7 @@ class FusedGroup(nn.Module):
         super().__init__()
         members = list(group)
         self.count = len(members)
+        _check_nothing_shared(members)
         # A storage-free copy of one member, to rebuild ordinary networks (`unfuse`).
         self._template = [copy.deepcopy(members[0]).to("meta")]
         self.network = grouped_network(members)
@@ -160,13 +168,20 @@ class FusedGroup(nn.Module):
     def __len__(self) -> int:
         return self.count
 
-    def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
-        """K inputs of (B, ...) (a list or a (K, B, ...) tensor) -> stacked logits (K, B, C)."""
+    def forward(self, inputs: Sequence[Tensor] | Tensor, method: str = "forward"):
+        """As `ModelGroup.forward`: K inputs of (B, ...) (a list or a (K, B, ...) tensor) -> the
+        outputs stacked (K, B, ...), or a tuple of such stacks."""
         inputs = list(inputs.unbind(0)) if isinstance(inputs, Tensor) else list(inputs)
         if len(inputs) != self.count:
             raise ValueError(f"{self.count} networks but {len(inputs)} inputs")
-        out = self.network(to_grouped_layout(inputs))  # (B, K·C)
-        return out.reshape(out.shape[0], self.count, -1).transpose(0, 1)
+        out = getattr(self.network, method)(to_grouped_layout(inputs))
+        if isinstance(out, tuple):
+            return tuple(self._split(o) for o in out)
+        return self._split(out)
+
+    def _split(self, out: Tensor) -> Tensor:
+        """(B, K·C, ...) -> (K, B, C, ...)."""
+        return out.reshape(out.shape[0], self.count, out.shape[1] // self.count, *out.shape[2:]).transpose(0, 1)
 
     def stacked(self) -> dict[str, Tensor]:
         """Every state entry, (K, ...), under the member's state-dict name (live tensors)."""
@@ -189,20 +204,40 @@ class FusedGroup(nn.Module):
         return ModelGroup(members)
 
 
+def _check_nothing_shared(members: Sequence[nn.Module]) -> None:
+    """Grouping gives every member its own copy of each tensor, so members sharing one would train
+    K copies where there is one."""
+    owner: dict[int, int] = {}
+    for k, member in enumerate(members):
+        for name, value in [*member.named_parameters(), *member.named_buffers()]:
+            if owner.setdefault(id(value), k) != k:
+                raise NotGroupable(f"{type(member).__name__}: the networks share '{name}'")
+
+
+def _without_dropout(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return module
+
+
 @torch.no_grad()
 def _probe(members: Sequence[nn.Module], fused: FusedGroup, shape: tuple[int, ...]) -> None:
     """Raise NotGroupable unless the grouped network computes what the members compute (float64, CPU,
     train mode, so batch statistics and running-statistic updates are both checked)."""
-    members = [copy.deepcopy(m).to("cpu", torch.float64).train() for m in members]
-    grouped = copy.deepcopy(fused).to("cpu", torch.float64).train()
+    members = [_without_dropout(copy.deepcopy(m).to("cpu", torch.float64).train()) for m in members]
+    grouped = _without_dropout(copy.deepcopy(fused).to("cpu", torch.float64).train())
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(2, *shape, generator=gen, dtype=torch.float64) for _ in members]
-    expected = torch.stack([m(x) for m, x in zip(members, inputs)])
+    expected = ModelGroup(members)(inputs)
     got = grouped(inputs)
-    scale = expected.abs().max().clamp_min(1e-12)
-    if got.shape != expected.shape or ((got - expected).abs().max() / scale) > 1e-9:
-        raise NotGroupable(f"{type(members[0]).__name__}: the grouped network does not reproduce the "
-                           "members (its forward mixes channels outside Conv2d/BatchNorm/Linear layers)")
+    if not isinstance(expected, tuple):
+        expected, got = (expected,), (got,)
+    for e, g in zip(expected, got, strict=True):
+        scale = e.abs().max().clamp_min(1e-12)
+        if g.shape != e.shape or ((g - e).abs().max() / scale) > 1e-9:
+            raise NotGroupable(f"{type(members[0]).__name__}: the grouped network does not reproduce the "
+                               "members (its forward mixes channels outside Conv2d/BatchNorm/Linear layers)")
     state = grouped.member_states()
     for k, member in enumerate(members):
         for name, value in member.state_dict().items():
@@ -210,21 +245,58 @@ def _probe(members: Sequence[nn.Module], fused: FusedGroup, shape: tuple[int, ..
                 raise NotGroupable(f"{type(members[0]).__name__}: '{name}' is not updated per network")
 
 
-def fuse_model_groups(module: nn.Module, probe_shape: Sequence[int] | None = None) -> list[str]:
-    """Replace every `ModelGroup` of two or more networks inside `module` by a `FusedGroup`, in place;
-    returns the names replaced. A group the grouped layout cannot express stays as it is (warning).
+def fuse_model_groups(strategy: nn.Module, image_shape: Sequence[int] | None = None) -> list[str]:
+    """Replace every `ModelGroup` of two or more networks inside `strategy` by a `FusedGroup`, in place;
+    returns the names replaced.
 
-    Must run before optimizers are built: the fused parameters are new tensors.
+    With `image_shape` (one input image, e.g. (3, 32, 32)) every group is probed (see the module
+    docstring) on the inputs it receives when the strategy evaluates such images (`eval_heads`); a
+    group that the probe rejects, or that evaluation never calls, stays as it is (warning). Must run
+    before optimizers are built: the fused parameters are new tensors.
     """
+    groups = _outermost_groups(strategy)
+    shapes = _group_input_shapes(strategy, image_shape) if image_shape is not None else {}
     fused = []
-    for name, child in list(module.named_children()):
-        if isinstance(child, ModelGroup) and len(child) > 1:
-            try:
-                setattr(module, name, FusedGroup(child, probe_shape))
-            except NotGroupable as exc:
-                warnings.warn(f"'{name}' runs unfused: {exc}")
-                continue
-            fused.append(name)
-        else:
-            fused += [f"{name}.{n}" for n in fuse_model_groups(child, probe_shape)]
+    for name, group in groups.items():
+        if image_shape is not None and name not in shapes:
+            warnings.warn(f"'{name}' runs unfused: evaluating the strategy does not call it, so it cannot be probed")
+            continue
+        try:
+            replacement = FusedGroup(group, shapes.get(name))
+        except NotGroupable as exc:
+            warnings.warn(f"'{name}' runs unfused: {exc}")
+            continue
+        parent, _, attribute = name.rpartition(".")
+        setattr(strategy.get_submodule(parent), attribute, replacement)
+        fused.append(name)
     return fused
+
+
+def _outermost_groups(module: nn.Module, prefix: str = "") -> dict[str, ModelGroup]:
+    """The groups of two or more networks in `module`, by qualified name, not looking inside a group."""
+    found = {}
+    for name, child in module.named_children():
+        qualified = f"{prefix}{name}"
+        if isinstance(child, ModelGroup) and len(child) > 1:
+            found[qualified] = child
+        elif not isinstance(child, ModelGroup):
+            found.update(_outermost_groups(child, qualified + "."))
+    return found
+
+
+@torch.no_grad()
+def _group_input_shapes(strategy: nn.Module, image_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Each group's input shape (without the batch) when a CPU float64 copy of the strategy
+    evaluates two blank images: a branch group reads the trunk's output, not an image."""
+    probe = copy.deepcopy(strategy).to("cpu", torch.float64).eval()
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(_, args):
+            shapes.setdefault(name, tuple(args[0][0].shape[1:]))  # returns None: the inputs stay as they are
+        return hook
+
+    for name, group in _outermost_groups(probe).items():
+        group.register_forward_pre_hook(record(name))
+    probe.eval_heads(torch.zeros(2, *image_shape, dtype=torch.float64))
+    return shapes

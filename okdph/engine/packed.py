@@ -60,8 +60,8 @@ class PackedFastEngine(FastEngine):
         super().__init__(self.runs[0], train_set, test_set, recipe, device, seed=self.seeds[0],
                          precision=precision, graphs=graphs, fuse=fuse, noise=noise)
 
-    def _fuse(self, probe_shape) -> list[str]:
-        fused = [fuse_model_groups(s, probe_shape=probe_shape) for s in self.runs]
+    def _fuse(self, image_shape) -> list[str]:
+        fused = [fuse_model_groups(s, image_shape=image_shape) for s in self.runs]
         return fused[0]  # every run has the same groups
 
     def _make_generators(self, seed: int) -> None:

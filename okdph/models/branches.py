@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from okdph.strategy import ModelGroup
+
 from .densenet import DenseNet, DenseNetHead
 from .registry import Backbone, create_backbone
 from .resnet import Bottleneck, CifarResNet
@@ -87,8 +89,10 @@ class MultiBranchNet(nn.Module):
 
     Attributes:
         trunk: input -> feature map with `trunk_channels` channels.
-        branches: `Branch` modules; branches may share a module (a shared last stage or head), in
-            which case `parameters()` counts it once.
+        branches: a `ModelGroup` of `Branch` modules, called together on the trunk's output
+            (`branches([t] * m)` -> features (m, B, d), logits (m, B, C)), which lets the fast
+            engine run independent branches as one grouped network. Branches may share a module (a
+            shared last stage or head), in which case `parameters()` counts it once.
         feature_dim: size of each branch's pooled feature vector.
         family: "resnet", "vgg" or "densenet", the backbone family (see `family_of`).
     """
@@ -97,7 +101,7 @@ class MultiBranchNet(nn.Module):
                  family: str) -> None:
         super().__init__()
         self.trunk = trunk
-        self.branches = nn.ModuleList(branches)
+        self.branches = ModelGroup(branches)
         self.trunk_channels = trunk_channels
         self.feature_dim = feature_dim
         self.family = family
@@ -105,7 +109,7 @@ class MultiBranchNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """One input through the trunk once and every branch: stacked logits (m, B, C)."""
         t = self.trunk(x)
-        return torch.stack([branch(t)[1] for branch in self.branches])
+        return self.branches([t] * len(self.branches))[1]
 
 
 def reinit_like_(module: nn.Module, backbone: Backbone) -> None:

@@ -113,12 +113,16 @@ def make(method, backbone="resnet32", fidelity="official", num_models=2):
     ("okddip", "vgg16", "official", ["net.branches"]),  # dropout heads: probed with dropout off
     ("ffl", "wrn20_8", "official", ["net.branches"]),
     ("pcl", "resnet32", "paper", ["student.net.branches", "mean.net.branches"]),
+    ("pcl", "resnet32", "official", ["student.net.branches", "mean.net.branches"]),  # student: training only
+    ("okdph", "resnet32", "paper", ["students"]),  # the probe's Dirichlet draw...
     ("dml", "densenet40_12", "official", ["students"]),
 ])
 def test_fusion_groups_independent_branches_and_students(method, backbone, fidelity, groups):
     torch.manual_seed(0)
     strategy = make(method, backbone, fidelity)
+    rng = torch.random.get_rng_state()
     assert fuse_model_groups(strategy, image_shape=(3, 32, 32)) == groups
+    assert torch.equal(torch.random.get_rng_state(), rng)  # ... leaves the run's random stream alone
 
 
 @pytest.mark.parametrize("method, backbone, shared", [

@@ -24,7 +24,7 @@ quirk of some multi-branch models) cannot be grouped.
 A backbone whose forward mixes channels some other way would silently compute something else, so
 construction runs a probe: the grouped network against the members, in float64 on the CPU, in train
 mode with dropout off (dropout is elementwise, the same distribution grouped or not, but draws
-differently). `fuse_model_groups` finds each group's input shape by watching the strategy evaluate
+differently). `fuse_model_groups` finds each group's input shape by watching the strategy train on
 a probe batch, and leaves a group that fails the probe unfused (with a warning).
 """
 from __future__ import annotations
@@ -250,8 +250,8 @@ def fuse_model_groups(strategy: nn.Module, image_shape: Sequence[int] | None = N
     returns the names replaced.
 
     With `image_shape` (one input image, e.g. (3, 32, 32)) every group is probed (see the module
-    docstring) on the inputs it receives when the strategy evaluates such images (`eval_heads`); a
-    group that the probe rejects, or that evaluation never calls, stays as it is (warning). Must run
+    docstring) on the inputs it receives when the strategy trains on such images (`forward_train`);
+    a group that the probe rejects, or that training never calls, stays as it is (warning). Must run
     before optimizers are built: the fused parameters are new tensors.
     """
     groups = _outermost_groups(strategy)
@@ -259,7 +259,7 @@ def fuse_model_groups(strategy: nn.Module, image_shape: Sequence[int] | None = N
     fused = []
     for name, group in groups.items():
         if image_shape is not None and name not in shapes:
-            warnings.warn(f"'{name}' runs unfused: evaluating the strategy does not call it, so it cannot be probed")
+            warnings.warn(f"'{name}' runs unfused: a training step does not call it, so it cannot be probed")
             continue
         try:
             replacement = FusedGroup(group, shapes.get(name))
@@ -286,9 +286,9 @@ def _outermost_groups(module: nn.Module, prefix: str = "") -> dict[str, ModelGro
 
 @torch.no_grad()
 def _group_input_shapes(strategy: nn.Module, image_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """Each group's input shape (without the batch) when a CPU float64 copy of the strategy
-    evaluates two blank images: a branch group reads the trunk's output, not an image."""
-    probe = copy.deepcopy(strategy).to("cpu", torch.float64).eval()
+    """Each group's input shape (without the batch) when a CPU float64 copy of the strategy takes a
+    training step's forward on two blank images: a branch group reads the trunk's output, not an image."""
+    probe = copy.deepcopy(strategy).to("cpu", torch.float64).train()
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name):
@@ -298,5 +298,7 @@ def _group_input_shapes(strategy: nn.Module, image_shape: Sequence[int]) -> dict
 
     for name, group in _outermost_groups(probe).items():
         group.register_forward_pre_hook(record(name))
-    probe.eval_heads(torch.zeros(2, *image_shape, dtype=torch.float64))
+    images = [torch.zeros(2, *image_shape, dtype=torch.float64) for _ in probe.views()]
+    with torch.random.fork_rng(devices=[]):  # the run's own random stream is not consumed
+        probe.forward_train(images, torch.zeros(2, dtype=torch.int64), epoch=0, step=0)
     return shapes

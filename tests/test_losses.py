@@ -31,6 +31,14 @@ def test_kd_loss_matches_definition(T):
     assert kd_loss(t, s, T).item() != pytest.approx(kd_loss(s, t, T).item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(128, 100), (7, 10), (1000, 10)])
+def test_kd_loss_has_the_value_of_torch_kl_div_bit_for_bit(shape):
+    """kd_loss spells out F.kl_div(batchmean) (which vmap cannot batch) without changing a bit."""
+    s, t = torch.randn(shape), torch.randn(shape)
+    expected = F.kl_div(F.log_softmax(s / 4.0, dim=1), F.softmax(t / 4.0, dim=1), reduction="batchmean") * 16.0
+    assert torch.equal(kd_loss(s, t, 4.0), expected)
+
+
 def test_kd_loss_is_zero_for_identical_logits_and_scales_with_T_squared():
     z = torch.randn(B, C)
     assert kd_loss(z, z, 4.0).item() == pytest.approx(0.0, abs=1e-6)

@@ -98,7 +98,7 @@ def main():
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--width", type=float, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
 @click.option("--engine", default="auto", show_default=True, help="auto (fast on CUDA), reference or fast.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 or bf16 (autocast; fast engine).")
+@click.option("--precision", default="fp32", show_default=True, help="fp32; bf16 (autocast, fast engine); fp64 (reference engine: exact CPU checks).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--deterministic", is_flag=True, help="Bitwise-repeatable CPU runs, deterministic cuDNN.")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
@@ -311,10 +311,6 @@ def regress(update, expected, methods, debug):
         click.echo(line)
     if not result.ok:
         raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # Generalization analyses (okdph/analysis): PAC-Bayes bound and loss landscape

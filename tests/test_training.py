@@ -1,6 +1,7 @@
 """Real training on the embedded digits data: every method learns, deterministically."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from okdph.engine.run import RunConfig, train_run
@@ -31,3 +32,13 @@ def test_deterministic_runs_are_bitwise_repeatable(tmp_path):
     assert first["history"]["train_loss"] == second["history"]["train_loss"]
     other = train_run(RunConfig(**{**cfg.__dict__, "seed": 43}), progress=False)
     assert other["history"]["train_loss"] != first["history"]["train_loss"]
+
+
+def test_fp64_runs_train_and_record_in_fp64(tmp_path):
+    # What `okdph-bench regress` relies on: every weight, image and meter in float64, none rounded to float32.
+    cfg = RunConfig(method="okdph", profile="smoke", epochs=1, width=0.125, engine="reference", precision="fp64",
+                    device="cpu", deterministic=True, out_dir=str(tmp_path))
+    record = train_run(cfg, progress=False)
+    assert record["precision"] == "fp64" and record["status"] == "complete"
+    losses = [values[-1] for values in record["history"]["train_loss"].values()]
+    assert all(float(np.float32(loss)) != loss for loss in losses), losses

@@ -1,7 +1,7 @@
 """The reference execution path: the official code's style (METHODS.md §1).
 
-Networks run one after another in eager fp32 on batches from a CPU DataLoader with torchvision PIL
-transforms. It is the baseline that the fast GPU path is checked and timed against. Nothing here
+Networks run one after another in eager fp32 (or fp64, for checks that must not depend on the CPU's
+float32 kernels) on batches from a CPU DataLoader with torchvision PIL transforms. It is the baseline that the fast GPU path is checked and timed against. Nothing here
 knows which method it trains: the strategy supplies the losses, hooks and heads.
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ class EpochProgress:
         batch = targets.shape[0]
         with torch.no_grad():
             for name, value in losses.items():
-                self.loss_sums[name] = self.loss_sums.get(name, 0) + value.detach().float() * batch
+                # at least fp32, and fp64 for an fp64 run, whose losses must not carry fp32 rounding
+                total = value.detach().to(torch.promote_types(value.dtype, torch.float32)) * batch
+                self.loss_sums[name] = self.loss_sums.get(name, 0) + total
             for name, logits in heads.items():
                 self.correct[name] = self.correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()
             if self.first_bad_step is None:
@@ -69,6 +71,11 @@ class EpochProgress:
         return progress
 
 
+def network_dtype(strategy: Strategy) -> torch.dtype:
+    """The floating type of the strategy's weights (fp32, or fp64 for an fp64 run): the images' type."""
+    return next(strategy.parameters()).dtype
+
+
 def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, device, forward=None,
                     reduce=None, progress: EpochProgress | None = None, should_stop=None) -> dict | None:
     """One pass over `loader`: forward → sum of losses → zero grad → backward → step → hooks.
@@ -83,9 +90,10 @@ def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, devic
     """
     forward = forward or strategy.forward_train
     strategy.train()
+    dtype = network_dtype(strategy)
     progress = progress if progress is not None else EpochProgress()
     for step, (views, targets) in enumerate(loader, start=progress.step):
-        views = views.to(device, non_blocking=True)
+        views = views.to(device, dtype, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         heads, losses = forward(list(views.unbind(dim=1)), targets, epoch=epoch, step=step)
         loss = sum(losses.values())
@@ -111,10 +119,11 @@ def evaluate(strategy: Strategy, loader, *, device, reduce=None) -> dict[str, fl
     """Top-1 accuracy (%) of every evaluable head on the test loader, in eval mode (`reduce`: as in
     train_one_epoch, for a test set sharded over processes)."""
     strategy.eval()
+    dtype = network_dtype(strategy)
     correct: dict[str, Tensor] = {}
     total = 0
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, dtype, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         for name, logits in strategy.eval_heads(images).items():
             correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == targets).sum()

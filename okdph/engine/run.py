@@ -32,7 +32,7 @@ from okdph.models import list_backbones
 from okdph.strategy import FIDELITIES, ConfigError, build_config, config_to_dict, get_strategy
 
 ENGINES = ("auto", "reference", "fast")  # auto: fast on CUDA, reference on CPU
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")  # bf16: fast engine; fp64: reference engine
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class RunConfig:
     seed: int = 42
     width: float | None = None       # None: 1.0, or the smoke profile's quarter width
     engine: str = "auto"
-    precision: str = "fp32"          # bf16 autocast needs the fast engine
+    precision: str = "fp32"          # bf16 autocast needs the fast engine; fp64 the reference engine
     deterministic: bool = False
     device: str = "auto"
     data_root: str = "data"
@@ -124,8 +124,10 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"unknown engine '{cfg.engine}'; valid: {', '.join(ENGINES)}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{cfg.precision}'; valid: {', '.join(PRECISIONS)}")
-    if cfg.resolved_engine() == "reference" and cfg.precision != "fp32":
-        raise ConfigError("the reference engine runs fp32 only; use --engine fast for bf16")
+    if cfg.resolved_engine() == "reference" and cfg.precision == "bf16":
+        raise ConfigError("the reference engine runs fp32 or fp64; use --engine fast for bf16")
+    if cfg.resolved_engine() == "fast" and cfg.precision == "fp64":
+        raise ConfigError("the fast engine runs fp32 or bf16; use --engine reference for fp64")
     if cfg.ddp and cfg.resolved_engine() != "reference":
         raise ConfigError("--ddp runs the reference engine; drop --engine fast")
     if cfg.resolved_engine() == "fast" and dataset == "imagenet":
@@ -324,6 +326,8 @@ def train_locked(cfg: RunConfig, progress: bool) -> dict:
 
     info = okdata.get_info(dataset)
     strategy = build_strategy(strategy_cls, config, cfg, info).to(device)
+    if cfg.precision == "fp64":  # before the optimizers exist: they keep the weights they were given
+        strategy.double()
     views = strategy.views()
     train_set, test_set = build_data(cfg, views, recipe)
     workers = cfg.workers if cfg.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)

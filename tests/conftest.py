@@ -1,10 +1,13 @@
 """Shared test helpers: networks whose output is a parameter, so loss tests run on fixed logits; a
-preemption signal delivered at a chosen step."""
+preemption signal delivered at a chosen step; one CPU thread per test worker."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,6 +35,16 @@ def use_fixed_logits(strategy, logits: list[torch.Tensor]) -> None:
         strategy.hwm = copy.deepcopy(strategy.students[0]).requires_grad_(False)
 
 
+def pytest_configure(config):
+    # Tiny CPU trainings are bound by Python overhead, not arithmetic: a second thread barely speeds
+    # one up, a second test worker (pytest -n, xdist) nearly halves the suite. Each worker then keeps
+    # to one thread, and so do the training subprocesses it starts, so workers do not oversubscribe
+    # the cores. No test may depend on the thread count unless it sets it itself.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -50,3 +63,26 @@ def stop_at(monkeypatch, call: int, signum=signal.SIGTERM):
         return original(self)
 
     monkeypatch.setattr(StopRequest, "__call__", counting)
+
+
+# CPU kernels that every machine of this kind has: oneDNN, MKL and ATen capped at AVX2, one thread.
+PINNED_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                  "OMP_NUM_THREADS": "1"}
+_TRAIN = """
+import json, sys
+from okdph.engine.run import RunConfig, train_run
+config = json.loads(sys.argv[1])
+config["overrides"] = tuple(tuple(pair) for pair in config.get("overrides", ()))
+record = train_run(RunConfig(**config), progress=False)
+print(json.dumps(record))
+"""
+
+
+def train_with_pinned_kernels(**config) -> dict:
+    """A run's record, trained in a fresh process under PINNED_KERNELS (the libraries read those
+    variables once per process): the same numbers on every CPU of the kind. For tests whose claim
+    rests on one short run's accuracy, which float32 rounding moves by tens of points."""
+    done = subprocess.run([sys.executable, "-c", _TRAIN, json.dumps(config)], env={**os.environ, **PINNED_KERNELS},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])

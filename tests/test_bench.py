@@ -310,6 +310,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     assert all(error == "RuntimeError: out of memory" for _, error in summary.failed)
 
 
+@pytest.mark.slow
 def test_plan_prints_runnable_commands(tmp_path):
     commands = runner.plan_table("3", profile="smoke", methods=["dml"], results=tmp_path)
     assert len(commands) == 6 and all(c.startswith("okdph-bench train --method dml ") for c in commands)

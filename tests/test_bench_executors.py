@@ -15,8 +15,6 @@ from okdph.bench.experiments import cell_config, get_table
 from okdph.bench.store import ResultStore
 from okdph.engine.run import RunConfig
 
-pytestmark = pytest.mark.slow
-
 
 def _smoke_configs(store, methods=("dml",), count=2):
     table = get_table("3")
@@ -24,6 +22,7 @@ def _smoke_configs(store, methods=("dml",), count=2):
     return [cell_config(c, profile="smoke", out_dir=str(store.runs_dir)) for c in cells]
 
 
+@pytest.mark.slow
 def test_local_cpu_workers_share_one_queue(tmp_path):
     store = ResultStore(tmp_path)
     configs = _smoke_configs(store, count=2)
@@ -42,6 +41,7 @@ def test_parse_gpus():
         executors.parse_gpus("0,3", 2)
 
 
+@pytest.mark.slow
 def test_slurm_executor_through_submitit_local_backend(tmp_path, monkeypatch):
     """One job per packed group; each job writes its runs' records; the table renders after --wait."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local jobs share this machine's cores
@@ -79,6 +79,7 @@ def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
     assert slurm.pack(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
+@pytest.mark.slow
 def test_a_preempted_slurm_job_checkpoints_requeues_and_resumes(tmp_path, monkeypatch):
     """submitit's preemption signal reaches the run first: it checkpoints mid-run, hands the signal
     to submitit, which requeues the job; the requeued job resumes the run and its record equals an
@@ -134,6 +135,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     """`okdph-bench train --ddp` under torchrun: one record, written by rank 0, with the whole test
     set counted over both shards and the global batch split over the processes."""
@@ -170,6 +172,7 @@ def _meters_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                    "shard": shard}, handle)
 
 
+@pytest.mark.slow
 def test_meters_are_summed_and_the_test_set_sharded_over_processes(tmp_path):
     import torch.multiprocessing as tmp_mp
 

@@ -133,6 +133,7 @@ def test_digits_offline_split():
     _check_normalisation("digits", train_x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, num_classes", [("synthetic10", 10), ("synthetic100", 100)])
 def test_synthetic_shapes_determinism_balance(name, num_classes):
     train_x, train_y = load_arrays(name, None, train=True)

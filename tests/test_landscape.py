@@ -158,6 +158,7 @@ def test_trajectories_in_the_official_order_and_base_has_one_student(runs):
     assert any("other-S2 absent" in n for n in base.notes)
 
 
+@pytest.mark.slow
 def test_cli_landscape_writes_png_and_data_and_resumes(runs, tmp_path):
     png = tmp_path / "land.png"
     args = ["landscape", "--ours", str(runs["okdph"]), "--other", str(runs["dml"]), "--other", str(runs["base"]),

@@ -18,10 +18,11 @@ from baselines.one import gated_ensemble
 from baselines.okddip import attention_targets
 from baselines.pcl import official_rampup
 from okdph.data import get_info
-from okdph.engine.run import RunConfig, train_run
 from okdph.losses import kd_loss, kd_loss_eps
 from okdph.strategy import build_config, get_strategy
 from test_losses import closed_form_kd
+
+from conftest import train_with_pinned_kernels
 
 B, C = 6, 5
 FIDELITIES = ["official", "paper"]
@@ -442,6 +443,7 @@ def test_describe_says_what_the_official_code_cannot_run():
 # Real training on the embedded digits data
 
 ALL_DIGITS = 100_000  # a cap above the 1,442 digits training images: the whole set
+LEARNED = 20.0  # twice chance, under pinned kernels; why: tests/test_training.py
 # FFL runs in the paper fidelity: the official N(0, 2/layers[0]) conv init learns far more slowly
 # (37 % after these three epochs against 68 %), too close to the bar for a robust check.
 SMOKE = [("one", "official"), ("okddip", "official"), ("ffl", "paper"), ("pcl", "official")]
@@ -449,10 +451,10 @@ SMOKE = [("one", "official"), ("okddip", "official"), ("ffl", "paper"), ("pcl", 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,fidelity", SMOKE, ids=[m for m, _ in SMOKE])
-def test_smoke_run_learns(tmp_path, method, fidelity):
-    cfg = RunConfig(method=method, fidelity=fidelity, profile="smoke", epochs=3, train_samples=ALL_DIGITS,
-                    deterministic=True, out_dir=str(tmp_path))
-    record = train_run(cfg, progress=False)
+def test_smoke_run_learns(tmp_path, method, fidelity, record_property):
+    record = train_with_pinned_kernels(method=method, fidelity=fidelity, profile="smoke", epochs=3,
+                                       train_samples=ALL_DIGITS, deterministic=True, out_dir=str(tmp_path))
     assert record["status"] == "complete"
-    assert record["metrics"]["paper"]["acc"] > 30.0, record["history"]["test_acc"]  # chance is 10 %
+    record_property("paper_acc", record["metrics"]["paper"]["acc"])  # the margin, in --junitxml reports
+    assert record["metrics"]["paper"]["acc"] > LEARNED, record["history"]["test_acc"]
     assert record["deployed_head"] in record["heads"] and record["method_notes"]

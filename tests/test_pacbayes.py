@@ -130,6 +130,7 @@ def _train(tmp_path, method="dml", epochs=2, save_every=1):
     return cfg.record_path()
 
 
+@pytest.mark.slow
 def test_cli_pacbayes_writes_the_record_and_the_per_epoch_figure(tmp_path):
     record_path = _train(tmp_path)
     png = tmp_path / "fig1.png"
@@ -164,6 +165,7 @@ def test_search_stops_when_the_bracket_collapses_on_a_jump():
     assert found.history[-1][0] == pytest.approx(0.3, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_table5_runs_keep_weights_and_get_the_bound(tmp_path):
     from okdph.bench.runner import _analyse, _must_train, _plan, render_table
 

@@ -137,6 +137,7 @@ def smoke(tmp_path, seed, **kw):
                      device="cpu", out_dir=str(tmp_path), **kw)
 
 
+@pytest.mark.slow
 def test_a_pack_writes_one_record_per_run_matching_the_runs_trained_alone(tmp_path):
     torch.set_num_threads(1)
     cfgs = [smoke(tmp_path / "packed", s) for s in SEEDS]
@@ -158,6 +159,7 @@ def test_a_pack_writes_one_record_per_run_matching_the_runs_trained_alone(tmp_pa
     assert train_packed(cfgs, progress=False) == {}  # all recorded: nothing to do
 
 
+@pytest.mark.slow
 def test_an_interrupted_pack_resumes_to_the_same_records(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     whole = train_packed([smoke(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
@@ -185,6 +187,7 @@ def test_an_interrupted_pack_resumes_to_the_same_records(tmp_path, monkeypatch):
         assert outcome(mine) == outcome(record)
 
 
+@pytest.mark.slow
 def test_a_preempted_pack_resumes_mid_epoch_to_the_same_records(tmp_path, monkeypatch):
     """SIGTERM inside an epoch and at its end: the pack checkpoints where it is and resumes to records
     whose outcome equals an uninterrupted pack's."""
@@ -216,6 +219,7 @@ def test_a_pack_refuses_runs_that_differ_beyond_the_seed(tmp_path):
                       for s in (1, 2)], progress=False)
 
 
+@pytest.mark.slow
 def test_the_runner_packs_the_seeds_of_each_cell(tmp_path):
     from okdph.bench.runner import run_table
 

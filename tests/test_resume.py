@@ -77,6 +77,7 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,engine,overrides", CASES)
 def test_signal_at_random_steps_resumes_bitwise(method, engine, overrides, tmp_path, monkeypatch, uninterrupted):
     cfg = tiny(method, engine, overrides, out_dir=str(tmp_path))
@@ -178,6 +179,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, uninterrupted):
     """Kill the training process at random moments until a run completes; every restart continues
     from the last checkpoint (or from scratch before the first) and the final record matches."""
@@ -216,6 +218,7 @@ def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, uninterrupted):
     assert totals["kills"] >= 10 and totals["resumed_from_checkpoint"] >= 4
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_command_checkpoints_exits_75_and_resumes(tmp_path, uninterrupted):
     cfg = tiny("okdph", "reference", (("interval", "2b"),), out_dir=str(tmp_path), epochs=4)
     proc = subprocess.Popen(_train_command(cfg), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

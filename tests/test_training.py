@@ -6,23 +6,35 @@ import pytest
 
 from okdph.engine.run import RunConfig, train_run
 
+from conftest import train_with_pinned_kernels
+
 METHODS = [("base", {}), ("dml", {}), ("kdcl", {}), ("okdph", {"interval": "3b"})]
 CHANCE = 10.0
+# Learned means clearly above chance: at chance, the best of a run's ~9 head-epoch accuracies on the
+# 180 test images stays below 15 % (binomial std 2.2 points). Three smoke epochs are chaotic: float32
+# rounding moves one run by tens of points (OKDPH, paper fidelity: 27 % with the default kernels,
+# 56 % with oneDNN capped at AVX2; ONE: 21 % on one thread, over 30 % on two). So these runs train
+# under pinned kernels and one thread (conftest.PINNED_KERNELS), the same on every CPU of the kind,
+# and the bar sits at twice chance: the twelve pinned learning runs (here and in test_multibranch.py)
+# reach 42-70 % (2026-12-03, 2-core AMD EPYC).
+LEARNED = 2 * CHANCE
 ALL_DIGITS = 100_000  # a cap above the 1,442 digits training images: the whole set
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,overrides", METHODS, ids=[m for m, _ in METHODS])
 @pytest.mark.parametrize("fidelity", ["official", "paper"])
-def test_smoke_run_learns(tmp_path, method, overrides, fidelity):
-    cfg = RunConfig(method=method, profile="smoke", epochs=3, train_samples=ALL_DIGITS, fidelity=fidelity,
-                    overrides=tuple(overrides.items()), deterministic=True, out_dir=str(tmp_path))
-    record = train_run(cfg, progress=False)
+def test_smoke_run_learns(tmp_path, method, overrides, fidelity, record_property):
+    record = train_with_pinned_kernels(method=method, profile="smoke", epochs=3, train_samples=ALL_DIGITS,
+                                       fidelity=fidelity, overrides=list(overrides.items()), deterministic=True,
+                                       out_dir=str(tmp_path))
     assert record["status"] == "complete"
-    assert record["metrics"]["paper"]["acc"] > 3 * CHANCE, record["history"]["test_acc"]
-    assert cfg.record_path().exists()
+    record_property("paper_acc", record["metrics"]["paper"]["acc"])  # the margin, in --junitxml reports
+    assert record["metrics"]["paper"]["acc"] > LEARNED, record["history"]["test_acc"]
+    assert (tmp_path / f"{record['run_id']}.json").exists()
 
 
+@pytest.mark.slow
 def test_deterministic_runs_are_bitwise_repeatable(tmp_path):
     cfg = RunConfig(method="okdph", profile="smoke", epochs=1, deterministic=True,
                     overrides=(("interval", "2b"),), out_dir=str(tmp_path))

@@ -44,6 +44,7 @@ def _leftovers(results: Path) -> list[str]:
     return sorted(p.name for p in runs.iterdir() if p.suffix in (".lock", ".tmp", ".pt") or ".stale-" in p.name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
 def test_concurrent_sweeps_train_every_run_exactly_once(tmp_path, workers):
     results = tmp_path / "results"
@@ -62,6 +63,7 @@ def test_concurrent_sweeps_train_every_run_exactly_once(tmp_path, workers):
     assert again.returncode == 0 and "6 already recorded, 0 to train" in out, err[-2000:]
 
 
+@pytest.mark.slow
 def test_a_killed_workers_lock_is_reclaimed_and_its_run_completes(tmp_path):
     results = tmp_path / "results"
     ids = _cli(*SWEEP, "--dry-run", results=results).communicate(timeout=600)[0]
@@ -90,6 +92,7 @@ def test_a_killed_workers_lock_is_reclaimed_and_its_run_completes(tmp_path):
     assert _leftovers(results) == []
 
 
+@pytest.mark.slow
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     """A NaN loss injected into the three-student runs: their records say where, the table says how
     many runs diverged, the other runs complete."""

@@ -127,7 +127,7 @@ def compare(expected: dict, measured: dict, tolerance: dict) -> list[str]:
     if moved:
         worst = max(relative_move(*pair) for pair in moved.values())
         problems.append(f"losses moved up to {worst:.1e} relative (tolerance {tolerance['loss_rel']:.0e}): " + ", ".join(
-            f"{name} {got:.6g} vs {loss:.6g} ({(got - loss) / abs(loss):+.1e})" for name, (got, loss) in moved.items()))
+            f"{name} {got:.6g} vs {loss:.6g} ({(got - loss) / max(abs(loss), 1e-300):+.1e})" for name, (got, loss) in moved.items()))
     extra = sorted(set(measured["train_loss"]) - set(expected["train_loss"]))
     if extra:
         problems.append(f"new losses {', '.join(extra)}")

@@ -11,7 +11,7 @@ Checks
 - two deterministic reference-engine CUDA runs agree bit for bit;
 - fast and reference engines reach the same accuracy over three seeds (synthetic10, short runs).
 Timings (one epoch, train + test, synthetic100 = CIFAR-100-shaped, 50,000 / 10,000 images)
-- the anchors of ../shared/reference/gpu-baseline.md: OKDPH ResNet32 (2 students + HWM), DML on
+- the anchor configurations of the GPU baseline: OKDPH ResNet32 (2 students + HWM), DML on
   ResNet32, VGG16 and WRN20-8, fast (fp32 and bf16) beside reference, next to the official code's
   s/epoch (measured on an H200);
 - five OKDPH ResNet32 seeds packed into one process (epoch time and peak GPU memory);

@@ -36,12 +36,8 @@ def measure_in_subprocess(setting: str, threads: int) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
-def relative(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-300)
-
-
 def largest_loss_move(measured: dict, baseline: dict) -> float:
-    return max(relative(measured["train_loss"][k], v) for k, v in baseline["train_loss"].items())
+    return max(regress.relative_move(measured["train_loss"][k], v) for k, v in baseline["train_loss"].items())
 
 
 def largest_acc_move(measured: dict, baseline: dict) -> float:

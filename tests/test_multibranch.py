@@ -101,6 +101,21 @@ def test_shared_modules_follow_the_fidelity():
     assert official[0].last_stage is not official[1].last_stage
 
 
+def test_ffl_official_densenet_fusion_input_is_the_post_relu_map():
+    # densenet_ffl.py keeps the map after norm_final, then applies an in-place ReLU to that same
+    # tensor: the fusion module receives ReLU(BN(block 3)), not the pre-ReLU map.
+    strategy = make("ffl", backbone="densenet40_12").train()
+    seen = []
+    strategy.fusion.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(B, 3, 32, 32)
+    strategy._forward(x)
+    branch = strategy.net.branches[0]
+    pre_relu = branch.head.norm_final(branch.last_stage(strategy.net.trunk(x)))
+    assert (pre_relu < 0).any()  # so the ReLU changes something
+    assert len(seen[0]) == 2 and all((m >= 0).all() for m in seen[0])
+    assert torch.allclose(seen[0][0], F.relu(pre_relu))
+
+
 def test_vgg_head_dropout_per_method():
     for method, p in (("one", 0.5), ("okddip", 0.5), ("ffl", 0.0), ("pcl", 0.0)):
         strategy = make(method, backbone="vgg16")

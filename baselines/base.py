@@ -1,4 +1,4 @@
-"""Base: independent training of N networks, no distillation (METHODS.md §2).
+"""Base: independent training of N networks, no distillation (docs/methods.md#base).
 
 Each network sees its own view of the batch (all of the dataset's default type) and minimises its
 own cross-entropy. The official harness reports the best of the N networks, which makes Base the

@@ -1,4 +1,4 @@
-"""DML: Deep Mutual Learning (Zhang et al., CVPR 2018), as the OKDPH harness runs it (METHODS.md §3).
+"""DML: Deep Mutual Learning (Zhang et al., CVPR 2018), as the OKDPH harness runs it (docs/methods.md#dml).
 
     L_k = CE(z_k) + 1/(N−1) · Σ_{l≠k} KL(σ(sg(z_l)) ‖ σ(z_k))        (T = 1, batch mean)
 

@@ -1,5 +1,5 @@
 """FFL: Feature Fusion Learning (Kim, Hyun, Chung & Kwak, "Feature Fusion for Online Mutual Knowledge
-Distillation", ICPR 2020), as the OKDPH harness runs it (METHODS.md §7).
+Distillation", ICPR 2020), as the OKDPH harness runs it (docs/methods.md#ffl).
 
 A branch network (shared trunk, m branches, one shared view) and a separate fusion module that
 turns the concatenated branch feature maps into a fused classifier z_f:
@@ -11,7 +11,7 @@ turns the concatenated branch feature maps into a fused classifier z_f:
 Both teachers are detached in both fidelities, as in the original FFL code. The network and the
 fusion module have one SGD optimizer each (same hyper-parameters), stepped after one joint backward.
 
-Fidelities (DESIGN.md §3):
+Fidelities (docs/methods.md#what-each-fidelity-changes):
 - official: KD^ε (+1e-7 on the teacher); only the network's scheduler is stepped (05_FFL.py:140),
   so the fusion module keeps the initial learning rate for the whole run; the architecture quirks
   of `okdph.models.branches.ffl_network` (ResNet convs ~ N(0, 2/layers[0]), thin "WRN-20-8", one

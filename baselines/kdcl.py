@@ -1,5 +1,5 @@
 """KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), as the OKDPH
-harness runs it (METHODS.md §5).
+harness runs it (docs/methods.md#kdcl).
 
     t = sg(mean_k z_k)                      (plain logit average, each z_k on its own view)
     L_k = (1 − α)·CE(z_k) + α·T²·KL(σ_T(t) ‖ σ_T(z_k)),   α = 0.5, T = 4

@@ -1,5 +1,5 @@
 """OKDDip: Online Knowledge Distillation with Diverse Peers (Chen, Mei, Wang, Feng & Chen, AAAI 2020),
-as the OKDPH harness runs it (METHODS.md §6).
+as the OKDPH harness runs it (docs/methods.md#okddip).
 
 m branches on a shared trunk, one shared view. Branches 0…m−2 are auxiliary peers, branch m−1 is
 the group leader (the deployed model). Each peer i gets its own target, an attention-weighted mix
@@ -15,7 +15,7 @@ The targets are not detached, in both fidelities, as in the authors' code (Defan
 the attention weights W_Q, W_K learn only through them. With two branches (baseline.sh) there is one
 peer, A ≡ 1, t_0 = z_0, and what remains is CE(z_0) + CE(z_L) + w·KD(z_0 ▷ z_L), a mutual pull.
 
-Fidelities (DESIGN.md §3):
+Fidelities (docs/methods.md#what-each-fidelity-changes):
 - official: KD^ε (+1e-7 on the teacher probabilities); DenseNet quirks of densenet_okddip.py
   (DefangChen): all branches share block 3; the peer set (attention, targets, peer mean) also holds
   branch m−1's BN-ReLU output z′ (which gets no CE term), and the leader is recomputed as block 3 ->

@@ -1,5 +1,5 @@
 """ONE: On-the-fly Native Ensemble (Lan, Zhu & Gong, "Knowledge Distillation by On-the-fly Native
-Ensemble", NeurIPS 2018), as the OKDPH harness runs it (METHODS.md §4).
+Ensemble", NeurIPS 2018), as the OKDPH harness runs it (docs/methods.md#one).
 
 One network, m branches on a shared trunk, all on one view. A gate on the trunk output weighs the
 branches into the teacher x_m:
@@ -9,7 +9,7 @@ branches into the teacher x_m:
     L   = Σ_i CE(z_i) + CE(x_m) + α · w(e) · Σ_i T²·KL(σ_T(x_m) ‖ σ_T(z_i))
     w(e) = exp(−5·(1 − min(e, 80)/80)²),  T = 3,  α = 1                (02_ONE.py)
 
-Fidelities (DESIGN.md §3):
+Fidelities (docs/methods.md#what-each-fidelity-changes):
 - official: the teacher x_m is not detached (KL gradients reach the gate and every branch through
   it) and its probabilities carry +1e-7 (KD^ε); DenseNet branches share one block 3 and VGG runs
   every branch twice per step (see `ONE._forward`). The reported heads are what 02_ONE.py

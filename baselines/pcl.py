@@ -1,5 +1,5 @@
 """PCL: Peer Collaborative Learning (Wu & Gong, "Peer Collaborative Learning for Online Knowledge
-Distillation", AAAI 2021), as the OKDPH harness runs it (METHODS.md §8).
+Distillation", AAAI 2021), as the OKDPH harness runs it (docs/methods.md#pcl).
 
 A student S: one trunk, run separately on each of m augmented views, and m branches, branch b on
 view b's trunk output; a peer-ensemble head z_en = Linear(cat_b h_b) on the m pooled features. A
@@ -14,7 +14,7 @@ teacher" from the other branches:
 M runs in train mode on the same views, without gradients; its BN buffers follow its own forward
 passes and are never averaged (both fidelities, as the original code).
 
-Fidelities (DESIGN.md §3):
+Fidelities (docs/methods.md#what-each-fidelity-changes):
 - official: the ramp divides by λ = 1 instead of 80 (`official_rampup`, a bug shaoeric's original
   has too), and `update_ema_variables` is called with global_step = 0, so a = 0: M's parameters are
   a copy of S's after every step and the peer-mean term is DML-style distillation from the other

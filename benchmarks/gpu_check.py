@@ -43,7 +43,7 @@ from okdph.models import create_backbone
 from okdph.okdph import OKDPH
 from okdph.strategy import ModelGroup, build_config, list_strategies
 
-# Official code, one epoch train + test on an H200 (gpu-baseline.md §1).
+# Official code, one epoch train + test on an H200 (docs/verification.md#gpu-measurements).
 OFFICIAL_EPOCH_S = {("okdph", "resnet32"): 28.8, ("dml", "resnet32"): 15.7, ("dml", "vgg16"): 9.5,
                     ("dml", "wrn20_8"): 13.0}
 

@@ -1,4 +1,4 @@
-"""Loss functions shared by the online-KD strategies (METHODS.md §0).
+"""Loss functions shared by the online-KD strategies (docs/methods.md#notation).
 
 Every function takes logits of shape (B, C) and returns a scalar averaged over the batch, so that
 each one can be checked against its closed form without building a model.
@@ -28,7 +28,7 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 
 
 def kd_loss_eps(student: Tensor, teacher: Tensor, temperature: float, eps: float = 1e-7) -> Tensor:
-    """KD^ε_T of METHODS.md §0: like `kd_loss`, but the teacher probabilities are σ_T(t) + ε, both
+    """KD^ε_T of docs/methods.md#notation: like `kd_loss`, but the teacher probabilities are σ_T(t) + ε, both
     as the weight and inside the log, and are not renormalised (ONE, OKDDip and FFL's official code).
     """
     log_p_student = F.log_softmax(student / temperature, dim=1)
@@ -38,7 +38,8 @@ def kd_loss_eps(student: Tensor, teacher: Tensor, temperature: float, eps: float
 
 
 def sigmoid_rampup(epoch: int, length: int = 80) -> float:
-    """exp(−5·(1 − clip(e, 0, L)/L)²) for the 0-based epoch e (Laine & Aila 2017; METHODS.md §0).
+    """exp(−5·(1 − clip(e, 0, L)/L)²) for the 0-based epoch e (Laine & Aila 2017;
+    docs/methods.md#notation).
 
     Weights the distillation terms of ONE, OKDDip and FFL: 0.0067 at e = 0, 1 from e = L on.
     """

@@ -2,7 +2,7 @@
 
 N students of one architecture learn from each other and from a hybrid-weight model (HWM) whose
 parameters are a convex combination of theirs, rebuilt every batch; every Δ batches or epochs the
-students are pulled towards the HWM (fusion). Main-paper equations (PAPER.md §1.1):
+students are pulled towards the HWM (fusion). Main-paper equations (docs/methods.md#okdph):
 
     (4) θ_h = Σ_j r_j θ_j,                 r ~ Dir(1_N) resampled every batch
     (5) θ_i ← γ·θ_h + (1 − γ)·θ_i          when the batch or epoch index is a multiple of Δ
@@ -10,7 +10,7 @@ students are pulled towards the HWM (fusion). Main-paper equations (PAPER.md §1
     (7) L_kd(z_i) = T²·KL(σ_T(sg(z_en)) ‖ σ_T(z_i))
     (8) L_i = ω·CE(z_i) + (1 − ω)·CE(z_h) + β·L_kd(z_i)
 
-Fidelities (DESIGN.md §3, METHODS.md §9 and §13.1-4):
+Fidelities (docs/methods.md#what-each-fidelity-changes, docs/methods.md#okdph):
 - official: what src/OKDPH.py runs. r_j = 1/N; the HWM is a separate network whose whole state
   (parameters and BN buffers) is overwritten with the students' mean before each batch, so
   CE(z_h) reaches no student (its (1 − ω) term only shifts the logged loss).
@@ -48,7 +48,7 @@ def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -
     """Eq. (4) over whole state dicts: Σ_j r_j·state_j for every entry, BN buffers included.
 
     Integer entries (BN's num_batches_tracked) are mixed as floats and truncated back, as
-    `load_state_dict` does with the official code's float result (METHODS.md §9.4). The sum runs
+    `load_state_dict` does with the official code's float result (docs/methods.md#hybrid-weight-model). The sum runs
     in student order, which reproduces the official accumulation bit for bit, with multi-tensor
     kernels (okdph.multi_tensor) over the floating entries.
     """
@@ -101,7 +101,7 @@ def dirichlet_coefficients(count: int, device, generator: Optional[torch.Generat
 
 
 # --------------------------------------------------------------------------------------------------
-# Views per model (supplement §1-2; METHODS.md §9.1). The last view is the HWM's.
+# Views per model (supplement §1-2; docs/methods.md#okdph-views). The last view is the HWM's.
 
 _VIEWS = {
     # students: 2, 3, 4; "rot" marks the CIFAR-100 family whose first view adds the rotation.

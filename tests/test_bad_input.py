@@ -1,5 +1,6 @@
-"""Bad input (DESIGN.md §7, issue 7): every case is refused with one line on stderr and a non-zero
-exit, no traceback (unless --debug), before any work, and nothing already on disk is touched."""
+"""Bad input (docs/verification.md#concurrency-divergence-and-bad-input): every case is refused
+with one line on stderr and a non-zero exit, no traceback (unless --debug), before any work, and
+nothing already on disk is touched."""
 from __future__ import annotations
 
 import json

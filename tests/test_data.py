@@ -1,4 +1,4 @@
-"""Data layer: loading, transforms, views, settings (METHODS.md §11). CPU only, no network."""
+"""Data layer: loading, transforms, views, settings (docs/methods.md#data). CPU only, no network."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Property tests of OKDPH's parameter hybridization and fusion (DESIGN.md §8, METHODS.md §9)."""
+"""Property tests of OKDPH's parameter hybridization and fusion (docs/methods.md#okdph,
+docs/verification.md#fusion-properties)."""
 from __future__ import annotations
 
 import copy

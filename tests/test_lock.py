@@ -1,5 +1,6 @@
-"""Per-run lock files (okdph.engine.lock, DESIGN.md §7): exclusion across real processes, reclaim of
-stale locks (killed holder, silent foreign host, corrupt file), one winner among racing reclaimers."""
+"""Per-run lock files (okdph.engine.lock, docs/verification.md#concurrency-divergence-and-bad-input):
+exclusion across real processes, reclaim of stale locks (killed holder, silent foreign host, corrupt
+file), one winner among racing reclaimers."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Backbones (METHODS.md §10): parameter counts, split points, shapes, initialisation, registry."""
+"""Backbones (docs/methods.md#backbones): parameter counts, split points, shapes, initialisation, registry."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_builder_options_pass_through():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts (METHODS.md §10.7)
+# Parameter counts (docs/methods.md#parameter-counts)
 # ---------------------------------------------------------------------------------------------
 
 PARAMS = {
@@ -132,7 +132,7 @@ def test_head_sizes():
 # Shapes and the split
 # ---------------------------------------------------------------------------------------------
 
-# (trunk output, last-stage output) at 32x32 input and width 1 (METHODS.md §4, §10).
+# (trunk output, last-stage output) at 32x32 input and width 1 (docs/methods.md#multi-branch-split).
 SHAPES = {
     "resnet32": ((32, 16, 16), (64, 8, 8)),
     "resnet110": ((128, 16, 16), (256, 8, 8)),
@@ -203,7 +203,7 @@ def test_functional_call_twice_backprops(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisation (METHODS.md §10, "Common initialisation")
+# Initialisation (docs/methods.md#initialisation)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ALL)
@@ -272,7 +272,7 @@ def test_densenet_init(cifar100_models):
 # ---------------------------------------------------------------------------------------------
 
 class _ReferenceCifarResNet(nn.Module):
-    """The official CIFAR ResNet (METHODS.md §10.1-10.3) spelled with torchvision's blocks."""
+    """The official CIFAR ResNet (docs/methods.md#backbones) spelled with torchvision's blocks."""
 
     def __init__(self, block, layers, num_classes, width_per_group=64):
         super().__init__()

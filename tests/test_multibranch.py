@@ -1,8 +1,9 @@
-"""The multi-branch baselines ONE, OKDDip, FFL and PCL (METHODS.md §4, §6-§8, §10.7, §13).
+"""The multi-branch baselines ONE, OKDDip, FFL and PCL (docs/methods.md#one, docs/methods.md#okddip,
+docs/methods.md#ffl, docs/methods.md#pcl, docs/methods.md#quirks-of-the-official-code).
 
-Parameter counts at full width against the METHODS.md table (construction only), closed-form losses
-on fixed logits in both fidelities, structural properties on tiny models, and (slow) one real
-deterministic run per method on the embedded digits data.
+Parameter counts at full width against docs/methods.md#parameter-counts (construction only),
+closed-form losses on fixed logits in both fidelities, structural properties on tiny models, and
+(slow) one real deterministic run per method on the embedded digits data.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ IMAGES = [torch.zeros(B, 3, 32, 32)]
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter counts: METHODS.md §10.7, two-branch models on CIFAR-100 (PCL DenseNet: three branches)
+# Parameter counts (docs/methods.md#parameter-counts): two-branch models on CIFAR-100 (PCL DenseNet:
+# three branches)
 
 TABLE = {
     #                 ONE          OKDDip       PCL (S)      FFL network + fusion module

@@ -1,6 +1,6 @@
 """The OKDPH strategy on the reference engine against a direct transcription of the official loop.
 
-The official training step (src/OKDPH.py, METHODS.md §9.2) rebuilds the HWM from the students'
+The official training step (src/OKDPH.py, docs/methods.md#okdph) rebuilds the HWM from the students'
 state, runs every model on its own view, then for each student in turn: zero_grad, backward of
 ω·CE + (1−ω)·CE_hwm + β·KD, step, and at batch-level fusion batches fuses that student at once.
 The engine instead takes one joint backward and steps every student, then fuses. Both must agree.

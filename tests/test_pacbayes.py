@@ -87,9 +87,9 @@ def test_bound_terms_equal_hand_computation():
 
 
 def test_magnitude_variant_scales_with_the_parameter_count():
-    # PAPER.md §4: with σ_i = α|w_i| the KL term is d/(4α²). With curvatures h_i = 1/(d w_i²) the
-    # tolerated α does not depend on d (½α²·mean z² = ε), so the bound grows in proportion to d,
-    # whatever the weights' magnitudes, while the absolute-σ variant follows ‖w‖² instead.
+    # docs/protocol.md#pac-bayes-bound: with σ_i = α|w_i| the KL term is d/(4α²). With curvatures
+    # h_i = 1/(d w_i²) the tolerated α does not depend on d (½α²·mean z² = ε), so the bound grows in
+    # proportion to d, whatever the weights' magnitudes, while the absolute-σ variant follows ‖w‖².
     per_param = {}
     for d, magnitude in ((400, 1.0), (1600, 10.0), (6400, 0.1)):
         w = magnitude * (torch.rand(d, dtype=torch.float64) + 0.5)

@@ -1,4 +1,4 @@
-"""Fault injection: interrupted runs resume exactly (DESIGN.md §7, issue 7).
+"""Fault injection: interrupted runs resume exactly (docs/verification.md#resume-and-preemption).
 
 An interrupted deterministic CPU run, restarted with the same configuration, must end with a record
 whose outcome (everything but timings, provenance and the resume log) is bitwise equal to that of an

@@ -1,5 +1,6 @@
-"""Sweeps under faults (DESIGN.md §7, issue 7): concurrent workers on one results folder, a worker
-killed while it holds a run, a run that diverges in the middle of a sweep."""
+"""Sweeps under faults (docs/verification.md#concurrency-divergence-and-bad-input): concurrent
+workers on one results folder, a worker killed while it holds a run, a run that diverges in the
+middle of a sweep."""
 from __future__ import annotations
 
 import json

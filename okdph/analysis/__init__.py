@@ -1,4 +1,5 @@
-"""Generalization measurements of trained runs (PAPER.md §4-5), from the trajectory points that
+"""Generalization measurements of trained runs (docs/protocol.md#pac-bayes-bound,
+docs/protocol.md#loss-landscape), from the trajectory points that
 `okdph-bench train --save-every E` keeps beside a record:
 
 - `pacbayes`: the PAC-Bayes bound (supplement Table 5, Fig. 1);

@@ -1,5 +1,5 @@
-"""Loss landscape around the training trajectories (OKDPH Figs. 2-5 of the supplement; PAPER.md §5,
-after the official experiment/landscape/grid_loss.py and draw.ipynb).
+"""Loss landscape around the training trajectories (OKDPH Figs. 2-5 of the supplement;
+docs/protocol.md#loss-landscape, after the official experiment/landscape/grid_loss.py and draw.ipynb).
 
     okdph-bench train --method okdph ... --save-every 5 --out results/runs      # both runs, same setup
     okdph-bench train --method dml   ... --save-every 5 --out results/runs

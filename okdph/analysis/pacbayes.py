@@ -1,10 +1,10 @@
-"""PAC-Bayes bound of a trained network (OKDPH supplement Table 5 and Fig. 1; PAPER.md §4).
+"""PAC-Bayes bound of a trained network (OKDPH supplement Table 5 and Fig. 1; docs/protocol.md#pac-bayes-bound).
 
     okdph-bench pacbayes results/runs/<run>.json --write          # the record gets metrics.pacbayes
     okdph-bench pacbayes results/runs/*.json --per-epoch --out fig1.png
 
-The paper gives no formula. Following PAPER.md §4 (and LPF-SGD's `pac_bayes`, Bisla et al. 2022),
-the bound of weights w (d trainable parameters) trained on m images is
+The paper gives no formula. Following docs/protocol.md#pac-bayes-bound (and LPF-SGD's `pac_bayes`,
+Bisla et al. 2022), the bound of weights w (d trainable parameters) trained on m images is
 
     bound = KL + log(2m/δ),   δ = 1e-6,
 
@@ -20,7 +20,7 @@ mean training-loss increase over `samples` Monte-Carlo perturbations, E[L(w + u)
 
 Default "magnitude": it is the variant that reproduces the scale of Table 5. Every published value
 is (200-240)·d for the repo's own parameter counts d, across five architectures of 0.18M-15M
-parameters and both datasets, with under 1% between methods (PAPER.md §4). A magnitude-relative
+parameters and both datasets, with under 1% between methods. A magnitude-relative
 noise makes the KL term exactly d/(4α²), so that ratio is 1/(4α²) with α ≈ 0.034: noise of about
 3.4% of each weight. The absolute-σ variants give ‖w‖²/(4σ²), which has no reason to be
 proportional to d; they are kept for comparison. The log term (≈ 19 for CIFAR) is negligible.
@@ -29,7 +29,7 @@ Choices the paper leaves open, made here:
 - Loss: mean cross-entropy on the run's training split with NO augmentation (the 'base' view),
   network in eval mode (BN running statistics), as both public implementations measure it.
 - Perturbed: every trainable parameter (conv/linear weights and biases, BN affine); BN buffers are
-  kept. d counts the same parameters (the counts PAPER.md quotes: ResNet32/CIFAR-10 466,906).
+  kept. d counts the same parameters (docs/methods.md#parameter-counts: ResNet32/CIFAR-10 466,906).
 - Weights: the deployed student (`student0`) at the last saved epoch; `--per-epoch`: every saved one.
 - Common random numbers: the `samples` standard-normal directions z_k are drawn once (from a
   torch.Generator seeded with `seed`, on the CPU, so they do not depend on the device) and every

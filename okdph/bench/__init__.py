@@ -1,6 +1,6 @@
-"""The benchmark harness (DESIGN.md §6): the paper's tables as data, their expansion into runs,
-executors (local, SLURM, plain commands), the result store, table rendering, the report and the
-accuracy-regression check.
+"""The benchmark harness (docs/architecture.md#harness-and-analyses): the paper's tables as data,
+their expansion into runs, executors (local, SLURM, plain commands), the result store, table
+rendering, the report and the accuracy-regression check.
 
     from okdph.bench import run_table
     run_table("3", profile="smoke")    # all of supplement Table 3 on the embedded data, a few minutes on CPU

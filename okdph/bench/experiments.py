@@ -1,19 +1,20 @@
-"""The paper's experiments as data (DESIGN.md §6), and their expansion into runs.
+"""The paper's experiments as data (docs/protocol.md#the-paper-tables), and their expansion into runs.
 
 A table file, `okdph/bench/tables/<id>.json`, lists one cell per line: method, backbone, dataset,
 data setting, students (or branches) and, where it is known, the paper's value with a note marker
 for values that are not a transcription of the paper itself. The file also says how the table is
 laid out (`rows`: the fields of a row, the methods are the columns), which metric it reports and
-which profiles it supports. The numbers come from the supplement (Tables 3-7) as transcribed in the
-project's reference file `paper_tables.json`; each table file names its source.
+which profiles it supports. The numbers come from the supplement (Tables 3-7), transcribed and
+checked against its text (docs/protocol.md#paper-values); each table file names its source.
 
 OKDPH's hyper-parameters are not in the table files: supplement Tables 6 and 7
 (`tables/okdph_presets.json`) give ω, β, γ and the fusion interval Δ per dataset, backbone,
 student count and data setting, and `expand` applies them to every OKDPH cell they cover.
 
 Expansion: every cell × seeds gives one run; run r has seed 42 + r, as the official scripts start
-from seed 42. In the smoke profile every CIFAR cell runs on the embedded digits data (DESIGN.md
-§6), so cells that differ only in their dataset become the same run and share its record.
+from seed 42. In the smoke profile every CIFAR cell runs on the embedded digits data
+(docs/protocol.md#recipes-per-profile), so cells that differ only in their dataset become the same
+run and share its record.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`okdph-bench regress`: a per-commit check that no method's behaviour changed (DESIGN.md §8).
+"""`okdph-bench regress`: a per-commit check that no method's behaviour changed
+(docs/verification.md#regression-expectations).
 
 Every registered method trains one tiny deterministic CPU run on the embedded digits data (smoke
 recipe, ResNet32 at 1/8 width, 2 students or branches, seed 42, one epoch of 6 steps); its training

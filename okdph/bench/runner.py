@@ -1,5 +1,5 @@
 """`okdph-bench run --table ID`: expand a table into runs, skip those already recorded, train the
-rest on an executor, and render the table from the records (DESIGN.md §6).
+rest on an executor, and render the table from the records (docs/architecture.md#data-flow-of-one-table).
 
     run_table("3", profile="smoke")            # the README's first command
     render_table("3", profile="smoke")         # `okdph-bench table 3 --profile smoke`

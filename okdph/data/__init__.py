@@ -1,5 +1,5 @@
 """Data: datasets (CIFAR-10/100, ImageNet folder, embedded digits, synthetic), training views,
-and the noisy / limited-data settings. See METHODS.md §11 and DESIGN.md §5."""
+and the noisy / limited-data settings. See docs/methods.md#data."""
 
 from .datasets import (
     SETTINGS, ArrayDataset, MultiView, NoisyDataset, build_test_set, build_train_set, limited_indices,

@@ -1,5 +1,6 @@
 """Datasets: loading (CIFAR-10/100, ImageNet folder, embedded digits, synthetic), multi-view items,
-and the noisy and limited-data settings (METHODS.md §11.3-11.5).
+and the noisy and limited-data settings (docs/methods.md#views-per-method,
+docs/methods.md#noisy-data, docs/methods.md#limited-data).
 
 A training item is (Tensor[V, 3, H, W] float32, int target): view k is made by views[k]'s transform,
 each view with its own random draws. A test item is (Tensor[3, H, W], int).
@@ -101,7 +102,8 @@ def load_arrays(name: str, root=None, train: bool = True, download: bool = False
 # ------------------------------------------------------------------------------------------------
 
 def limited_indices(targets, percent: float, seed: int = LIMITED_SEED) -> np.ndarray:
-    """Train indices of the limited-data setting, as the official sampler draws them (METHODS.md §11.5).
+    """Train indices of the limited-data setting, as the official sampler draws them
+    (docs/methods.md#limited-data).
 
     One legacy numpy stream seeded with `seed`; for each class in order of first appearance in
     `targets`, round(class size * percent / 100) draws WITH replacement from that class's indices

@@ -1,6 +1,7 @@
-"""Per-sample augmentation of uint8 image batches on their own device (the fast engine, DESIGN.md §4).
+"""Per-sample augmentation of uint8 image batches on their own device (the fast engine,
+docs/architecture.md#engine-layer).
 
-The six training views of METHODS.md §11.2 for CIFAR-sized (32x32) data, every sample with its own
+The six training views of docs/methods.md#training-views for CIFAR-sized (32x32) data, every sample with its own
 random parameters, no Python loop over samples, static shapes, no host synchronisation per chunk:
 
 | view        | ops (uint8)                                    | float                       |

@@ -20,11 +20,11 @@ class DatasetInfo:
     image_size: int                      # side of the square training/test crop
     mean: tuple[float, float, float]     # per-channel mean of ToTensor() output (0..1), RGB
     std: tuple[float, float, float]      # per-channel std, RGB
-    default_view: str                    # the Base/DML view (METHODS.md §2)
+    default_view: str                    # the Base/DML view (docs/methods.md#views-per-method)
 
 
 _INFOS = (
-    # METHODS.md §11.1 (official data/data_loader.py, full precision as it is written there)
+    # docs/methods.md#normalisation (official data/data_loader.py, full precision as it is written there)
     DatasetInfo("cifar10", 10, 32, (0.4914, 0.4822, 0.4465),
                 # the widely copied "wrong" CIFAR-10 std; the true one is (0.2470, 0.2435, 0.2616)
                 (0.2023, 0.1994, 0.2010), "hflip"),

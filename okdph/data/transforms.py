@@ -1,4 +1,4 @@
-"""The training views and the test transform, as the official code builds them (METHODS.md §11.2).
+"""The training views and the test transform, as the official code builds them (docs/methods.md#training-views).
 
 torchvision v1 transforms on PIL images, each composition ending ToTensor -> Normalize.
 

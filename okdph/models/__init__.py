@@ -1,4 +1,4 @@
-"""Backbones of METHODS.md §10, built by name.
+"""Backbones of docs/methods.md#backbones, built by name.
 
     >>> from okdph.models import create_backbone
     >>> net = create_backbone("resnet32", num_classes=100)

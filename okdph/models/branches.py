@@ -1,4 +1,5 @@
-"""Multi-branch networks: a shared trunk and m branches cut from any backbone (METHODS.md §4, §6-§8).
+"""Multi-branch networks: a shared trunk and m branches cut from any backbone
+(docs/methods.md#multi-branch-split).
 
 ONE, OKDDip, FFL and PCL all split a backbone before its last stage (`Backbone.trunk`), keep one trunk
 and give every branch its own copy of the last stage and head:
@@ -49,7 +50,7 @@ __all__ = [
 
 def family_of(backbone: Backbone) -> str:
     """"vgg", "densenet" or "resnet" (every other backbone): the family whose official model files
-    and initialisation a multi-branch network follows (METHODS.md §10)."""
+    and initialisation a multi-branch network follows (docs/methods.md#initialisation)."""
     if isinstance(backbone, VGG):
         return "vgg"
     if isinstance(backbone, DenseNet):
@@ -113,7 +114,8 @@ class MultiBranchNet(nn.Module):
 
 
 def reinit_like_(module: nn.Module, backbone: Backbone) -> None:
-    """Re-initialise every layer of `module` as `backbone`'s family initialises its own (METHODS.md §10).
+    """Re-initialise every layer of `module` as `backbone`'s family initialises its own
+    (docs/methods.md#initialisation).
 
     The family's `reset_parameters` only walks `self.modules()`, so it applies to any sub-module.
     """
@@ -189,7 +191,7 @@ def _backbone_factory(backbone: str, num_classes: int, width: float) -> Callable
 
 def one_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
                 fidelity: str = "official") -> MultiBranchNet:
-    """ONE's branches (METHODS.md §4): independent copies of the last stage and head.
+    """ONE's branches (docs/methods.md#one): independent copies of the last stage and head.
 
     VGG heads carry Dropout(0.5) (vgg_one.py) in both fidelities; the plain VGG-16 has none.
     Official quirk (densenet_one.py, inherited from DefangChen/OKDDip): one dense block 3 object is
@@ -204,7 +206,7 @@ def one_network(backbone: str, num_classes: int, num_branches: int, *, width: fl
 
 def okddip_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
                    fidelity: str = "official") -> MultiBranchNet:
-    """OKDDip's peers and leader (METHODS.md §6): the same layout as ONE's.
+    """OKDDip's peers and leader (docs/methods.md#okddip): the same layout as ONE's.
 
     VGG heads carry Dropout(0.5) and keep PyTorch's default Linear biases (vgg_okddip.py's init loop
     sets only the weights), in both fidelities.
@@ -233,7 +235,7 @@ def ffl_thin_wrn20_8(num_classes: int, width: float = 1.0) -> CifarResNet:
 
 def ffl_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
                 fidelity: str = "official") -> MultiBranchNet:
-    """FFL's branch network (METHODS.md §7), without the fusion module (baselines/ffl.py).
+    """FFL's branch network (docs/methods.md#ffl), without the fusion module (baselines/ffl.py).
 
     Official quirks, none of them in the original FFL code; the paper fidelity has none:
     - wrn20_8 is the thin bottleneck ResNet-20 (`ffl_thin_wrn20_8`);
@@ -263,7 +265,7 @@ def ffl_network(backbone: str, num_classes: int, num_branches: int, *, width: fl
 
 def pcl_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
                 fidelity: str = "official") -> MultiBranchNet:
-    """PCL's branches (METHODS.md §8), without the peer-ensemble head (baselines/pcl.py).
+    """PCL's branches (docs/methods.md#pcl), without the peer-ensemble head (baselines/pcl.py).
 
     DenseNet branches are block 3 -> ReLU -> pool -> FC with no final BN, in both fidelities: the
     original PCL code (shaoeric) builds them that way too.

@@ -1,13 +1,14 @@
-"""CIFAR DenseNet-BC, DenseNet-40-12 (METHODS.md §10.5).
+"""CIFAR DenseNet-BC, DenseNet-40-12 (docs/methods.md#backbones).
 
 Huang et al., "Densely Connected Convolutional Networks", CVPR 2017, in its BC form (1x1 bottleneck to
 bn_size * k channels, compression 0.5 in the transitions) as the official OKDPH code inherits it from
 DefangChen/OKDDip: a plain 3x3 conv0 (no BN after it), three dense blocks of 6 layers with growth 12,
 channels 24 -> 96 -> 48 -> 120 -> 60 -> 132, then BN -> ReLU -> global average pool -> Linear.
 
-Split (METHODS.md §4, §6): trunk = conv0, block1, trans1, block2, trans2 (60x8x8 out); last_stage =
-block3 (132x8x8); head = norm_final BN -> ReLU -> avgpool -> Linear. The official ONE/OKDDip/FFL
-branches share one block3 (METHODS.md §13.11); that is decided where those methods build branches.
+Split (docs/methods.md#multi-branch-split): trunk = conv0, block1, trans1, block2, trans2 (60x8x8
+out); last_stage = block3 (132x8x8); head = norm_final BN -> ReLU -> avgpool -> Linear. The official
+ONE/OKDDip/FFL branches share one block3 (docs/methods.md#quirks-of-the-official-code); that is
+decided where those methods build branches.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class DenseNet(Backbone):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init (METHODS.md §10): He-normal convs with PyTorch's defaults (fan_in), BN 1/0,
+        """Official init (docs/methods.md#initialisation): He-normal convs with PyTorch's defaults (fan_in), BN 1/0,
         Linear with default weight and zero bias."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -153,6 +154,7 @@ class DenseNet(Backbone):
 
 @register_backbone
 def densenet40_12(num_classes: int, width: float = 1.0) -> DenseNet:
-    """DenseNet-BC-40 with k = 12: blocks [6, 6, 6], 24 initial features, 132-d feature (METHODS.md §10.5)."""
+    """DenseNet-BC-40 with k = 12: blocks [6, 6, 6], 24 initial features, 132-d feature
+    (docs/methods.md#backbones)."""
     variant = dict(block_config=(6, 6, 6), growth=12, init_features=24, bn_size=4, compression=0.5)
     return DenseNet(num_classes=num_classes, width=width, **variant)

@@ -1,4 +1,4 @@
-"""ImageNet ResNet-18 (METHODS.md §10.6).
+"""ImageNet ResNet-18 (docs/methods.md#backbones).
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, exactly as
 `torchvision.models.resnet18(num_classes=...)` builds it: the official code uses torchvision's model,
@@ -7,7 +7,8 @@ construction and initialisation order, so that at width 1.0 and the same seed it
 `torchvision.models.resnet18`'s (tests/test_models.py checks this); the assembly is what lets it take
 the trunk / last-stage split and a `width` multiplier.
 
-Split (by analogy with the CIFAR ResNets, METHODS.md §4): trunk = stem (7x7 conv, BN, ReLU, max-pool)
+Split (by analogy with the CIFAR ResNets, docs/methods.md#multi-branch-split): trunk = stem (7x7
+conv, BN, ReLU, max-pool)
 + layer1..layer3; last_stage = layer4; head = global average pool + fc.
 """
 

@@ -1,4 +1,4 @@
-"""CIFAR ResNets: ResNet-32, bottleneck ResNet-110 and WRN-20-8 (METHODS.md §10.1-§10.3).
+"""CIFAR ResNets: ResNet-32, bottleneck ResNet-110 and WRN-20-8 (docs/methods.md#backbones).
 
 He et al., "Deep Residual Learning for Image Recognition", CVPR 2016; the wide variant follows the
 torchvision `wide_resnet` convention (wider inner bottleneck), not Zagoruyko & Komodakis' pre-activation
@@ -6,7 +6,8 @@ WRN. These are the DefangChen/OKDDip variants the official OKDPH code trains: a 
 channels, three stages at strides 1, 2, 2, and type-B (1x1 conv + BN) shortcuts only where the shape
 changes. ResNet-110 and WRN-20-8 use bottleneck blocks, so they are ~1.15M and ~6.8M parameters.
 
-Split (METHODS.md §4): trunk = stem + layer1 + layer2, last_stage = layer3, head = avgpool + Linear.
+Split (docs/methods.md#multi-branch-split): trunk = stem + layer1 + layer2, last_stage = layer3,
+head = avgpool + Linear.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class CifarResNet(Backbone):
 
 
 def init_resnet_(module: nn.Module) -> None:
-    """The ResNet init of the official code and of torchvision (METHODS.md §10): He-normal fan_out
+    """The ResNet init of the official code and of torchvision (docs/methods.md#initialisation): He-normal fan_out
     convs, BN 1/0, Linear left at PyTorch's default, no zero-init of a block's last BN."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -165,20 +166,20 @@ def init_resnet_(module: nn.Module) -> None:
 
 @register_backbone
 def resnet32(num_classes: int, width: float = 1.0) -> CifarResNet:
-    """ResNet-32: basic blocks [5, 5, 5], 64-d feature (METHODS.md §10.1)."""
+    """ResNet-32: basic blocks [5, 5, 5], 64-d feature (docs/methods.md#backbones)."""
     variant = dict(block=BasicBlock, layers=(5, 5, 5))
     return CifarResNet(num_classes=num_classes, width=width, **variant)
 
 
 @register_backbone
 def resnet110(num_classes: int, width: float = 1.0) -> CifarResNet:
-    """ResNet-110, bottleneck variant: [12, 12, 12] x expansion 4, 256-d feature (METHODS.md §10.2)."""
+    """ResNet-110, bottleneck variant: [12, 12, 12] x expansion 4, 256-d feature (docs/methods.md#backbones)."""
     variant = dict(block=Bottleneck, layers=(12, 12, 12))
     return CifarResNet(num_classes=num_classes, width=width, **variant)
 
 
 @register_backbone
 def wrn20_8(num_classes: int, width: float = 1.0) -> CifarResNet:
-    """WRN-20-8: bottleneck [2, 2, 2] with 8x inner width, 256-d feature (METHODS.md §10.3)."""
+    """WRN-20-8: bottleneck [2, 2, 2] with 8x inner width, 256-d feature (docs/methods.md#backbones)."""
     variant = dict(block=Bottleneck, layers=(2, 2, 2), base_width=64 * 8)
     return CifarResNet(num_classes=num_classes, width=width, **variant)

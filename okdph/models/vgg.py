@@ -1,11 +1,11 @@
-"""CIFAR VGG-16 with batch norm (METHODS.md §10.4).
+"""CIFAR VGG-16 with batch norm (docs/methods.md#backbones).
 
 Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition", ICLR 2015,
 in the CIFAR form the official OKDPH code inherits from DefangChen/OKDDip: 13 conv3x3 layers (with
 biases) each followed by BN and ReLU, five 2x2 max-pools taking 32x32 to 1x1, and a 3-layer MLP head
 on the flattened 512-d vector.
 
-Split (METHODS.md §4, §6): trunk = stem (2 convs + pool), layer1, layer2, layer3 (512x2x2 out);
+Split (docs/methods.md#multi-branch-split): trunk = stem (2 convs + pool), layer1, layer2, layer3 (512x2x2 out);
 last_stage = layer4 (3 conv512 + pool); head = flatten + Linear-ReLU-Dropout-Linear-ReLU-Dropout-Linear.
 """
 
@@ -76,7 +76,7 @@ class VGG(Backbone):
         depths: conv layers in (stem, layer1, layer2, layer3, layer4); (2, 2, 3, 3, 3) is VGG-16.
         num_classes: number of logits.
         dropout: dropout probability in the head; 0.0 in the official model, 0.5 in the ONE and
-            OKDDip branches (METHODS.md §4, §6).
+            OKDDip branches (docs/methods.md#one, docs/methods.md#okddip).
         width: channel multiplier for tiny test models; 1.0 gives convs 64..512 and a 512-wide MLP.
     """
 
@@ -94,7 +94,7 @@ class VGG(Backbone):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init (METHODS.md §10): He-normal fan_out convs with zero bias, BN 1/0,
+        """Official init (docs/methods.md#initialisation): He-normal fan_out convs with zero bias, BN 1/0,
         Linear N(0, 0.01) with zero bias."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -110,6 +110,6 @@ class VGG(Backbone):
 
 @register_backbone
 def vgg16(num_classes: int, width: float = 1.0, dropout: float = 0.0) -> VGG:
-    """VGG-16 (BN): 13 convs + 3 FC, 512-d feature (METHODS.md §10.4)."""
+    """VGG-16 (BN): 13 convs + 3 FC, 512-d feature (docs/methods.md#backbones)."""
     variant = dict(depths=(2, 2, 3, 3, 3))
     return VGG(num_classes=num_classes, dropout=dropout, width=width, **variant)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from okdph.strategy import Strategy, make_students, register_strategy
+from okdph.models import make_students
+from okdph.strategy import Strategy, register_strategy
 
 
 @register_strategy("base")

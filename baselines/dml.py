@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from okdph.losses import kd_loss
-from okdph.strategy import Strategy, check_positive, make_students, register_strategy
+from okdph.models import make_students
+from okdph.strategy import Strategy, check_positive, register_strategy
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from okdph.losses import kd_loss
-from okdph.strategy import Strategy, check_positive, check_unit_range, make_students, register_strategy
+from okdph.models import make_students
+from okdph.strategy import Strategy, check_positive, check_unit_range, register_strategy
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from okdph.engine.record import atomic_write_json, provenance
 from okdph.engine.run import RunConfig, train_run
 from okdph.models import create_backbone
 from okdph.okdph import OKDPH
-from okdph.strategy import ModelGroup, build_config, list_strategies
+from okdph.models import ModelGroup
+from okdph.strategy import build_config, list_strategies
 
 # Official code, one epoch train + test on an H200 (docs/verification.md#gpu-measurements).
 OFFICIAL_EPOCH_S = {("okdph", "resnet32"): 28.8, ("dml", "resnet32"): 15.7, ("dml", "vgg16"): 9.5,

@@ -37,8 +37,8 @@ from torch.func import functional_call
 
 from okdph import multi_tensor
 from okdph.losses import kd_loss
-from okdph.strategy import (ConfigError, Interval, Strategy, check_positive, check_unit_range,
-                            make_students, register_strategy)
+from okdph.models import make_students
+from okdph.strategy import ConfigError, Interval, Strategy, check_positive, check_unit_range, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Parameter hybridization and fusion: pure tensor math, shared with the fast engine and the tests.
@@ -179,9 +179,11 @@ class OKDPH(Strategy):
     def views(self):
         return self._views
 
-    def _coefficients(self, device) -> Tensor:
+    def _coefficients(self, device, dtype: torch.dtype) -> Tensor:
         if self.coefficient_kind == "mean":
-            return torch.full((self.num_models,), 1.0 / self.num_models, device=device)
+            # In the networks' dtype (the images' dtype): the official code multiplies by the Python
+            # float 1/N, which a float32 tensor would round (1/3 by 3e-8, a drift float64 runs show).
+            return torch.full((self.num_models,), 1.0 / self.num_models, device=device, dtype=dtype)
         return dirichlet_coefficients(self.num_models, device)
 
     def _hwm_logits(self, image: Tensor, coefficients: Tensor) -> Tensor:
@@ -198,7 +200,7 @@ class OKDPH(Strategy):
 
     def forward_train(self, images, targets, *, epoch, step):
         n = self.num_models
-        coefficients = self._coefficients(targets.device)
+        coefficients = self._coefficients(targets.device, images[n].dtype)
         hwm_logits = self._hwm_logits(images[n], coefficients)
         logits = self.students(images[:n])
         teacher = torch.cat([logits, hwm_logits[None]]).detach().mean(dim=0)

@@ -1,4 +1,4 @@
-"""The Strategy contract and its registry (DESIGN.md §2).
+"""The Strategy contract and its registry (docs/architecture.md#strategies).
 
 A strategy is one online-KD method. It declares its networks, the augmentation view each network
 sees, its losses for one batch, its hooks and its evaluable heads; the engine does everything else
@@ -15,14 +15,13 @@ Third-party packages register theirs through the entry-point group ``okdph.strat
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import re
 import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -150,47 +149,6 @@ class OptimizerGroup:
     scheduled: bool = True
 
 
-class ModelGroup(nn.ModuleList):
-    """K networks of one architecture (students, or a multi-branch network's branches), called
-    together: input k goes to network k.
-
-    This is the seam for the fast engine, which swaps in a fused network with the same methods
-    (okdph.engine.fused.FusedGroup); strategies only ever go through these methods, never through
-    the members' own modules, so they run unchanged on either.
-    """
-
-    def forward(self, inputs: Sequence[Tensor], method: str = "forward"):
-        """K inputs of (B, ...) -> the members' outputs stacked, (K, B, ...): logits (K, B, C) for a
-        network; a tuple of stacks where the members return tuples (a branch's features and logits).
-        `method` names another method of the members to call instead of their forward."""
-        if len(inputs) != len(self):
-            raise ValueError(f"{len(self)} networks but {len(inputs)} inputs")
-        outputs = [getattr(net, method)(x) for net, x in zip(self, inputs)]
-        if isinstance(outputs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outputs))
-        return torch.stack(outputs)
-
-    def member_states(self) -> list[dict[str, Tensor]]:
-        """Each member's state (parameters and buffers) as detached tensors that alias the live
-        ones: in-place writes under no_grad change the member."""
-        return [net.state_dict() for net in self]
-
-    def member_parameters(self, k: int) -> dict[str, Tensor]:
-        """Member k's parameters, differentiable (for a model built from them, e.g. the paper HWM)."""
-        return dict(self[k].named_parameters())
-
-
-def make_students(backbone: str, num_classes: int, count: int, width: float, same_init: bool) -> ModelGroup:
-    """`count` full networks, independently initialised from the global RNG or all copies of the
-    first (OKDPH's identical initialisation, METHODS.md §9.1)."""
-    from okdph.models import create_backbone
-
-    if same_init:
-        first = create_backbone(backbone, num_classes, width=width)
-        return ModelGroup([first] + [copy.deepcopy(first) for _ in range(count - 1)])
-    return ModelGroup([create_backbone(backbone, num_classes, width=width) for _ in range(count)])
-
-
 class Strategy(nn.Module):
     """Base class of every method. Subclasses set `Config` and implement `forward_train`.
 
@@ -198,6 +156,12 @@ class Strategy(nn.Module):
     `config` (an instance of `Config`), `backbone` (a name for `okdph.models.create_backbone`),
     `num_classes`, `num_models` (students or branches), `dataset` (an `okdph.data.DatasetInfo`,
     for the default views), `fidelity` ("official" or "paper") and `width` (channel multiplier).
+
+    What the defaults rely on: a strategy of separate networks builds them as `self.students`, a
+    `okdph.models.ModelGroup` (`make_students`); the default optimizer group, test heads and the
+    trajectory points use it. A strategy without one (a multi-branch network) overrides
+    `optimizer_groups`, `eval_heads` and `head_names`. `head_names()` must name exactly the heads
+    `eval_heads` returns, `deployed_head` among them: the driver checks it before training.
     """
 
     Config: ClassVar[type] = NoConfig
@@ -223,13 +187,24 @@ class Strategy(nn.Module):
     # ---- declared by subclasses -----------------------------------------------------------------
 
     def views(self) -> list[str]:
-        """The augmentation view of each input slot of `forward_train` (METHODS.md §11.3)."""
+        """The augmentation view of each input slot of `forward_train` (docs/methods.md#views-per-method)."""
         return [self.dataset.default_view] * self.num_models
+
+    def has_students(self) -> bool:
+        return self._modules.get("students") is not None
+
+    def student_group(self) -> nn.ModuleList:
+        """The strategy's students, `self.students`; one ConfigError line for a strategy without them."""
+        students = self._modules.get("students")
+        if students is None:
+            raise ConfigError(f"strategy '{self.name}' has no students: build self.students "
+                              "(okdph.models.make_students) or override optimizer_groups, eval_heads and head_names")
+        return students
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         """Default: every student's parameters under one SGD. The official scripts keep one SGD per
         model; with equal hyper-parameters that is the same update, element for element."""
-        return [OptimizerGroup("students", list(self.students.parameters()))]
+        return [OptimizerGroup("students", list(self.student_group().parameters()))]
 
     def graph_key(self, *, epoch: int, step: int):
         """What distinguishes this step's computation from another's, for CUDA-graph capture: steps
@@ -252,15 +227,34 @@ class Strategy(nn.Module):
 
     def eval_heads(self, images: Tensor) -> dict[str, Tensor]:
         """Logits (B, C) of every evaluable head on clean test images; default: each student."""
-        logits = self.students([images] * len(self.students))
+        students = self.student_group()
+        logits = students([images] * len(students))
         return {f"student{k}": z for k, z in enumerate(logits)}
 
     def head_names(self) -> list[str]:
+        """The names of `eval_heads`' heads, in its order (a record's history has one row each)."""
         return [f"student{k}" for k in range(self.num_models)]
 
     def describe(self) -> dict:
         """What a record should say about how this run differs from the plain method, if anything."""
         return {}
+
+
+@torch.no_grad()
+def check_heads(strategy: Strategy, images: Tensor) -> None:
+    """`head_names()` names exactly what `eval_heads` returns on `images` (a test batch), and the
+    deployed head is one of them; one ConfigError line naming the mismatch otherwise."""
+    was_training = strategy.training
+    strategy.eval()
+    returned = list(strategy.eval_heads(images))
+    strategy.train(was_training)
+    declared = strategy.head_names()
+    if returned != declared:
+        raise ConfigError(f"strategy '{strategy.name}': head_names() declares {', '.join(declared)} but eval_heads "
+                          f"returns {', '.join(returned)}; make them agree")
+    if strategy.deployed_head not in declared:
+        raise ConfigError(f"strategy '{strategy.name}': deployed_head '{strategy.deployed_head}' is not one of "
+                          f"its heads ({', '.join(declared)})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from okdph.engine.checkpoint import StopRequest
-from okdph.strategy import ModelGroup
+from okdph.models import ModelGroup
 
 
 class FixedLogits(nn.Module):

@@ -147,8 +147,8 @@ def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
-    assert record["status"] == "complete" and record["distributed"] == {
-        "world_size": 2, "backend": "gloo", "batch_per_process": 16}
+    assert record["status"] == "complete" and record["timing"]["execution"] == {
+        "engine": "reference", "world_size": 2, "backend": "gloo", "batch_per_process": 16}
     assert record["data"]["test_size"] == 180 and set(record["history"]["test_acc"]) == {"student0", "student1"}
     assert done.stdout.count("complete: ") == 1                   # only rank 0 reports
     # the same run id as a single-process run of the same configuration: DDP is not part of identity
@@ -160,15 +160,15 @@ def _meters_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from okdph.engine.distributed import _Shard, sum_meters
+    from okdph.engine.distributed import _Shard, sum_counts
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    losses, correct, count = sum_meters({"ce": torch.tensor(1.5 * (rank + 1))},
-                                        {"student0": torch.tensor(10 * (rank + 1))}, 5 + rank)
+    summed, count = sum_counts({"ce": torch.tensor(1.5 * (rank + 1)), "student0": torch.tensor(10 * (rank + 1))},
+                               5 + rank)
     shard = list(_Shard(5, rank, world))
     dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump({"ce": float(losses["ce"]), "student0": float(correct["student0"]), "count": count,
+        json.dump({"ce": float(summed["ce"]), "student0": float(summed["student0"]), "count": count,
                    "shard": shard}, handle)
 
 

@@ -57,12 +57,8 @@ def test_fast_step_equals_reference_step_on_the_same_batch():
     recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
     engine = FastEngine(fast_strategy, _Arrays(8, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0, graphs=False, fuse=True)
     assert engine.fused == ["students"]
-    views = torch.randn(3, 8, 3, 32, 32, dtype=torch.float64)
-    targets = torch.randint(0, 10, (8,))
-    engine.epoch_views, engine.epoch_targets = views, targets
-    engine.counter.zero_()
-    fast_strategy.train()
-    engine._step(8, epoch=0, step=0)
+    engine.train_epoch(0)  # one step: 8 images, batch size 128
+    views, targets = engine.epoch_views, engine.epoch_targets  # the epoch's augmented views, in its order
 
     optimizers = [torch.optim.SGD(g.params, lr=0.1, momentum=0.9, weight_decay=5e-4)
                   for g in reference.optimizer_groups()]
@@ -79,9 +75,9 @@ def test_epoch_buffers_keep_their_address_for_captured_graphs():
                      dataset=info, width=0.125)
     recipe = resolve_recipe("paper", "cifar10")
     engine = FastEngine(strategy, _Arrays(64, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0)
-    engine._prepare_epoch()
+    engine.train_epoch(0)
     address, first = engine.epoch_views.data_ptr(), engine.epoch_views.clone()
-    engine._prepare_epoch()
+    engine.train_epoch(1)
     assert engine.epoch_views.data_ptr() == address  # a graph replays reads from this address
     assert not torch.equal(engine.epoch_views, first)  # with a new shuffle and new augmentations
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from okdph.data import get_info
 from okdph.engine.fused import FusedGroup, NotGroupable, fuse_model_groups
 from okdph.engine.reference import train_one_epoch
-from okdph.models import create_backbone
+from okdph.models import ModelGroup, create_backbone
 from okdph.okdph import OKDPH
-from okdph.strategy import ModelGroup, build_config, get_strategy
+from okdph.strategy import build_config, get_strategy
 
 BACKBONES = ["resnet32", "resnet110", "wrn20_8", "vgg16", "densenet40_12"]
 

@@ -148,12 +148,12 @@ def test_okdph_hwm_loss_reaches_students_only_in_paper_fidelity():
 
 def test_okdph_paper_fidelity_samples_dirichlet_coefficients():
     strategy = make("okdph", fidelity="paper")
-    draws = torch.stack([strategy._coefficients("cpu") for _ in range(2000)])
+    draws = torch.stack([strategy._coefficients("cpu", torch.float32) for _ in range(2000)])
     assert torch.allclose(draws.sum(1), torch.ones(2000))
     # Dir(1, 1): the first weight is uniform on [0, 1].
     assert draws[:, 0].mean().item() == pytest.approx(0.5, abs=0.03)
     assert draws[:, 0].var().item() == pytest.approx(1 / 12, abs=0.01)
-    assert make("okdph", fidelity="official")._coefficients("cpu").tolist() == [0.5, 0.5]
+    assert make("okdph", fidelity="official")._coefficients("cpu", torch.float32).tolist() == [0.5, 0.5]
 
 
 def test_temperature_defaults_follow_the_official_code():

@@ -12,10 +12,10 @@ import torch
 from okdph.data import get_info
 from okdph.engine.checkpoint import Preempted
 from okdph.engine.fast import FastEngine
-from okdph.engine.packed import PackedFastEngine, pack_checkpoint_path, train_packed
+from okdph.engine.packed import PackedFastEngine
 from okdph.engine.recipe import resolve_recipe
 from okdph.engine.record import outcome
-from okdph.engine.run import RunConfig, train_run
+from okdph.engine.run import RunConfig, checkpoint_path, train_packed, train_run
 from okdph.strategy import ConfigError, build_config, get_strategy
 
 from conftest import stop_at
@@ -79,9 +79,9 @@ def compare_packed_with_alone(method, overrides, fidelity, fused, noise=None):
         engine = FastEngine(strategy, train, test, recipe, "cpu", seed=seed, **kw)
         log = []
         for epoch in range(2):
-            log.append((engine.train_epoch(epoch), engine.evaluate()))
+            (trained,), (tested,) = engine.train_epoch(epoch), engine.evaluate()
+            log.append((trained, tested))
             engine.end_epoch(epoch)
-            strategy.after_epoch(epoch=epoch)
         alone.append((log, state(strategy)))
 
     strategies = [build(method, overrides, fidelity, seed) for seed in SEEDS]
@@ -93,7 +93,6 @@ def compare_packed_with_alone(method, overrides, fidelity, fused, noise=None):
             for p, result in enumerate(zip(packed.train_epoch(epoch), packed.evaluate())):
                 logs[p].append(result)
             packed.end_epoch(epoch)
-            packed.after_epoch(epoch)
     packed.write_back()
     # Every op of the packed step has a vmap batching rule: none runs once per run (on a GPU, P
     # small kernels instead of one).
@@ -119,10 +118,10 @@ def test_packed_runs_draw_their_own_data_order():
     strategies = [build("dml", {}, "official", s) for s in SEEDS]
     packed = PackedFastEngine(strategies, _Images(20, info, 0), _Images(4, info, 1),
                               resolve_recipe("paper", "cifar10"), "cpu", seeds=SEEDS, graphs=False)
-    packed._prepare_epoch()
+    packed.train_epoch(0)  # the epoch's views stay in the engine's buffers
     single = FastEngine(build("dml", {}, "official", 43), _Images(20, info, 0), _Images(4, info, 1),
                         resolve_recipe("paper", "cifar10"), "cpu", seed=43, graphs=False)
-    single._prepare_epoch()
+    single.train_epoch(0)
     assert torch.equal(packed.epoch_views[1], single.epoch_views)
     assert torch.equal(packed.epoch_targets[1], single.epoch_targets)
     assert not torch.equal(packed.epoch_views[0], packed.epoch_views[1])
@@ -155,7 +154,7 @@ def test_a_pack_writes_one_record_per_run_matching_the_runs_trained_alone(tmp_pa
         # equal: test_packed_runs_equal_the_same_runs_trained_alone).
         for name, losses in alone["history"]["train_loss"].items():
             assert record["history"]["train_loss"][name][0] == pytest.approx(losses[0], rel=0.05), name
-    assert not pack_checkpoint_path(cfgs).exists()
+    assert not checkpoint_path(cfgs).exists()
     assert train_packed(cfgs, progress=False) == {}  # all recorded: nothing to do
 
 
@@ -164,22 +163,20 @@ def test_an_interrupted_pack_resumes_to_the_same_records(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     whole = train_packed([smoke(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
     cfgs = [smoke(tmp_path / "cut", s) for s in SEEDS[:2]]
-    from okdph.engine import packed
-
     calls = {"n": 0}
-    original = packed.PackedFastEngine.after_epoch
+    original = PackedFastEngine.end_epoch
 
-    def after_epoch_then_die(self, epoch):
+    def end_epoch_then_die(self, epoch):
         original(self, epoch)
         calls["n"] += 1
         if calls["n"] == 2:  # in epoch 1, after the epoch-0 checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(packed.PackedFastEngine, "after_epoch", after_epoch_then_die)
+    monkeypatch.setattr(PackedFastEngine, "end_epoch", end_epoch_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_packed(cfgs, progress=False)
-    assert pack_checkpoint_path(cfgs).exists() and not any(c.record_path().exists() for c in cfgs)
-    monkeypatch.setattr(packed.PackedFastEngine, "after_epoch", original)
+    assert checkpoint_path(cfgs).exists() and not any(c.record_path().exists() for c in cfgs)
+    monkeypatch.setattr(PackedFastEngine, "end_epoch", original)
     resumed = train_packed(cfgs, progress=False)
     for cfg, (run_id, record) in zip(cfgs, sorted(whole.items())):
         mine = resumed[cfg.run_id()]
@@ -202,13 +199,13 @@ def test_a_preempted_pack_resumes_mid_epoch_to_the_same_records(tmp_path, monkey
             stop_at(patch, point)
             with pytest.raises(Preempted, match="SIGTERM"):
                 train_packed(cfgs, progress=False)
-        assert pack_checkpoint_path(cfgs).exists() and not any(c.record_path().exists() for c in cfgs)
+        assert checkpoint_path(cfgs).exists() and not any(c.record_path().exists() for c in cfgs)
     resumed = train_packed(cfgs, progress=False)
     for cfg in cfgs:
         mine = resumed[cfg.run_id()]
         assert [(r["epoch"], r["step"]) for r in mine["resumes"]] == [(0, 2), (1, 0)]
         assert outcome(mine) == outcome(whole[cfg.run_id()])
-    assert not pack_checkpoint_path(cfgs).exists()
+    assert not checkpoint_path(cfgs).exists()
 
 
 def test_a_pack_refuses_runs_that_differ_beyond_the_seed(tmp_path):

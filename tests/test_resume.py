@@ -122,8 +122,8 @@ def test_preemption_hands_the_signal_to_the_previous_handler(tmp_path, monkeypat
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     a = tiny("dml", "reference", out_dir=str(tmp_path), checkpoint_every=1)
     b = replace(a, seed=43)
-    runmod.save_resume_checkpoint(a.checkpoint_path(), a, strategy=torch.nn.Linear(1, 1),
-                                  engine=_NoEngine(), history={}, run={}, step=0, device=torch.device("cpu"))
+    runmod.save_resume_checkpoint(a.checkpoint_path(), [a], engine=_NoEngine(), histories=[{}], runs=[{}],
+                                  device=torch.device("cpu"))
     os.replace(a.checkpoint_path(), b.checkpoint_path())
     with pytest.raises(CheckpointError, match="another configuration.*seed"):
         train_run(b, progress=False)

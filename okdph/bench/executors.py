@@ -49,7 +49,7 @@ def train_one(cfg: RunConfig, progress: bool = False) -> Outcome:
 def train_packed_one(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
     """Train runs that differ only in their seed as one pack (okdph.engine.packed); outcomes as
     `train_one`'s. A failure fails every run of the pack."""
-    from okdph.engine.packed import train_packed
+    from okdph.engine.run import train_packed
 
     try:
         records = train_packed(cfgs, progress=progress, skip_recorded=True)
@@ -63,7 +63,7 @@ def train_packed_one(cfgs: list[RunConfig], progress: bool = False) -> list[Outc
 
 def group_packs(configs: list[RunConfig], size: int) -> list[list[RunConfig]]:
     """Runs in groups of at most `size` that differ only in their seed (a cell's seeds), in order."""
-    from okdph.engine.packed import pack_key
+    from okdph.engine.run import pack_key
 
     groups: dict[tuple, list[RunConfig]] = {}
     for cfg in configs:

@@ -5,11 +5,12 @@
     results/figures/analysis/      PAC-Bayes-per-epoch and loss-landscape figures (okdph.analysis)
     results/REPORT.md              every rendered table with its figures
 
-A run is recorded once its record exists: the runner skips it. A cell's records are those whose run
-id is the one the cell's configuration gets with the record's seed and engine: the whole identity
-(RunConfig.identity: method, backbone, dataset, setting, students, overrides, fidelity, profile,
-epochs, width, precision, …) matches but the seed, so seeds added later simply raise the cell's n,
-and a cell never mixes profiles or fidelities (nor engines: the renderer checks that).
+A run is recorded once its record exists: the runner skips it. A cell's records are those whose
+cell fields (RunConfig's fields marked "cell": method, backbone, dataset, setting, students,
+overrides, fidelity, profile, epochs, width, precision, …) equal the cell configuration's, and whose
+run id is the one that configuration gets with the record's seed and engine. Seeds added later
+simply raise the cell's n, and a cell never mixes profiles or fidelities (nor engines: the renderer
+checks that).
 """
 from __future__ import annotations
 
@@ -18,13 +19,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from okdph.engine.run import RunConfig
-
-_COARSE = ("method", "backbone", "dataset", "setting", "students", "profile", "fidelity")
-
-
-def _coarse(fields: dict) -> tuple:
-    return tuple(fields.get(k) for k in _COARSE)
+from okdph.engine.run import RunConfig, cell_key
 
 
 class ResultStore:
@@ -36,7 +31,7 @@ class ResultStore:
         self.tables_dir = self.root / "tables"
         self.figures_dir = self.root / "figures"
         self.analysis_dir = self.figures_dir / "analysis"  # `pacbayes --per-epoch`, `landscape` (+ data)
-        self._index: dict[tuple, list[dict]] | None = None
+        self._index: dict[str, list[dict]] | None = None
 
     def is_recorded(self, cfg: RunConfig) -> bool:
         return cfg.record_path().exists()
@@ -47,7 +42,7 @@ class ResultStore:
     def records(self) -> list[dict]:
         return [r for group in self._build().values() for r in group]
 
-    def _build(self) -> dict[tuple, list[dict]]:
+    def _build(self) -> dict[str, list[dict]]:
         if self._index is None:
             self._index = {}
             for path in sorted(self.runs_dir.glob("*.json")):
@@ -58,12 +53,12 @@ class ResultStore:
                     continue
                 if not isinstance(record, dict) or "run_id" not in record:
                     continue
-                self._index.setdefault(_coarse(record), []).append(record)
+                self._index.setdefault(cell_key(record), []).append(record)
         return self._index
 
     def records_for(self, cfg: RunConfig, engine: str | None = None) -> list[dict]:
         """Records of every seed of `cfg`'s cell (of `engine` only, when given), by seed."""
-        candidates = self._build().get(_coarse(cfg.identity()), [])
+        candidates = self._build().get(cfg.cell_key(), [])
         found = [r for r in candidates if (engine is None or r.get("engine") == engine)
                  and r["run_id"] == replace(cfg, seed=r.get("seed"), engine=r.get("engine")).run_id()]
         return sorted(found, key=lambda r: (r.get("seed", 0), r.get("created", "")))

@@ -1,8 +1,9 @@
 """Files a run leaves beside its record, all written atomically and read with `weights_only=True`
-(DESIGN.md §7): never executed as code.
+(docs/verification.md#resume-and-preemption): never executed as code.
 
 - `<run_id>.ckpt.pt`: the resume checkpoint (everything needed to continue exactly), replaced at every
-  epoch end and when the run is preempted; removed once the record is written.
+  epoch end and when the run is preempted; removed once the record is written. A pack of runs keeps
+  one, `pack-<P>-<digest>.ckpt.pt`, in the same format.
 - `<run_id>.traj/epoch0005.pt`: trajectory points, the students' weights every `--save-every` epochs
   (`epoch0000.pt` is the initialisation), for the PAC-Bayes bound and the loss landscape
   (okdph.analysis).
@@ -22,7 +23,7 @@ from torch import Tensor
 from okdph.engine.record import atomic_write
 from okdph.strategy import ConfigError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: one format for single runs and packs
 TRAJECTORY_FORMAT = 1
 
 
@@ -89,10 +90,10 @@ def trajectory_dir(record_path: Path) -> Path:
 def save_trajectory_point(directory: Path, epoch: int, strategy, meta: dict) -> Path:
     """The students' weights (parameters and BN buffers, one state dict per student, CPU) after
     `epoch` epochs. `meta` says how to rebuild a student: backbone, num_classes, width, dataset."""
-    students = getattr(strategy, "students", None)
-    if students is None:
+    if not strategy.has_students():
         raise ConfigError(f"--save-every needs a method with separate students; '{strategy.name}' has none")
-    states = [{k: v.detach().to("cpu", copy=True) for k, v in s.items()} for s in students.member_states()]
+    states = [{k: v.detach().to("cpu", copy=True) for k, v in s.items()}
+              for s in strategy.student_group().member_states()]
     path = Path(directory) / f"epoch{epoch:04d}.pt"
     atomic_torch_save(path, {"kind": "trajectory point", "format": TRAJECTORY_FORMAT, "epoch": epoch,
                              **meta, "students": states})
@@ -132,27 +133,29 @@ def _differences(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
-def save_resume_checkpoint(path: Path, cfg, *, strategy, engine, history: dict, run: dict, step: int,
+def save_resume_checkpoint(path: Path, cfgs, *, engine, histories: list[dict], runs: list[dict],
                            device: torch.device) -> None:
-    """Everything the run needs to continue exactly: the strategy's state (networks, HWM, EMA
-    models, gates), the engine's (optimizers, schedules, data order, the epoch in flight), every
-    global RNG, the history and counters of the record so far."""
+    """Everything the runs (one, or a pack) need to continue exactly: the engine's state (the
+    strategies with their networks, HWM, EMA models and gates; optimizers, schedules, data order,
+    the epoch in flight), every global RNG, and each run's history and counters so far."""
     atomic_torch_save(path, {
         "kind": "resume checkpoint", "format": CHECKPOINT_FORMAT,
-        "run_id": cfg.run_id(), "identity": cfg.identity(),
-        "step": step, "run": run, "history": history,
-        "strategy": strategy.state_dict(), "engine": engine.state_dict(), "rng": capture_rng(device),
+        "run_ids": [c.run_id() for c in cfgs], "identities": [c.identity() for c in cfgs],
+        "histories": histories, "runs": runs, "engine": engine.state_dict(), "rng": capture_rng(device),
     })
 
 
-def load_resume_checkpoint(path: Path, cfg) -> dict:
-    """A checkpoint of exactly this run (same identity), or one CheckpointError line."""
+def load_resume_checkpoint(path: Path, cfgs) -> dict:
+    """A checkpoint of exactly these runs (same identities), or one CheckpointError line."""
     data = safe_load(path, kind="resume checkpoint")
     if data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint '{path}' has format {data.get('format')}, this version reads "
                               f"{CHECKPOINT_FORMAT}; delete it to start the run afresh")
-    if data.get("run_id") != cfg.run_id() or data.get("identity") != cfg.identity():
-        diff = _differences(data.get("identity") or {}, cfg.identity())
+    identities = [c.identity() for c in cfgs]
+    if data.get("run_ids") != [c.run_id() for c in cfgs] or data.get("identities") != identities:
+        saved = data.get("identities") or [{}]
+        diff = sorted({k for mine, theirs in zip(identities, saved) for k in _differences(theirs, mine)}
+                      if len(saved) == len(identities) else {"runs"})
         raise CheckpointError(f"checkpoint '{path}' belongs to another configuration (differs in: "
                               f"{', '.join(diff) or 'run id'}); delete it or pass the same options")
     return data

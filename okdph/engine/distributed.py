@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from okdph.engine.reference import ReferenceEngine, evaluate, train_one_epoch
+from okdph.engine.protocol import Meters, top1_accuracy
+from okdph.engine.reference import ReferenceEngine, device_batches, network_dtype, train_one_epoch
 from okdph.strategy import ConfigError, Strategy
 
 
@@ -52,16 +53,23 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def sum_meters(loss_sums: dict[str, Tensor], correct: dict[str, Tensor], count: int):
-    """Sum the per-process meters of an epoch over all processes, in one all-reduce."""
-    names_l, names_c = sorted(loss_sums), sorted(correct)
-    device = next(iter({**loss_sums, **correct}.values())).device if (loss_sums or correct) else "cpu"
-    flat = torch.stack([torch.as_tensor(loss_sums[n], dtype=torch.float64, device=device) for n in names_l]
-                       + [torch.as_tensor(correct[n], dtype=torch.float64, device=device) for n in names_c]
-                       + [torch.tensor(float(count), dtype=torch.float64, device=device)])
+def sum_counts(counts: dict[str, Tensor], total: int) -> tuple[dict[str, Tensor], int]:
+    """Sum per-process counts and their total over all processes, in one all-reduce."""
+    names = sorted(counts)
+    device = next(iter(counts.values())).device if counts else "cpu"
+    flat = torch.cat([counts[n].to(device, torch.float64).reshape(-1) for n in names]
+                     + [torch.tensor([float(total)], dtype=torch.float64, device=device)])
     dist.all_reduce(flat)
-    return (dict(zip(names_l, flat[:len(names_l)])),
-            dict(zip(names_c, flat[len(names_l):-1])), int(flat[-1].item()))
+    sizes = [counts[n].numel() for n in names]
+    parts = flat[:-1].split(sizes)
+    return {n: part.reshape(counts[n].shape) for n, part in zip(names, parts)}, int(flat[-1].item())
+
+
+def sum_meters(meters: Meters) -> None:
+    """An epoch's meters summed over all processes (the first bad step is rank-local: DDP's
+    averaged gradients make every process take the same steps, so their losses agree)."""
+    summed, meters.samples = sum_counts({"loss": meters.loss_sums, "correct": meters.correct}, meters.samples)
+    meters.loss_sums, meters.correct = summed["loss"], summed["correct"]
 
 
 class _Shard(Sampler):
@@ -105,16 +113,21 @@ class DistributedEngine(ReferenceEngine):
         self.ddp = DistributedDataParallel(_TrainStep(strategy), device_ids=[device.index] if device.type == "cuda"
                                            else None, find_unused_parameters=True)
 
-    def train_epoch(self, epoch: int, should_stop=None) -> dict:
+    def train_epoch(self, epoch: int, should_stop=None) -> list[dict]:
         """A whole epoch: under DDP every process must stop at the same step, so a preemption waits
         for the epoch's end, and resumes are epoch-level (each process restores rank 0's RNG state)."""
         self.sampler.set_epoch(epoch)
-        return train_one_epoch(self.strategy, self.train_loader, self.optimizers, epoch=epoch, device=self.device,
-                               forward=self.ddp, reduce=sum_meters)
+        meters = Meters(1, self.device)
+        train_one_epoch(self.strategy, self.train_loader, self.optimizers, epoch=epoch, device=self.device,
+                        forward=self.ddp, meters=meters)
+        sum_meters(meters)
+        return meters.summaries()
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.strategy, self.test_loader, device=self.device, reduce=sum_meters)
+    def evaluate(self) -> list[dict[str, float]]:
+        self.strategy.eval()
+        batches = device_batches(self.test_loader, self.device, network_dtype(self.strategy))
+        return top1_accuracy(self.strategy.eval_heads, batches, runs=1, reduce=sum_counts)
 
     def describe(self) -> dict:
-        return {"world_size": self.world, "backend": dist.get_backend(),
+        return {"engine": "reference", "world_size": self.world, "backend": dist.get_backend(),
                 "batch_per_process": self.train_loader.batch_size}

@@ -1,4 +1,4 @@
-"""The fast execution path (DESIGN.md §4): same strategies, same results in distribution.
+"""The fast execution path (docs/architecture.md#engine-layer): same strategies, same results in distribution.
 
 - The dataset lives on the device as uint8, once per process; each epoch draws one permutation and
   augments every view of the whole epoch at once with per-sample random parameters
@@ -18,12 +18,14 @@
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from okdph.data.gpu_augment import augment
 from okdph.engine.fused import fuse_model_groups
+from okdph.engine.protocol import Engine, Meters, top1_accuracy
 from okdph.strategy import Strategy
 
 PRECISIONS = ("fp32", "bf16")
@@ -70,32 +72,41 @@ class SGD:
         torch._foreach_add_(params, torch._foreach_mul(bufs, -self.lr))
 
 
-class FastEngine:
-    """Trains one strategy with device-resident data, fused networks and CUDA graphs."""
+class FastEngine(Engine):
+    """Trains one strategy with device-resident data, fused networks and CUDA graphs.
+
+    What a pack of runs (okdph.engine.packed) does differently is confined to the methods marked
+    below: how the runs' generators, optimizers and strategy states are held, and how a strategy
+    call runs (directly here, once for all runs under vmap there)."""
 
     def __init__(self, strategy: Strategy, train_set, test_set, recipe, device, *, seed: int,
                  precision: str = "fp32", graphs: bool | None = None, fuse: bool | None = None,
                  noise: tuple[float, float] | None = None):
+        self._build([strategy], [seed], train_set, test_set, recipe, device, precision=precision,
+                    graphs=graphs, fuse=fuse, noise=noise)
+
+    def _build(self, strategies, seeds, train_set, test_set, recipe, device, *, precision, graphs, fuse, noise):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+        self.strategies, self.seeds = list(strategies), list(seeds)
+        self.strategy = self.strategies[0]  # the code every call runs (a pack swaps in each run's state)
         self.device = torch.device(device)
-        self.strategy = strategy
         self.recipe = recipe
         self.info = test_set.info
         self.noise = noise
-        self.views = strategy.views()
+        self.views = self.strategy.views()
         self.train_images, self.train_targets = as_device_images(train_set, self.device)
         # Before the optimizers exist: the fused parameters are new tensors.
         fuse = self.device.type == "cuda" if fuse is None else fuse
         self.fused = self._fuse(image_shape=self.train_images.shape[1:]) if fuse else []
         test_images, self.test_targets = as_device_images(test_set, self.device)
-        self.dtype = next(strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
+        self.dtype = next(self.strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
         self.test_inputs = augment(test_images, "base", self.info).to(self.dtype)  # normalised once
-        self._make_generators(seed)
+        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
                              cache_enabled=False)
         self.optimizers = self._make_optimizers()
-        self.scheduled = [g.scheduled for g in strategy.optimizer_groups()]
+        self.scheduled = [g.scheduled for g in self.strategy.optimizer_groups()]
         self.graphs_enabled = (self.device.type == "cuda") if graphs is None else graphs
         self.graphs: dict = {}
         self.seen: set = set()
@@ -107,19 +118,14 @@ class FastEngine:
         self.epoch_targets = torch.empty(*runs, n, dtype=self.train_targets.dtype, device=self.device)
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
         self.offsets = torch.arange(recipe.batch_size, device=self.device)
-        self.first_bad_step = torch.full(runs, -1, dtype=torch.int64, device=self.device)
-        self.loss_names: list[str] | None = None
-        self.head_names: list[str] | None = None
+        self.meters = Meters(len(self.strategies), self.device)
         self.step = 0                      # the next step of the epoch in flight
-        self.epoch_rng: Tensor | None = None  # the generator when the epoch in flight began
+        self.epoch_rng: list | None = None  # the generators when the epoch in flight began
 
     # ---- what a pack of runs (okdph.engine.packed) does differently ------------------------------
 
     def _fuse(self, image_shape) -> list[str]:
         return fuse_model_groups(self.strategy, image_shape=image_shape)
-
-    def _make_generators(self, seed: int) -> None:
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def _make_optimizers(self) -> list[SGD]:
         recipe = self.recipe
@@ -129,6 +135,21 @@ class FastEngine:
     def _run_shape(self) -> tuple[int, ...]:
         """Leading dimensions of the per-run buffers: none for one run."""
         return ()
+
+    def _call(self, fn: Callable, *args: Tensor, in_dims=None):
+        """A strategy call: fn(*args), with the strategy's own state."""
+        return fn(*args)
+
+    def _call_hook(self, fn: Callable) -> None:
+        """A strategy hook (after a step or an epoch), which updates the state in place."""
+        fn()
+
+    def _strategy_states(self) -> dict:
+        return {"strategies": [s.state_dict() for s in self.strategies]}
+
+    def _load_strategy_states(self, state: dict) -> None:
+        for strategy, saved in zip(self.strategies, state["strategies"], strict=True):
+            strategy.load_state_dict(saved)
 
     # ---- schedule -----------------------------------------------------------------------------
 
@@ -140,54 +161,57 @@ class FastEngine:
         return float(self.optimizers[0].lr)
 
     def end_epoch(self, epoch: int) -> None:
-        """The scheduler step after testing (MultiStepLR semantics, per optimizer group)."""
+        """The scheduler step after testing (MultiStepLR semantics, per optimizer group), then the
+        strategy's after-epoch hook (OKDPH's epoch-level fusion)."""
         for opt, scheduled in zip(self.optimizers, self.scheduled):
             if scheduled:
                 opt.lr.fill_(self.lr_at(epoch + 1))
+        self._call_hook(lambda: self.strategy.after_epoch(epoch=epoch))
 
     # ---- data ---------------------------------------------------------------------------------
 
-    def _add_noise(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _add_noise(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if self.noise is None:
             return x
         mean, std = self.noise
-        generator = self.generator if generator is None else generator
         return x + (torch.randn(x.shape, device=x.device, generator=generator) * std + mean)
 
+    def _per_run(self, buffer: Tensor, p: int) -> Tensor:
+        return buffer[p] if self._run_shape() else buffer
+
     def _prepare_epoch(self) -> None:
-        """Shuffle and augment the whole epoch into the same buffers every epoch: captured graphs
-        read them by address."""
-        order = torch.randperm(self.train_images.shape[0], device=self.device, generator=self.generator)
-        images = self.train_images[order]
-        for k, view in enumerate(self.views):
-            self.epoch_views[k].copy_(self._add_noise(augment(images, view, self.info, self.generator)))
-        self.epoch_targets.copy_(self.train_targets[order])
+        """Each run's shuffle and views, drawn from its own generator, into the same buffers every
+        epoch: captured graphs read them by address."""
+        for p, generator in enumerate(self.generators):
+            order = torch.randperm(self.train_images.shape[0], device=self.device, generator=generator)
+            images = self.train_images[order]
+            views = self._per_run(self.epoch_views, p)
+            for k, view in enumerate(self.views):
+                views[k].copy_(self._add_noise(augment(images, view, self.info, generator), generator))
+            self._per_run(self.epoch_targets, p).copy_(self.train_targets[order])
 
     # ---- one step -----------------------------------------------------------------------------
 
     def _step(self, batch: int, epoch: int, step: int) -> None:
         index = self.counter * self.recipe.batch_size + self.offsets[:batch]
-        views = self.epoch_views.index_select(1, index)
-        targets = self.epoch_targets.index_select(0, index)
+        views = self.epoch_views.index_select(-4, index)      # ([P,] V, B, C, H, W)
+        targets = self.epoch_targets.index_select(-1, index)  # ([P,] B)
+
+        def forward(v, t):
+            return self.strategy.forward_train(list(v.unbind(0)), t, epoch=epoch, step=step)
+
         with torch.autocast(**self.autocast):
-            heads, losses = self.strategy.forward_train(list(views.unbind(0)), targets, epoch=epoch, step=step)
-        loss = sum(v.float() for v in losses.values())
+            heads, losses = self._call(forward, views, targets)
+        loss = sum(v.float() for v in losses.values())  # ([P]): each run's own total
         for opt in self.optimizers:
             opt.zero_grad()
-        loss.backward()
+        loss.sum().backward()  # runs share no parameter, so each gets exactly its own gradient
         for opt in self.optimizers:
             opt.step()
-        self.strategy.after_step(epoch=epoch, step=step)
+        self._call_hook(lambda: self.strategy.after_step(epoch=epoch, step=step))
+        self.meters.add(losses, loss, heads, targets, self.counter)
         with torch.no_grad():
-            if self.loss_names is None:  # the run's first step, always eager: size the meters
-                self.loss_names, self.head_names = list(losses), list(heads)
-                self.loss_sums = torch.zeros(len(losses), device=self.device)
-                self.correct = torch.zeros(len(heads), dtype=torch.int64, device=self.device)
-            self.loss_sums += torch.stack([v.detach().float() for v in losses.values()]) * batch
-            self.correct += torch.stack([(z.argmax(dim=1) == targets).sum() for z in heads.values()])
-            self.first_bad_step.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_step < 0), self.counter)
             self.counter += 1
-
     def _run_step(self, batch: int, epoch: int, step: int) -> None:
         if not self.graphs_enabled:
             return self._step(batch, epoch, step)
@@ -220,16 +244,13 @@ class FastEngine:
 
     # ---- epochs -------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, should_stop=None) -> dict | None:
+    def train_epoch(self, epoch: int, should_stop=None) -> list[dict] | None:
         """One epoch from step `self.step` (0, or where a resumed epoch stopped). Returns None when
         `should_stop()` turned true after a step; the epoch then continues from `self.step`."""
         self.strategy.train()
         if self.step == 0:
             self.epoch_rng = self._rng_state()
-            if self.loss_names is not None:
-                self.loss_sums.zero_()
-                self.correct.zero_()
-            self.first_bad_step.fill_(-1)
+            self.meters.reset()
         else:  # resumed mid-epoch: the same order and augmentation, replayed from the epoch's start
             self._set_rng_state(self.epoch_rng)
         self._prepare_epoch()
@@ -242,26 +263,20 @@ class FastEngine:
             if should_stop is not None and should_stop() and self.step < steps:
                 return None
         self.step, self.epoch_rng = 0, None
-        return self._epoch_summary()
+        self.meters.samples = self.train_images.shape[0]
+        return self.meters.summaries()
 
-    def _rng_state(self):
-        return self.generator.get_state()
+    def _rng_state(self) -> list[Tensor]:
+        return [g.get_state() for g in self.generators]
 
-    def _set_rng_state(self, state) -> None:
-        self.generator.set_state(state)
-
-    def _epoch_summary(self) -> dict:
-        samples = self.train_images.shape[0]
-        sums, correct = self.loss_sums.tolist(), self.correct.tolist()  # the epoch's one host sync
-        bad = int(self.first_bad_step)
-        return {"samples": samples,
-                "loss": {n: s / samples for n, s in zip(self.loss_names, sums)},
-                "acc": {n: 100.0 * c / samples for n, c in zip(self.head_names, correct)},
-                "diverged_step": None if bad < 0 else bad}
+    def _set_rng_state(self, states) -> None:
+        for g, state in zip(self.generators, states, strict=True):
+            g.set_state(state)
 
     def describe(self) -> dict:
         """How this run executed (numerics differ slightly between fused and separate networks)."""
-        return {"fused_groups": self.fused, "cuda_graphs": len([g for g in self.graphs.values() if g is not None]),
+        return {"engine": "fast", "fused_groups": self.fused,
+                "cuda_graphs": len([g for g in self.graphs.values() if g is not None]),
                 "graphs_enabled": self.graphs_enabled}
 
     # ---- resume -------------------------------------------------------------------------------
@@ -269,44 +284,42 @@ class FastEngine:
     def state_dict(self) -> dict:
         mid_epoch = self.step > 0
         return {
+            **self._strategy_states(),
             "lrs": [opt.lr.clone() for opt in self.optimizers],
             "momentum": [[b.clone() for b in opt.buffers] for opt in self.optimizers],
-            "generator": self.epoch_rng if mid_epoch else self._rng_state(),
+            "generators": self.epoch_rng if mid_epoch else self._rng_state(),
             "step": self.step,
-            "meters": ({"loss_names": self.loss_names, "head_names": self.head_names,
-                        "loss_sums": self.loss_sums.clone(), "correct": self.correct.clone(),
-                        "first_bad_step": self.first_bad_step.clone()} if mid_epoch else None),
+            "meters": self.meters.state_dict() if mid_epoch else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         # Copies into the existing tensors: captured graphs and the optimizers hold their addresses.
+        self._load_strategy_states(state)
         for opt, lr, buffers in zip(self.optimizers, state["lrs"], state["momentum"], strict=True):
             opt.lr.copy_(lr)
             for mine, saved in zip(opt.buffers, buffers, strict=True):
                 mine.copy_(saved)
-        self._set_rng_state(state["generator"])
+        self._set_rng_state(state["generators"])
         self.step = state["step"]
         if self.step > 0:
-            meters = state["meters"]
-            self.epoch_rng = state["generator"]
-            self.loss_names, self.head_names = meters["loss_names"], meters["head_names"]
-            self.loss_sums = meters["loss_sums"].to(self.device)
-            self.correct = meters["correct"].to(self.device)
-            self.first_bad_step.copy_(meters["first_bad_step"])
+            self.epoch_rng = state["generators"]
+            self.meters.load_state_dict(state["meters"])
 
-    @torch.inference_mode()
-    def evaluate(self) -> dict[str, float]:
+    # ---- test ---------------------------------------------------------------------------------
+
+    def _test_inputs(self) -> Tensor:
+        """The test images, with this evaluation's noise in the noisy setting (drawn per run)."""
+        return self._add_noise(self.test_inputs, self.generators[0])
+
+    def evaluate(self) -> list[dict[str, float]]:
         self.strategy.eval()
-        correct: dict[str, Tensor] = {}
-        inputs = self._add_noise(self.test_inputs)
-        for start in range(0, inputs.shape[0], EVAL_BATCH):
-            x = inputs[start:start + EVAL_BATCH]
-            y = self.test_targets[start:start + EVAL_BATCH]
+        inputs = self._test_inputs()  # ([P,] N, C, H, W)
+        total = inputs.shape[-4]
+
+        def heads_of(x):
             with torch.autocast(**self.autocast):
-                heads = self.strategy.eval_heads(x)
-            for name, logits in heads.items():
-                correct[name] = correct.get(name, 0) + (logits.argmax(dim=1) == y).sum()
-        total = inputs.shape[0]
-        return {name: 100.0 * float(c) / total for name, c in correct.items()}
+                return self._call(self.strategy.eval_heads, x, in_dims=(0 if x.dim() == 5 else None,))
 
-
+        batches = ((inputs.narrow(-4, start, min(EVAL_BATCH, total - start)),
+                    self.test_targets[start:start + EVAL_BATCH]) for start in range(0, total, EVAL_BATCH))
+        return top1_accuracy(heads_of, batches, runs=len(self.strategies))

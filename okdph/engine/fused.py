@@ -1,4 +1,4 @@
-"""Fused execution of K same-architecture networks as ONE grouped network (DESIGN.md §4).
+"""Fused execution of K same-architecture networks as ONE grouped network (docs/architecture.md#engine-layer).
 
 Activations have the layout (B, K·C, ...): network k owns channels [k·C, (k+1)·C). On that layout
 - a convolution of K networks is one convolution with K times the groups,
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.strategy import ModelGroup
+from okdph.models import ModelGroup
 
 
 class NotGroupable(ValueError):

@@ -1,4 +1,5 @@
-"""Training recipes and profiles (METHODS.md §1, PAPER.md §1.3, DESIGN.md §6).
+"""Training recipes and profiles (docs/methods.md#shared-training-harness,
+docs/protocol.md#recipes-per-profile).
 
 A recipe is the optimisation schedule a run follows. A profile picks a recipe family:
 - paper: the published recipe (CIFAR: 300 epochs, SGD 0.1, ×0.1 at 150 and 225, wd 5e-4, batch 128;

@@ -1,4 +1,4 @@
-"""Run records: one JSON file per run, written atomically, with its provenance (DESIGN.md §6)."""
+"""Run records: one JSON file per run, written atomically, with its provenance (docs/protocol.md#run-records)."""
 from __future__ import annotations
 
 import functools
@@ -109,7 +109,7 @@ def provenance(device: torch.device) -> dict:
 
 
 def summarise(test_acc: dict[str, list[float]], deployed_head: str) -> dict:
-    """The two reported metrics of a run (METHODS.md §1, §13.17).
+    """The two reported metrics of a run (docs/protocol.md#which-number-is-reported).
 
     paper: best epoch of the max over all heads, as every official script reports;
     final: the deployed head at the last epoch, what a user would actually ship.

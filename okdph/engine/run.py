@@ -1,17 +1,21 @@
-"""One training run, end to end: resolve the configuration, build data, strategy and optimizers,
-train and test every epoch, and write the run record.
+"""Training runs end to end: resolve the configuration, build data, strategies and the engine,
+train and test every epoch, and write the run records.
 
-This is the library function behind `okdph-bench train`; the harness calls it for every run.
+`train_run` (one run, behind `okdph-bench train`) and `train_packed` (a cell's seeds as one pack)
+are what the harness calls. Both go through one driver, `train_locked`, for which a single run is a
+pack of one; the engine (okdph.engine.protocol) answers per run.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import random
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,44 +28,58 @@ from okdph import data as okdata
 from okdph.engine import distributed, reference
 from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
                                      save_trajectory_point, trajectory_dir)
-from okdph.engine.lock import RunLock
+from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
                                  summarise)
 from okdph.models import list_backbones
-from okdph.strategy import FIDELITIES, ConfigError, build_config, config_to_dict, get_strategy
+from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, config_to_dict, get_strategy
 
 ENGINES = ("auto", "reference", "fast")  # auto: fast on CUDA, reference on CPU
 PRECISIONS = ("fp32", "bf16", "fp64")  # bf16: fast engine; fp64: reference engine
 
 
+# What makes two runs the same run, declared once on the fields below (`identity` in a field's metadata):
+#   "cell"   - the experiment: runs that agree on every cell field are seeds of one table cell;
+#   "seed"   - the replicate within a cell;
+#   "engine" - how it executes; part of a run's identity (numerics differ), not of its cell.
+# RunConfig.identity(), the run id, the pack key (okdph.engine.run.pack_key) and the result store's
+# cell index (okdph.bench.store) all derive from these marks. Unmarked fields say where and how a run
+# executes and never change its result. `resolve`: the method that fills in a profile default.
+CELL, SEED, ENGINE = {"identity": "cell"}, {"identity": "seed"}, {"identity": "engine"}
+
+
+def _mark(role: dict, default=dataclasses.MISSING, **extra):
+    return field(default=default, metadata={**role, **extra})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that identifies a run. Defaults follow the official code."""
+    """A run's configuration. Defaults follow the official code."""
 
-    method: str
-    backbone: str = "resnet32"
-    dataset: str | None = None       # None: the profile's (digits for smoke); required otherwise
-    setting: str = "standard"        # standard, noisy, limited10, limited1
-    students: int = 2                # students or branches
-    overrides: tuple[tuple[str, str], ...] = ()  # hyper-parameters as ("omega", "0.5") pairs
-    fidelity: str = "official"
-    profile: str = "paper"
-    epochs: int | None = None        # None: the profile's
-    seed: int = 42
-    width: float | None = None       # None: 1.0, or the smoke profile's quarter width
-    engine: str = "auto"
-    precision: str = "fp32"          # bf16 autocast needs the fast engine; fp64 the reference engine
+    method: str = _mark(CELL)
+    backbone: str = _mark(CELL, "resnet32")
+    dataset: str | None = _mark(CELL, None, resolve="resolved_dataset")  # None: the profile's (digits for smoke)
+    setting: str = _mark(CELL, "standard")   # standard, noisy, limited10, limited1
+    students: int = _mark(CELL, 2)            # students or branches
+    overrides: tuple[tuple[str, str], ...] = _mark(CELL, (), resolve="resolved_overrides")  # ("omega", "0.5") pairs
+    fidelity: str = _mark(CELL, "official")
+    profile: str = _mark(CELL, "paper")
+    epochs: int | None = _mark(CELL, None)   # None: the profile's
+    seed: int = _mark(SEED, 42)
+    width: float | None = _mark(CELL, None, resolve="resolved_width")  # None: 1.0, or the smoke profile's
+    engine: str = _mark(ENGINE, "auto", resolve="resolved_engine")
+    precision: str = _mark(CELL, "fp32")     # bf16 autocast needs the fast engine; fp64 the reference engine
     deterministic: bool = False
     device: str = "auto"
     data_root: str = "data"
     download: bool = False
     workers: int | None = None       # DataLoader workers; None: 0 for in-process small data, else 8
-    train_samples: int | None = None  # use the first N training images; None: the profile's (smoke cuts)
+    train_samples: int | None = _mark(CELL, None, omit_if_none=True)  # the first N training images; None: the profile's
     out_dir: str = "runs"
-    ddp: bool = False                # one process of a torchrun job (engine/distributed.py); not identity
-    save_every: int | None = None    # keep the students' weights every E epochs (trajectory); not identity
-    checkpoint_every: int = 1        # resume checkpoint every E epochs, 0: never; not identity
+    ddp: bool = False                # one process of a torchrun job (engine/distributed.py)
+    save_every: int | None = None    # keep the students' weights every E epochs (trajectory)
+    checkpoint_every: int = 1        # resume checkpoint every E epochs, 0: never
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
 
     def resolved_dataset(self) -> str:
@@ -82,15 +100,26 @@ class RunConfig:
         in_memory = self.resolved_dataset() != "imagenet"
         return "fast" if in_memory and not self.ddp and resolve_device(self.device).type == "cuda" else "reference"
 
-    def identity(self) -> dict:
-        """The fields that make two runs the same run (and so the same record)."""
-        return {
-            "method": self.method, "backbone": self.backbone, "dataset": self.resolved_dataset(),
-            "setting": self.setting, "students": self.students, "overrides": dict(self.overrides),
-            "fidelity": self.fidelity, "profile": self.profile, "epochs": self.epochs, "seed": self.seed,
-            "width": self.resolved_width(), "engine": self.resolved_engine(), "precision": self.precision,
-            **({"train_samples": self.train_samples} if self.train_samples is not None else {}),
-        }
+    def resolved_overrides(self) -> dict:
+        return dict(self.overrides)
+
+    def identity(self, *roles: str) -> dict:
+        """The fields that make two runs the same run (and so the same record), resolved; with
+        `roles`, only the fields of those roles ("cell", "seed", "engine")."""
+        out = {}
+        for f in dataclasses.fields(self):
+            role = f.metadata.get("identity")
+            if role is None or (roles and role not in roles):
+                continue
+            value = getattr(self, f.metadata["resolve"])() if "resolve" in f.metadata else getattr(self, f.name)
+            if value is None and f.metadata.get("omit_if_none"):
+                continue  # absent from run ids made before the field existed
+            out[f.name] = value
+        return out
+
+    def cell_key(self) -> str:
+        """The table cell this run is a seed of (every identity field but the seed and the engine)."""
+        return cell_key(self.identity("cell"))
 
     def run_id(self) -> str:
         ident = self.identity()
@@ -106,6 +135,14 @@ class RunConfig:
 
     def checkpoint_path(self) -> Path:
         return Path(self.out_dir) / f"{self.run_id()}.ckpt.pt"
+
+
+CELL_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("identity") == "cell")
+
+
+def cell_key(fields: dict) -> str:
+    """The cell of a run from its identity fields: a RunConfig's, or a record's (which holds them)."""
+    return json.dumps({name: fields.get(name) for name in CELL_FIELDS}, sort_keys=True)
 
 
 def validate(cfg: RunConfig):
@@ -214,6 +251,38 @@ def check_writable(folder: Path) -> None:
         raise ConfigError(f"results folder '{folder}' is not writable: {exc.strerror or exc}") from None
 
 
+def pack_key(cfg: RunConfig) -> tuple:
+    """Runs with equal keys can train as one pack: the same cell, engine and execution settings."""
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if "identity" not in f.metadata and f.name != "extra"}
+    return cfg.cell_key(), cfg.resolved_engine(), json.dumps(settings, sort_keys=True, default=str)
+
+
+def checkpoint_path(cfgs: list[RunConfig]) -> Path:
+    """The resume checkpoint of a run, or of a pack of runs (named after all of them)."""
+    if len(cfgs) == 1:
+        return cfgs[0].checkpoint_path()
+    digest = hashlib.sha1("\n".join(c.run_id() for c in cfgs).encode()).hexdigest()[:8]
+    return Path(cfgs[0].out_dir) / f"pack-{len(cfgs)}-{digest}.ckpt.pt"
+
+
+def check_before_work(cfgs: list[RunConfig]) -> None:
+    """Everything about these runs that can fail is checked before any of them trains."""
+    for cfg in cfgs:
+        validate(cfg)
+    if len(cfgs) > 1:
+        if len({pack_key(c) for c in cfgs}) != 1:
+            raise ConfigError("a pack's runs may differ only in their seed")
+        if len({c.seed for c in cfgs}) != len(cfgs):
+            raise ConfigError("a pack needs distinct seeds")
+        if cfgs[0].ddp or cfgs[0].resolved_engine() != "fast":
+            raise ConfigError("packed runs need the fast engine (--engine fast), without --ddp")
+    git_revision()  # the provenance of the code this process loaded, read before training
+    check_writable(cfgs[0].record_path().parent)
+    for cfg in cfgs:
+        is_done(cfg)  # a foreign or unreadable file where a record goes: refused before any work
+
+
 def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = False) -> dict:
     """Train one run and write its record to `cfg.record_path()`; returns the record.
 
@@ -222,16 +291,40 @@ def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = Fa
     exists once the lock is held is not trained again (AlreadyRecorded). A resume checkpoint
     beside the record (a killed or preempted earlier attempt) is continued.
     """
-    validate(cfg)
-    git_revision()  # the provenance of the code this process loaded, read before training
-    check_writable(cfg.record_path().parent)
-    is_done(cfg)  # a foreign or unreadable file where the record goes: refused before any work
+    check_before_work([cfg])
     if cfg.ddp:  # torchrun starts each run once; every process trains
-        return train_locked(cfg, progress)
+        return train_locked([cfg], progress)[cfg.run_id()]
     with RunLock(cfg.lock_path()):
         if skip_recorded and is_done(cfg):
             raise AlreadyRecorded(f"recorded meanwhile: {cfg.record_path()}")
-        return train_locked(cfg, progress)
+        return train_locked([cfg], progress)[cfg.run_id()]
+
+
+def train_packed(cfgs: list[RunConfig], *, progress: bool = True, skip_recorded: bool = True) -> dict[str, dict]:
+    """Train runs that differ only in their seed as one pack (okdph.engine.packed) and write each
+    run's record. Returns {run_id: record} for the runs trained here.
+
+    Runs another worker holds, and with `skip_recorded` runs already recorded, are left out; a run
+    with a resume checkpoint of its own (an earlier attempt alone) continues alone."""
+    cfgs = list(cfgs)
+    check_before_work(cfgs)
+    records = {}
+    with ExitStack() as locks:
+        todo = []
+        for cfg in cfgs:
+            try:
+                locks.enter_context(RunLock(cfg.lock_path()))
+            except RunLocked:
+                continue  # another worker trains it
+            if skip_recorded and is_done(cfg):
+                continue
+            if len(cfgs) > 1 and cfg.checkpoint_path().exists():
+                records.update(train_locked([cfg], progress))
+                continue
+            todo.append(cfg)
+        if todo:
+            records.update(train_locked(todo, progress))
+    return records
 
 
 class AlreadyRecorded(Exception):
@@ -287,8 +380,8 @@ def trajectory_meta(cfg: RunConfig, info, train_size: int) -> dict:
 
 
 def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, workers, history: dict,
-                 run: dict, device, execution: dict | None = None) -> dict:
-    """The run record (DESIGN.md §6) of a finished run."""
+                 run: dict, device, execution: dict) -> dict:
+    """The run record (docs/protocol.md#run-records) of a finished run."""
     return {
         "schema": SCHEMA_VERSION,
         "run_id": cfg.run_id(),
@@ -307,7 +400,7 @@ def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, 
         "metrics": summarise(history["test_acc"], strategy.deployed_head),
         "timing": {"wall_s": run["wall_s"], "train_s": run["train_s"], "eval_s": run["eval_s"],
                    "train_samples_per_s": run["samples"] / run["train_s"] if run["train_s"] > 0 else None,
-                   **({"execution": execution} if execution is not None else {})},
+                   "execution": execution},
         "resumes": run["resumes"],
         "provenance": provenance(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -315,110 +408,137 @@ def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, 
     }
 
 
-def train_locked(cfg: RunConfig, progress: bool) -> dict:
-    """`train_run` once the caller holds the run's lock (or under DDP, where torchrun starts the run once)."""
-    strategy_cls, config = validate(cfg)
-    dataset = cfg.resolved_dataset()
-    recipe = resolve_recipe(cfg.profile, dataset, cfg.epochs)
-    device = distributed.setup(cfg.device) if cfg.ddp else resolve_device(cfg.device)
-    out_path = cfg.record_path()
-    seed_everything(cfg.seed, cfg.deterministic, device)
+def build_engine(cfgs: list[RunConfig], strategies: list, train_set, test_set, recipe, device, workers: int):
+    """The engine the configuration asks for: DDP, a pack of fast runs, one fast run, or the reference."""
+    first = cfgs[0]
+    if first.ddp:
+        return distributed.DistributedEngine(strategies[0], train_set, test_set, recipe, device, seed=first.seed,
+                                             workers=workers)
+    if first.resolved_engine() == "reference":
+        return reference.ReferenceEngine(strategies[0], train_set, test_set, recipe, device, seed=first.seed,
+                                         workers=workers)
+    from okdph.engine.fast import FastEngine  # imports the GPU augmentation only when used
+    from okdph.engine.packed import PackedFastEngine
 
+    noise = (train_set.noise_mean, train_set.noise_std) if first.setting == "noisy" else None
+    if len(cfgs) == 1:
+        return FastEngine(strategies[0], train_set, test_set, recipe, device, seed=first.seed,
+                          precision=first.precision, noise=noise)
+    return PackedFastEngine(strategies, train_set, test_set, recipe, device, seeds=[c.seed for c in cfgs],
+                            precision=first.precision, noise=noise)
+
+
+def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
+    """Train runs that differ only in their seed (one run, or a pack) once the caller holds their
+    locks (or under DDP, where torchrun starts the run once); writes and returns their records.
+
+    Per epoch: the learning rate into each history, the engine's training epoch (a stop request
+    mid-epoch checkpoints the position and hands over), the test, the schedules and hooks, then each
+    run's log, divergence check, trajectory point and checkpoint. A diverged run's record ends at its
+    epoch; the others go on. A resume checkpoint of the same runs continues where it was taken."""
+    first = cfgs[0]
+    strategy_cls, config = validate(first)
+    dataset = first.resolved_dataset()
+    recipe = resolve_recipe(first.profile, dataset, first.epochs)
+    device = distributed.setup(first.device) if first.ddp else resolve_device(first.device)
     info = okdata.get_info(dataset)
-    strategy = build_strategy(strategy_cls, config, cfg, info).to(device)
-    if cfg.precision == "fp64":  # before the optimizers exist: they keep the weights they were given
-        strategy.double()
-    views = strategy.views()
-    train_set, test_set = build_data(cfg, views, recipe)
-    workers = cfg.workers if cfg.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)
-    engine_name = cfg.resolved_engine()
-    if cfg.ddp:
-        engine = distributed.DistributedEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
-                                               workers=workers)
-    elif engine_name == "fast":
-        from okdph.engine.fast import FastEngine  # imports the GPU augmentation only when used
+    strategies = []
+    for cfg in cfgs:  # each run's initialisation exactly as a run of its own draws it
+        seed_everything(cfg.seed, cfg.deterministic, device)
+        strategy = build_strategy(strategy_cls, config, cfg, info).to(device)
+        if cfg.precision == "fp64":  # before the optimizers exist: they keep the weights they were given
+            strategy.double()
+        strategies.append(strategy)
+    train_set, test_set = build_data(first, strategies[0].views(), recipe)
+    size = info.image_size  # a blank probe: no data read, no random number drawn
+    check_heads(strategies[0], torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(strategies[0])))
+    workers = first.workers if first.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)
+    engine = build_engine(cfgs, strategies, train_set, test_set, recipe, device, workers)
 
-        noise = (train_set.noise_mean, train_set.noise_std) if cfg.setting == "noisy" else None
-        engine = FastEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
-                            precision=cfg.precision, noise=noise)
-    else:
-        engine = reference.ReferenceEngine(strategy, train_set, test_set, recipe, device, seed=cfg.seed,
-                                           workers=workers)
-
-    trajectory = None
-    if cfg.save_every is not None:
-        trajectory = (trajectory_dir(out_path), trajectory_meta(cfg, info, len(train_set)))
-
-    heads = strategy.head_names()
-    history, run = new_history(heads), new_run_state()
-    checkpoint_path = cfg.checkpoint_path()
-    writes = not cfg.ddp or distributed.is_main_process()  # under DDP only rank 0 writes
-    if checkpoint_path.exists():
-        saved = load_resume_checkpoint(checkpoint_path, cfg)
-        strategy.load_state_dict(saved["strategy"])
+    runs = range(len(cfgs))
+    name = first.run_id() if len(cfgs) == 1 else f"pack of {len(cfgs)} ({first.run_id()}, ...)"
+    writes = not first.ddp or distributed.is_main_process()  # under DDP only rank 0 writes
+    trajectories = None
+    if first.save_every is not None and writes:
+        trajectories = [(trajectory_dir(c.record_path()), trajectory_meta(c, info, len(train_set))) for c in cfgs]
+    histories = [new_history(strategies[0].head_names()) for _ in runs]
+    states = [new_run_state() for _ in runs]
+    resume_path = checkpoint_path(cfgs)
+    if resume_path.exists():
+        saved = load_resume_checkpoint(resume_path, cfgs)
         engine.load_state_dict(saved["engine"])
-        history, run = saved["history"], saved["run"]
-        run["resumes"].append({"epoch": run["epoch"], "step": saved["step"],
-                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "cpu_threads": torch.get_num_threads()})  # results depend on it on CPU
+        histories, states = saved["histories"], saved["runs"]
+        for state in states:
+            state["resumes"].append({"epoch": state["epoch"], "step": engine.step,
+                                     "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     "cpu_threads": torch.get_num_threads(),  # results depend on it on CPU
+                                     **({"packed": True} if len(cfgs) > 1 else {})})
         restore_rng(saved["rng"], device)
-    elif trajectory is not None and writes:
-        save_trajectory_point(trajectory[0], 0, strategy, trajectory[1])
+    elif trajectories:
+        for (folder, meta), strategy in zip(trajectories, strategies):
+            save_trajectory_point(folder, 0, strategy, meta)
 
-    def checkpoint(step: int) -> None:
-        if writes and cfg.checkpoint_every:
-            save_resume_checkpoint(checkpoint_path, cfg, strategy=strategy, engine=engine, history=history,
-                                   run={**run, "wall_s": run["wall_s"] + time.perf_counter() - session_start},
-                                   step=step, device=device)
+    def checkpoint() -> None:
+        if writes and first.checkpoint_every:
+            elapsed = time.perf_counter() - session_start
+            save_resume_checkpoint(resume_path, cfgs, engine=engine, histories=histories,
+                                   runs=[{**s, "wall_s": s["wall_s"] + elapsed} for s in states], device=device)
 
+    live = [p for p in runs if states[p]["status"] == "complete"]
     session_start = time.perf_counter()
     stop = StopRequest()
     stop.install()
-    bar = tqdm(range(run["epoch"], recipe.epochs), desc=cfg.run_id()[:48], unit="ep", disable=not progress,
+    bar = tqdm(range(states[0]["epoch"], recipe.epochs), desc=name[:48], unit="ep", disable=not progress,
                leave=False)
     try:
         for epoch in bar:
             t0 = time.perf_counter()
-            if len(history["lr"]) == epoch:  # not when resuming mid-epoch
-                history["lr"].append(engine.current_lr())
-            train = engine.train_epoch(epoch, should_stop=stop)
-            if train is None:  # preempted mid-epoch: keep the position and leave
-                run["train_s"] += time.perf_counter() - t0
-                checkpoint(step=engine_step(engine))
-                stop.hand_over(f"{cfg.run_id()}: stopped by {stop.signal_name} at epoch {epoch}, "
-                               f"step {engine_step(engine)}; rerun the same command to resume from {checkpoint_path}")
+            for p in live:
+                if len(histories[p]["lr"]) == epoch:  # not when resuming mid-epoch
+                    histories[p]["lr"].append(engine.current_lr())
+            trained = engine.train_epoch(epoch, should_stop=stop)
+            if trained is None:  # stopped mid-epoch: keep the position and leave
+                for p in live:
+                    states[p]["train_s"] += time.perf_counter() - t0
+                checkpoint()
+                stop.hand_over(f"{name}: stopped by {stop.signal_name} at epoch {epoch}, step {engine.step}; "
+                               f"rerun the same command to resume from {resume_path}")
             t1 = time.perf_counter()
-            test_acc = engine.evaluate()
+            tested = engine.evaluate()
             t2 = time.perf_counter()
             engine.end_epoch(epoch)
-            strategy.after_epoch(epoch=epoch)
-
-            log_epoch(history, run, epoch, train, test_acc, train_s=t1 - t0, eval_s=t2 - t1,
-                      epoch_s=time.perf_counter() - t0)
-            bar.set_postfix(acc=f"{max(test_acc.values()):.2f}", loss=f"{sum(train['loss'].values()):.3f}")
-            if run["status"] != "complete":  # diverged
+            for p in live:
+                log_epoch(histories[p], states[p], epoch, trained[p], tested[p], train_s=t1 - t0, eval_s=t2 - t1,
+                          epoch_s=time.perf_counter() - t0)
+            bar.set_postfix(acc=f"{max(tested[0].values()):.2f}", loss=f"{sum(trained[0]['loss'].values()):.3f}")
+            live = [p for p in live if states[p]["status"] == "complete"]  # a diverged run's record ends here
+            if not live:
                 break
-            if trajectory is not None and writes and (run["epoch"] % cfg.save_every == 0
-                                                      or run["epoch"] == recipe.epochs):
-                save_trajectory_point(trajectory[0], run["epoch"], strategy, trajectory[1])
-            if cfg.checkpoint_every and run["epoch"] % cfg.checkpoint_every == 0 and run["epoch"] < recipe.epochs:
-                checkpoint(step=0)
+            done = epoch + 1
+            if trajectories and (done % first.save_every == 0 or done == recipe.epochs):
+                engine.write_back()
+                for p in live:
+                    save_trajectory_point(*trajectories[p][:1], done, strategies[p], trajectories[p][1])
+            if first.checkpoint_every and done % first.checkpoint_every == 0 and done < recipe.epochs:
+                checkpoint()
             if stop():  # preempted at an epoch boundary (or under DDP, which finishes its epoch)
-                checkpoint(step=0)
-                stop.hand_over(f"{cfg.run_id()}: stopped by {stop.signal_name} after epoch {epoch}; "
-                               f"rerun the same command to resume from {checkpoint_path}")
+                checkpoint()
+                stop.hand_over(f"{name}: stopped by {stop.signal_name} after epoch {epoch}; "
+                               f"rerun the same command to resume from {resume_path}")
     finally:
         bar.close()
         stop.restore()
-    run["wall_s"] += time.perf_counter() - session_start
-
-    record = build_record(cfg, config, strategy, recipe, train_set, test_set, workers, history, run, device,
-                          execution=engine.describe() if engine_name == "fast" and not cfg.ddp else None)
-    if cfg.ddp:
-        record["distributed"] = engine.describe()
+    engine.write_back()
+    elapsed = time.perf_counter() - session_start
+    records = {}
+    for p, cfg in enumerate(cfgs):
+        states[p]["wall_s"] += elapsed
+        records[cfg.run_id()] = build_record(cfg, config, strategies[p], recipe, train_set, test_set, workers,
+                                             histories[p], states[p], device, execution=engine.describe())
+    if first.ddp:
         distributed.teardown()
     if writes:
-        atomic_write_json(out_path, record)
-        checkpoint_path.unlink(missing_ok=True)  # after the record: a kill in between only re-writes it
-    return record
-
+        for cfg in cfgs:
+            atomic_write_json(cfg.record_path(), records[cfg.run_id()])
+        resume_path.unlink(missing_ok=True)  # after the records: a kill in between only re-writes them
+    return records

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.strategy import ModelGroup
+from .group import ModelGroup
 
 from .densenet import DenseNet, DenseNetHead
 from .registry import Backbone, create_backbone

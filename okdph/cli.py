@@ -17,8 +17,8 @@ import sys
 
 import click
 
-from okdph.engine.recipe import PROFILES
-from okdph.strategy import FIDELITIES, ConfigError
+from okdph.errors import PREEMPTED_EXIT, ConfigError, DataError, Preempted
+from okdph.names import FIDELITIES, PROFILES
 
 USER_ERROR_EXIT = 2
 
@@ -35,9 +35,6 @@ class UserError(click.ClickException):
 def _user_errors(func, debug: bool):
     """Run `func`; a user error becomes one line and exit 2 (the traceback only with --debug), a
     preempted run one line and exit 75 (its checkpoint is on disk: rerun the same command)."""
-    from okdph.data import DataError
-    from okdph.engine.checkpoint import PREEMPTED_EXIT, Preempted
-
     try:
         return func()
     except (ConfigError, DataError) as exc:
@@ -156,16 +153,15 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
 @main.command(name="list")
 def list_cmd():
     """Methods, backbones, datasets, settings and augmentation views."""
-    from okdph import data as okdata
-    from okdph.data.transforms import VIEWS
+    from okdph import names
     from okdph.models import list_backbones
     from okdph.strategy import list_strategies
 
     click.echo("methods:   " + ", ".join(list_strategies()))
     click.echo("backbones: " + ", ".join(list_backbones()))
-    click.echo("datasets:  " + ", ".join(okdata.DATASETS))
-    click.echo("settings:  " + ", ".join(okdata.SETTINGS))
-    click.echo("views:     " + ", ".join(VIEWS))
+    click.echo("datasets:  " + ", ".join(names.DATASETS))
+    click.echo("settings:  " + ", ".join(names.SETTINGS))
+    click.echo("views:     " + ", ".join(names.VIEWS))
     click.echo("profiles:  " + ", ".join(PROFILES))
     click.echo("fidelity:  " + ", ".join(FIDELITIES))
 

@@ -36,9 +36,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from okdph import multi_tensor
+from okdph.errors import ConfigError
 from okdph.losses import kd_loss
-from okdph.strategy import (ConfigError, Interval, Strategy, check_positive, check_unit_range,
-                            make_students, register_strategy)
+from okdph.strategy import Interval, Strategy, check_positive, check_unit_range, make_students, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Parameter hybridization and fusion: pure tensor math, shared with the fast engine and the tests.

@@ -27,17 +27,14 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-FIDELITIES = ("official", "paper")
+from okdph.errors import ConfigError
+from okdph.names import FIDELITIES
 
 # Strategies shipped with the suite; imported on first lookup so that `import okdph` stays light.
 _BUILTIN_MODULES = ("baselines.base", "baselines.dml", "baselines.kdcl", "baselines.one", "baselines.okddip",
                     "baselines.ffl", "baselines.pcl", "okdph.okdph")
 _REGISTRY: dict[str, type["Strategy"]] = {}
 _LOADED = False
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message is one line naming the valid choices."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from okdph import names
 from okdph.cli import main
 
 
@@ -74,3 +75,15 @@ def test_missing_cifar_is_one_line(tmp_path):
 def test_dataset_required_outside_smoke(tmp_path):
     result = CliRunner().invoke(main, ["train", "--method", "dml", "--quiet", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--dataset is required" in result.output
+
+
+def test_names_match_the_registries():
+    from okdph import models
+    from okdph.data import info
+    from okdph.engine import recipe, run
+    from okdph.strategy import list_strategies
+
+    assert names.strategy_names() == list_strategies()
+    assert list(names.BACKBONES) == models.list_backbones()
+    assert list(names.DATASETS) == [i.name for i in info._INFOS]
+    assert run.ENGINES is names.ENGINES and run.PRECISIONS is names.PRECISIONS and recipe.PROFILES is names.PROFILES

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from okdph.analysis.pacbayes import (
+from okdph.analysis.options import (
     DEFAULT_EPSILON,
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_SAMPLES,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
 
 ROLES = ("other-S1", "other-S2", "ours-S1", "ours-S2")   # the official row order
 DEFAULT_FIT = ("other-S1", "other-S2", "ours-S1")         # grid_loss.py's rows 0:180

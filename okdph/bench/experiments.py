@@ -24,7 +24,7 @@ from pathlib import Path
 
 from okdph.engine.recipe import PROFILES, SMOKE_DATASET
 from okdph.engine.run import RunConfig
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
 
 TABLE_DIR = Path(__file__).with_name("tables")
 TABLE_IDS = ("table3", "table4", "table5", "main-cifar", "main-imagenet", "main-noisy-limited")

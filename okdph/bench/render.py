@@ -22,9 +22,9 @@ from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_
 from okdph.bench.store import ResultStore
 from okdph.engine.recipe import SMOKE_DATASET
 from okdph.engine.record import atomic_write_json
-from okdph.strategy import FIDELITIES, ConfigError
+from okdph.errors import ConfigError
+from okdph.names import FIDELITIES, METRICS
 
-METRICS = ("paper", "final")
 METRIC_TEXT = {"paper": "best epoch of the max over all heads, as the paper reports",
                "final": "the deployed head at the last epoch"}
 NAMES = {  # how the paper spells things

@@ -15,8 +15,8 @@ from pathlib import Path
 from okdph.bench.experiments import list_tables, get_table
 from okdph.bench.render import NAMES, CellResult, collect, markdown, output_stem, write_table
 from okdph.bench.store import ResultStore
-from okdph.engine.recipe import PROFILES
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
+from okdph.names import PROFILES
 
 
 def learning_curve(records: list[dict], title: str, path: Path) -> Path:

@@ -1,16 +1,14 @@
-"""Dataset names, their constants (classes, image size, normalisation, default view), and DataError."""
+"""The datasets' constants (classes, image size, normalisation, default view), looked up by name;
+the names themselves are okdph.names.DATASETS."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from okdph.errors import DataError
+from okdph.names import DATASETS
+
 __all__ = ["DATASETS", "DataError", "DatasetInfo", "get_info"]
-
-
-class DataError(Exception):
-    """A dataset problem the user can fix: missing or corrupted files, an unknown name.
-
-    The message is one line that says what to do (e.g. pass --download or --data-root)."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +35,7 @@ _INFOS = (
     DatasetInfo("synthetic100", 100, 32, (0.5011, 0.5017, 0.4955), (0.1583, 0.1543, 0.1588), "hflip+rot"),
     DatasetInfo("imagenet", 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "hflip"),
 )
-_BY_NAME = {info.name: info for info in _INFOS}
-DATASETS = tuple(_BY_NAME)
+_BY_NAME = {info.name: info for info in _INFOS}  # one per name of DATASETS (checked by a test)
 
 
 def get_info(name: str) -> DatasetInfo:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -87,3 +91,70 @@ def test_names_match_the_registries():
     assert list(names.BACKBONES) == models.list_backbones()
     assert list(names.DATASETS) == [i.name for i in info._INFOS]
     assert run.ENGINES is names.ENGINES and run.PRECISIONS is names.PRECISIONS and recipe.PROFILES is names.PROFILES
+
+
+# ---- a third-party strategy through an entry point
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(*first: Path) -> dict:
+    """This checkout (and `first`) ahead of anything installed, for subprocesses."""
+    path = os.pathsep.join([*map(str, first), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+_FAKE_MODULE = '''
+from baselines.dml import DML
+from okdph.strategy import register_strategy
+
+
+class FakeOKD(DML):
+    """DML under another name, without the decorator: registered under its entry point's name."""
+
+
+@register_strategy("fakedec")
+class Decorated(DML):
+    """With the decorator, which names the class."""
+'''
+
+
+def _fake_distribution(root: Path) -> Path:
+    """An installed distribution `fake-okd` as pip leaves one: its module and its .dist-info."""
+    info = root / "fake_okd-0.1.dist-info"
+    info.mkdir(parents=True)
+    (root / "fake_okd.py").write_text(_FAKE_MODULE)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-okd\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[okdph.strategies]\nfakeokd = fake_okd:FakeOKD\n"
+                                           "fakedec = fake_okd:Decorated\n")
+    return root
+
+
+def test_third_party_strategy_through_an_entry_point(tmp_path, monkeypatch):
+    site = _fake_distribution(tmp_path)
+    listed = subprocess.run([sys.executable, "-m", "okdph.cli", "list"], env=_env(site), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "methods:   base, dml, fakedec, fakeokd, ffl" in listed.stdout
+
+    from okdph import strategy
+
+    monkeypatch.syspath_prepend(str(site))  # importlib.metadata now finds fake_okd-0.1.dist-info
+    monkeypatch.setattr(strategy, "_REGISTRY", dict(strategy._REGISTRY))  # the fakes leave with the test
+    monkeypatch.setattr(strategy, "_LOADED", False)
+    monkeypatch.delitem(sys.modules, "fake_okd", raising=False)
+    assert {"fakeokd", "fakedec", "dml", "okdph"} <= set(strategy.list_strategies())
+    assert strategy.get_strategy("fakeokd").name == "fakeokd"
+    assert strategy.get_strategy("fakedec").__name__ == "Decorated"
+    assert strategy.get_strategy("dml").name == "dml"  # the parent keeps its name
+
+
+@pytest.mark.slow
+def test_third_party_strategy_trains_from_the_command_line(tmp_path):
+    env = _env(_fake_distribution(tmp_path / "site"))
+    done = subprocess.run([sys.executable, "-m", "okdph.cli", "train", "--method", "fakeokd", "--profile", "smoke",
+                           "--epochs", "1", "--quiet", "--out", str(tmp_path / "runs")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = (tmp_path / "runs").glob("fakeokd-*.json")
+    assert json.loads(record.read_text())["method"] == "fakeokd"

@@ -105,6 +105,7 @@ class OKDDip(Strategy):
     """Peers distil from attention-weighted peer ensembles; the leader from the peers' mean."""
 
     Config = OKDDipConfig
+    display_name = "OKDDip"
     min_models = 2  # at least one peer and the leader
     deployed_head = "leader"
 

@@ -135,6 +135,7 @@ class PCL(Strategy):
     """Multi-view branches distil from their peer ensemble and from a temporal mean of each other."""
 
     Config = PCLConfig
+    display_name = "PCL"
     min_models = 2  # the peer-mean term averages over the m − 1 other branches
     deployed_head = "mean0"
 

@@ -156,6 +156,7 @@ class OKDPH(Strategy):
     """N students + one hybrid-weight model; students distil from the mean of all N + 1 logits."""
 
     Config = OKDPHConfig
+    display_name = "OKDPH"
     min_models = 2
 
     def __init__(self, **kwargs):

@@ -9,6 +9,7 @@ A new method is one file and one entry point:
     @register_strategy("mymethod")
     class MyMethod(Strategy):
         Config = MyConfig            # frozen dataclass of typed, validated hyper-parameters
+        display_name = "MyMethod"    # how tables and figures spell it
         def forward_train(self, images, targets, *, epoch, step): ...
 
     # pyproject.toml of the package that holds it
@@ -268,12 +269,15 @@ class Strategy(nn.Module):
 
 
 def register_strategy(name: str):
-    """Class decorator: make a strategy available under `name` (CLI, tables and records use it)."""
+    """Class decorator: make a strategy available under `name` (CLI, tables and records use it).
+    Its `display_name` (how tables and figures spell it) defaults to `name`."""
 
     def decorate(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"strategy '{name}' is registered twice")
         cls.name = name
+        if "display_name" not in vars(cls):
+            cls.display_name = name
         _REGISTRY[name] = cls
         return cls
 
@@ -307,3 +311,9 @@ def get_strategy(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method '{name}'; valid: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def display_name(name: str) -> str:
+    """How tables and figures spell strategy `name` ("okddip" -> "OKDDip"); an unknown name as it is."""
+    _load_all()
+    return _REGISTRY[name].display_name if name in _REGISTRY else name

@@ -90,7 +90,41 @@ def test_names_match_the_registries():
     assert names.strategy_names() == list_strategies()
     assert list(names.BACKBONES) == models.list_backbones()
     assert list(names.DATASETS) == [i.name for i in info._INFOS]
+    assert set(info.SETTING_DISPLAY_NAMES) == set(names.SETTINGS)
     assert run.ENGINES is names.ENGINES and run.PRECISIONS is names.PRECISIONS and recipe.PROFILES is names.PROFILES
+
+
+
+# ---- display names live on the registries
+
+
+def test_every_strategy_and_backbone_has_its_display_name():
+    from okdph import models
+    from okdph.data import info
+    from okdph.strategy import display_name, get_strategy, list_strategies
+
+    for name in list_strategies():
+        cls = get_strategy(name)
+        assert "display_name" in vars(cls) and display_name(name) == cls.display_name, name
+    assert [display_name(m) for m in ("okdph", "okddip", "one", "base")] == ["OKDPH", "OKDDip", "ONE", "Base"]
+    assert {b: models.display_name(b) for b in models.list_backbones()} == {
+        "densenet40_12": "DenseNet40-12", "resnet110": "ResNet110", "resnet18": "ResNet18", "resnet32": "ResNet32",
+        "vgg16": "VGG16", "wrn20_8": "WRN20-8"}
+    assert all(info.display_name(d) for d in names.DATASETS) and info.display_name("cifar100") == "CIFAR-100"
+    assert info.display_name("limited10") == "10%" and display_name("gone") == models.display_name("gone") == "gone"
+
+
+def test_the_renderer_reads_display_names_from_the_registries(monkeypatch):
+    from okdph.bench import render
+    from okdph.bench.experiments import get_table
+    from okdph.strategy import get_strategy
+
+    monkeypatch.setattr(get_strategy("okddip"), "display_name", "Peer Attention")
+    table = get_table("4")
+    text = render.markdown_table(table, render.collect(table, render.ResultStore("nowhere"), profile="smoke"))
+    header = [cell.strip() for cell in text.splitlines()[0].split("|")]
+    assert "Peer Attention" in header and "DML" in header and "OKDDip" not in header
+    assert render.display("backbone", "wrn20_8") == "WRN20-8" and render.display("setting", "noisy") == "Noisy"
 
 
 # ---- a third-party strategy through an entry point
@@ -112,10 +146,12 @@ from okdph.strategy import register_strategy
 class FakeOKD(DML):
     """DML under another name, without the decorator: registered under its entry point's name."""
 
+    display_name = "Fake OKD"
+
 
 @register_strategy("fakedec")
 class Decorated(DML):
-    """With the decorator, which names the class."""
+    """With the decorator: it names the class, and the display name defaults to that name."""
 '''
 
 
@@ -144,8 +180,9 @@ def test_third_party_strategy_through_an_entry_point(tmp_path, monkeypatch):
     monkeypatch.setattr(strategy, "_LOADED", False)
     monkeypatch.delitem(sys.modules, "fake_okd", raising=False)
     assert {"fakeokd", "fakedec", "dml", "okdph"} <= set(strategy.list_strategies())
-    assert strategy.get_strategy("fakeokd").name == "fakeokd"
-    assert strategy.get_strategy("fakedec").__name__ == "Decorated"
+    fake = strategy.get_strategy("fakeokd")
+    assert fake.name == "fakeokd" and strategy.display_name("fakeokd") == "Fake OKD"
+    assert strategy.get_strategy("fakedec").__name__ == "Decorated" and strategy.display_name("fakedec") == "fakedec"
     assert strategy.get_strategy("dml").name == "dml"  # the parent keeps its name
 
 

@@ -71,8 +71,10 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
              per_epoch, out_png, write, quiet, debug):
     """PAC-Bayes bound of each run's deployed student (needs `train --save-every`)."""
     from okdph.analysis import pacbayes as pb
-    from okdph.bench.render import NAMES
     from okdph.cli import _user_errors
+    from okdph.data.info import display_name as data_display_name
+    from okdph.models import display_name as backbone_display_name
+    from okdph.strategy import display_name as strategy_display_name
 
     series = []
     for path in records:
@@ -91,11 +93,11 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
         if write:
             pb.write_bound(path, record, bounds, student=pb.deployed_student(record), seconds=seconds)
             click.echo(f"  wrote metrics.pacbayes to {path} ({seconds:.1f} s)")
-        series.append((f"{NAMES.get(record['method'], record['method'])} seed {record.get('seed')}", bounds, record))
+        series.append((f"{strategy_display_name(record['method'])} seed {record.get('seed')}", bounds, record))
     if per_epoch:
         first = series[0][2]
         out = Path(out_png) if out_png else FIGURES / f"pacbayes-{first['backbone']}-{first['dataset']}.png"
-        title = f"{NAMES.get(first['backbone'], first['backbone'])}, {NAMES.get(first['dataset'], first['dataset'])}"
+        title = f"{backbone_display_name(first['backbone'])}, {data_display_name(first['dataset'])}"
         path = pb.plot_per_epoch([(label, bounds) for label, bounds, _ in series], out, title=title)
         click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
 

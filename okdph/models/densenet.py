@@ -151,7 +151,7 @@ class DenseNet(Backbone):
                 nn.init.zeros_(m.bias)
 
 
-@register_backbone
+@register_backbone(display_name="DenseNet40-12")
 def densenet40_12(num_classes: int, width: float = 1.0) -> DenseNet:
     """DenseNet-BC-40 with k = 12: blocks [6, 6, 6], 24 initial features, 132-d feature (METHODS.md §10.5)."""
     variant = dict(block_config=(6, 6, 6), growth=12, init_features=24, bn_size=4, compression=0.5)

@@ -46,7 +46,7 @@ def fake_record(cfg, acc, *, final=None, status="complete", engine=None, epochs=
 
 
 def test_every_table_loads_and_names_its_source():
-    assert list_tables() == ("table3", "table4", "table5", "main-cifar", "main-imagenet", "main-noisy-limited")
+    assert list_tables() == ("main-cifar", "main-imagenet", "main-noisy-limited", "table3", "table4", "table5")
     for table_id in list_tables():
         table = get_table(table_id)
         assert table.source and table.cells and set(c.method for c in table.cells) == set(table.methods)

@@ -127,6 +127,30 @@ def test_the_renderer_reads_display_names_from_the_registries(monkeypatch):
     assert render.display("backbone", "wrn20_8") == "WRN20-8" and render.display("setting", "noisy") == "Noisy"
 
 
+
+# ---- tables are the JSON files of okdph/bench/tables/
+
+
+def test_tables_are_the_files_of_the_tables_folder():
+    from okdph.bench.experiments import get_table, list_tables
+
+    files = {p.stem for p in names.TABLE_DIR.glob("*.json") if "cells" in json.loads(p.read_text())}
+    assert set(list_tables()) == files and len(files) >= 6
+    assert all(get_table(t).id == t for t in files)  # a table's id is its file name
+
+
+@pytest.mark.parametrize("spelling,table_id", [
+    ("3", "table3"), ("table3", "table3"), ("S3", "table3"), ("s3", "table3"), ("TABLE3", "table3"),
+    ("4", "table4"), ("S4", "table4"), ("5", "table5"), ("s5", "table5"), ("main-cifar", "main-cifar"),
+    ("main-imagenet", "main-imagenet"), ("imagenet", "main-imagenet"), ("main-noisy-limited", "main-noisy-limited"),
+    ("noisy-limited", "main-noisy-limited"), ("Main-CIFAR", "main-cifar"),
+])
+def test_every_table_spelling_still_works(spelling, table_id):
+    from okdph.bench.experiments import get_table
+
+    assert get_table(spelling).id == table_id
+
+
 # ---- a third-party strategy through an entry point
 
 ROOT = Path(__file__).resolve().parents[1]

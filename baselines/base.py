@@ -16,6 +16,8 @@ from okdph.strategy import Strategy, register_strategy
 class Base(Strategy):
     """Independent training: L_k = CE(z_k)."""
 
+    display_name = "Base"
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,

@@ -31,6 +31,7 @@ class DML(Strategy):
     """Each network distils from the detached predictions of every other network."""
 
     Config = DMLConfig
+    display_name = "DML"
     min_models = 2
 
     def __init__(self, **kwargs):

@@ -98,6 +98,7 @@ class FFL(Strategy):
     """Branches and a fusion module distil from each other's detached predictions."""
 
     Config = FFLConfig
+    display_name = "FFL"
     min_models = 2
     deployed_head = "branch0"
 

@@ -35,6 +35,7 @@ class KDCL(Strategy):
     """Every network distils from the detached mean of all networks' logits."""
 
     Config = KDCLConfig
+    display_name = "KDCL"
     min_models = 2
 
     def __init__(self, **kwargs):

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
 from okdph.models.branches import init_linear_like_, okddip_network
-from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
+from okdph.errors import ConfigError
+from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Attention and loss
@@ -104,6 +105,7 @@ class OKDDip(Strategy):
     """Peers distil from attention-weighted peer ensembles; the leader from the peers' mean."""
 
     Config = OKDDipConfig
+    display_name = "OKDDip"
     min_models = 2  # at least one peer and the leader
     deployed_head = "leader"
 

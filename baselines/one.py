@@ -90,6 +90,7 @@ class ONE(Strategy):
     """m branches on a shared trunk distil from their gated ensemble."""
 
     Config = ONEConfig
+    display_name = "ONE"
     min_models = 2
     deployed_head = "branch0"
 

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from okdph import multi_tensor
 from okdph.losses import kd_loss, sigmoid_rampup
 from okdph.models.branches import MultiBranchNet, init_linear_like_, pcl_network
-from okdph.strategy import ConfigError, OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
+from okdph.errors import ConfigError
+from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Ramp-up, loss and temporal mean
@@ -134,6 +135,7 @@ class PCL(Strategy):
     """Multi-view branches distil from their peer ensemble and from a temporal mean of each other."""
 
     Config = PCLConfig
+    display_name = "PCL"
     min_models = 2  # the peer-mean term averages over the m − 1 other branches
     deployed_head = "mean0"
 

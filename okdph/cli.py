@@ -10,43 +10,84 @@
     okdph-bench table 3 --metric final                          # re-render from the records
     okdph-bench report                                          # results/REPORT.md with learning curves
     okdph-bench regress                                         # tiny runs of every method vs expectations
+    okdph-bench pacbayes results/runs/okdph-….json --write      # Table 5's bound into the record
+    okdph-bench landscape --ours results/runs/okdph-….json --other results/runs/dml-….json
+
+How it behaves:
+- Every closed set of names (methods, backbones, datasets, tables, ...) is a `click.Choice` over
+  okdph.names, and a command imports the library only when it runs: `--help` and `list` import no torch.
+- Errors a user can fix (okdph.errors) are handled once, by the group: one line on stderr, exit 2.
+  Every command takes `--debug`, which shows their traceback instead; a preempted run prints how to
+  resume and exits 75 (PREEMPTED_EXIT).
+- `--debug` and `--quiet` (no progress bar, on the commands that draw one) are declared once each and
+  written after the command, as in `okdph-bench train ... --quiet --debug`.
 """
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import click
 
-from okdph.engine.recipe import PROFILES
-from okdph.strategy import FIDELITIES, ConfigError
+from okdph import names
+from okdph.analysis.options import (DEFAULT_EPSILON, DEFAULT_MAX_ITERATIONS, DEFAULT_SAMPLES, DEFAULT_SEED,
+                                    DEFAULT_TOLERANCE, DEFAULT_VARIANT, VARIANTS)
+from okdph.errors import PREEMPTED_EXIT, USER_ERRORS, Preempted
 
 USER_ERROR_EXIT = 2
+_DEBUG = "okdph.debug"  # ctx.meta key (meta is shared by a command's context and the group's)
 
 
 class UserError(click.ClickException):
-    """A bad input: printed as one line, exit code 2, no traceback (unless --debug)."""
+    """A bad input the command itself finds: one line, exit code 2 (as the group prints every error)."""
 
     exit_code = USER_ERROR_EXIT
 
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
+
+def _remember_debug(ctx: click.Context, param, value: bool) -> None:
+    ctx.meta[_DEBUG] = value
 
 
-def _user_errors(func, debug: bool):
-    """Run `func`; a user error becomes one line and exit 2 (the traceback only with --debug), a
-    preempted run one line and exit 75 (its checkpoint is on disk: rerun the same command)."""
-    from okdph.data import DataError
-    from okdph.engine.checkpoint import PREEMPTED_EXIT, Preempted
+class Command(click.Command):
+    """A command of the group: it takes --debug, declared here once."""
 
-    try:
-        return func()
-    except (ConfigError, DataError) as exc:
-        if debug:
-            raise
-        raise UserError(str(exc).splitlines()[0]) from None
-    except Preempted as exc:
-        click.echo(f"preempted: {exc}", err=True)
-        sys.exit(PREEMPTED_EXIT)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_remember_debug,
+                                        help="Show the traceback of a user error."))
+
+
+class Group(click.Group):
+    """The `okdph-bench` group: every error a user can fix is one line on stderr and exit 2 (usage
+    errors such as an unknown option or a value outside its choices too, without click's usage
+    block); a preempted run is one line and exit 75."""
+
+    command_class = Command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            if ctx.meta.get(_DEBUG):
+                raise
+            raise UserError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+        except Preempted as exc:  # its checkpoint is on disk: rerunning the same command resumes
+            click.echo(f"preempted: {exc}", err=True)
+            ctx.exit(PREEMPTED_EXIT)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:  # one line: click lists a missing choice's values one per line
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
 
 
 def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -59,46 +100,35 @@ def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-class _OneLineErrors(click.Group):
-    """Usage errors (a missing or unknown option, a value that is not one of the choices) are one
-    line and exit 2, like every other user error; click's own layout adds the usage and a hint."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+METHOD = click.Choice(names.strategy_names())
+TABLE = click.Choice(names.table_choices(), case_sensitive=False)
 
 
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="okdph-bench")
 def main():
     """Online knowledge distillation benchmark: OKDPH (CVPR 2023) and its baselines on one engine."""
 
 
 @main.command()
-@click.option("--method", required=True, help="Strategy name (see `okdph-bench list`).")
-@click.option("--backbone", default="resnet32", show_default=True)
-@click.option("--dataset", default=None, help="cifar10, cifar100, digits, synthetic10, synthetic100, imagenet "
-              "[default: digits with --profile smoke]")
-@click.option("--setting", default="standard", show_default=True, help="standard, noisy, limited10, limited1")
+@click.option("--method", required=True, type=METHOD, help="Strategy name (see `okdph-bench list`).")
+@click.option("--backbone", type=click.Choice(names.BACKBONES), default="resnet32", show_default=True)
+@click.option("--dataset", type=click.Choice(names.DATASETS), default=None,
+              help="[default: digits with --profile smoke; required otherwise]")
+@click.option("--setting", type=click.Choice(names.SETTINGS), default="standard", show_default=True)
 @click.option("--students", "--branches", "students", default=2, show_default=True, type=int,
               help="Students, or branches for the multi-branch methods.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Hyper-parameter override, repeatable.")
-@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
-@click.option("--profile", type=click.Choice(PROFILES), default="paper", show_default=True)
+@click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
+@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--epochs", type=int, default=None, help="Override the profile's epochs (milestones scale).")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--width", type=float, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
-@click.option("--engine", default="auto", show_default=True, help="auto (fast on CUDA), reference or fast.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32; bf16 (autocast, fast engine); fp64 (reference engine: exact CPU checks).")
+@click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True,
+              help="auto: fast on CUDA, else reference.")
+@click.option("--precision", type=click.Choice(names.PRECISIONS), default="fp32", show_default=True,
+              help="bf16: autocast, fast engine; fp64: reference engine, exact CPU checks.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--deterministic", is_flag=True, help="Bitwise-repeatable CPU runs, deterministic cuDNN.")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
@@ -113,28 +143,26 @@ def main():
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="E",
               help="Resume checkpoint every E epochs (0: never); a rerun of the same command resumes.")
 @click.option("--ddp", is_flag=True, help="One process of a torchrun job: data-parallel over its processes.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+@quiet_option
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
           engine, precision, device, deterministic, data_root, download, workers, train_samples, out_dir,
-          skip_recorded, save_every, checkpoint_every, ddp, quiet, debug):
+          skip_recorded, save_every, checkpoint_every, ddp, quiet):
     """Train one run and write its JSON record."""
     from okdph.engine.distributed import is_main_process
+    from okdph.engine.lock import RunLocked
     from okdph.engine.run import AlreadyRecorded, RunConfig, is_done, train_run
 
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
-                    seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic, device=device,
-                    data_root=data_root, download=download, workers=workers, train_samples=train_samples,
-                    out_dir=out_dir, ddp=ddp,
+                    seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic,
+                    device=device, data_root=data_root, download=download, workers=workers,
+                    train_samples=train_samples, out_dir=out_dir, ddp=ddp,
                     save_every=save_every, checkpoint_every=checkpoint_every)
-    from okdph.engine.lock import RunLocked
-
-    if skip_recorded and _user_errors(lambda: is_done(cfg), debug):
+    if skip_recorded and is_done(cfg):
         click.echo(f"recorded: {cfg.record_path()}")
         return
     try:
-        record = _user_errors(lambda: train_run(cfg, progress=not quiet, skip_recorded=skip_recorded), debug)
+        record = train_run(cfg, progress=not quiet, skip_recorded=skip_recorded)
     except AlreadyRecorded:
         click.echo(f"recorded: {cfg.record_path()}")
         return
@@ -156,24 +184,20 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
 @main.command(name="list")
 def list_cmd():
     """Methods, backbones, datasets, settings and augmentation views."""
-    from okdph import data as okdata
-    from okdph.data.transforms import VIEWS
-    from okdph.models import list_backbones
-    from okdph.strategy import list_strategies
-
-    click.echo("methods:   " + ", ".join(list_strategies()))
-    click.echo("backbones: " + ", ".join(list_backbones()))
-    click.echo("datasets:  " + ", ".join(okdata.DATASETS))
-    click.echo("settings:  " + ", ".join(okdata.SETTINGS))
-    click.echo("views:     " + ", ".join(VIEWS))
-    click.echo("profiles:  " + ", ".join(PROFILES))
-    click.echo("fidelity:  " + ", ".join(FIDELITIES))
+    click.echo("methods:   " + ", ".join(names.strategy_names()))
+    click.echo("backbones: " + ", ".join(names.BACKBONES))
+    click.echo("datasets:  " + ", ".join(names.DATASETS))
+    click.echo("settings:  " + ", ".join(names.SETTINGS))
+    click.echo("views:     " + ", ".join(names.VIEWS))
+    click.echo("profiles:  " + ", ".join(names.PROFILES))
+    click.echo("fidelity:  " + ", ".join(names.FIDELITIES))
 
 
 # --------------------------------------------------------------------------------------------------
 # The benchmark harness (okdph.bench): paper tables as data, runs, tables, report, regression check
 
-_TABLE_HELP = "3, 4, 5, main-cifar, main-imagenet or main-noisy-limited."
+_TABLE_HELP = ("A table of okdph/bench/tables/, by its id or an alias, any case: "
+               + ", ".join(" = ".join((t, *aliases)) for t, aliases in names.table_names().items()) + ".")
 _METRIC_HELP = "paper: best epoch, max over heads (as published); final: deployed head, last epoch."
 
 
@@ -183,18 +207,18 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 
 
 @main.command()
-@click.option("--table", "table_name", required=True, help=_TABLE_HELP)
-@click.option("--profile", default="paper", show_default=True, help="paper, quick or smoke.")
+@click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
+@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--seeds", type=int, default=None, help="Runs per cell, seeds 42, 43, … [default: 5; smoke 1].")
-@click.option("--executor", default="local", show_default=True, help="local or slurm.")
+@click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="local, CPU: worker processes of one thread each (1: in this process).")
-@click.option("--method", "methods", multiple=True, help="Only this method's cells; repeatable.")
-@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
-@click.option("--engine", default="auto", show_default=True, help="auto, reference or fast.")
-@click.option("--metric", default="paper", show_default=True, help=_METRIC_HELP)
+@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
+@click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
+@click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
+@click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @click.option("--dry-run", is_flag=True, help="List the runs still to do; train nothing.")
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
@@ -205,18 +229,17 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--slurm", "slurm_params", multiple=True, metavar="KEY=VALUE",
               help="slurm: a submitit parameter, e.g. slurm_partition=gpu or timeout_min=720; repeatable.")
 @click.option("--wait", is_flag=True, help="slurm: wait for the jobs, then write the table.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+@quiet_option
 def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run, results,
-        data_root, download, pack, slurm_params, wait, quiet, debug):
+        data_root, download, pack, slurm_params, wait, quiet):
     """Run a paper table: every cell × seed not yet recorded, then results/tables/<ID>.md (+ .csv, .json)."""
     from okdph.bench.runner import run_table
 
-    summary = _user_errors(lambda: run_table(
+    summary = run_table(
         table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
         executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=results, data_root=data_root,
         download=download, progress=not quiet, pack_size=pack, slurm_parameters=_parse_params(slurm_params),
-        wait=wait), debug)
+        wait=wait)
     click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
                f"{summary.recorded} already recorded, {len(summary.pending)} to train")
     if dry_run:
@@ -239,85 +262,198 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
         raise SystemExit(1)
 
 
-@main.command()
-@click.argument("table_name", metavar="ID")
-@click.option("--profile", default="paper", show_default=True, help="paper, quick or smoke.")
-@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
-@click.option("--engine", default=None, help="Only this engine's records (needed where a cell has several).")
-@click.option("--metric", default="paper", show_default=True, help=_METRIC_HELP)
+@main.command(epilog=f"ID: {_TABLE_HELP}")
+@click.argument("table_name", type=TABLE, metavar="ID")
+@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
+@click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
+@click.option("--engine", type=click.Choice([e for e in names.ENGINES if e != "auto"]), default=None,
+              help="Only this engine's records (needed where a cell has several).")
+@click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
-def table(table_name, profile, fidelity, engine, metric, results, debug):
-    """Re-render table ID from the records (nothing is trained)."""
+def table(table_name, profile, fidelity, engine, metric, results):
+    """Re-render a table from the records (nothing is trained)."""
     from okdph.bench.runner import render_table
 
-    paths, text = _user_errors(lambda: render_table(table_name, profile=profile, fidelity=fidelity, metric=metric,
-                                                    engine=engine, results=results), debug)
+    paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
+                               results=results)
     click.echo(text)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @main.command()
-@click.option("--table", "table_name", required=True, help=_TABLE_HELP)
-@click.option("--profile", default="paper", show_default=True, help="paper, quick or smoke.")
+@click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
+@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--seeds", type=int, default=None, help="Runs per cell [default: 5; smoke 1].")
-@click.option("--method", "methods", multiple=True, help="Only this method's cells; repeatable.")
-@click.option("--fidelity", type=click.Choice(FIDELITIES), default="official", show_default=True)
-@click.option("--engine", default="auto", show_default=True, help="auto, reference or fast.")
+@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
+@click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
+@click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
 @click.option("--torchrun", "ddp_procs", type=int, default=None, metavar="N",
               help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
 @click.option("--all", "include_recorded", is_flag=True, help="Also the runs already recorded.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_root, download, ddp_procs,
-         include_recorded, debug):
+         include_recorded):
     """Print one self-contained `okdph-bench train` command per run, for any scheduler."""
     from okdph.bench.runner import plan_table
 
-    commands = _user_errors(lambda: plan_table(
-        table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
-        results=results, data_root=data_root, download=download, ddp_procs=ddp_procs,
-        include_recorded=include_recorded), debug)
+    commands = plan_table(table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity,
+                          engine=engine, results=results, data_root=data_root, download=download,
+                          ddp_procs=ddp_procs, include_recorded=include_recorded)
     click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
     click.echo("\n".join(commands))
 
 
 @main.command()
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--metric", default="paper", show_default=True, help=_METRIC_HELP)
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
-def report(results, metric, debug):
+@click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
+def report(results, metric):
     """Write results/REPORT.md: every table that has records, with a learning-curve PNG per cell."""
     from okdph.bench.report import write_report
 
-    path = _user_errors(lambda: write_report(results, metric=metric), debug)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {write_report(results, metric=metric)}")
 
 
 @main.command()
 @click.option("--update", is_flag=True, help="Rewrite the expectations from this run (on purpose only).")
 @click.option("--expected", default="results/regression/expected.json", show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--method", "methods", multiple=True, help="Only this method; repeatable.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
-def regress(update, expected, methods, debug):
+@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method; repeatable.")
+def regress(update, expected, methods):
     """Tiny deterministic CPU runs of every registered method on digits, compared with the expectations."""
     from okdph.bench.regress import regress as run_regress
 
-    result = _user_errors(lambda: run_regress(expected, update=update, methods=methods or None), debug)
+    result = run_regress(expected, update=update, methods=methods or None)
     for line in result.lines:
         click.echo(line)
     if not result.ok:
         raise SystemExit(1)
 
 
-# Generalization analyses (okdph/analysis): PAC-Bayes bound and loss landscape
-from okdph.analysis.commands import landscape as _landscape_cmd, pacbayes as _pacbayes_cmd  # noqa: E402
+# --------------------------------------------------------------------------------------------------
+# Generalization analyses (okdph.analysis): PAC-Bayes bound and loss landscape. Figures go to
+# results/figures/analysis/ by default, where `okdph-bench report` finds them.
 
-main.add_command(_pacbayes_cmd)
-main.add_command(_landscape_cmd)
+_FIGURES_HELP = "results/figures/analysis"  # ResultStore("results").analysis_dir, spelt out for --help
+
+
+def _figures_dir() -> Path:
+    from okdph.bench.store import ResultStore
+
+    return ResultStore("results").analysis_dir
+
+
+def _device(name: str) -> str:
+    from okdph.engine.run import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _bounds(text: str | None):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise UserError(f"--bounds expects x0,x1,y0,y1 (four numbers), got '{text}'")
+    return values
+
+
+@main.command()
+@click.argument("records", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="RUN_RECORD...")
+@click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True,
+              help="magnitude: σ_i = α|w_i| (reproduces Table 5's scale); init: ‖w − w0‖²/(4σ²); orig: ‖w‖²/(4σ²).")
+@click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Monte-Carlo perturbations.")
+@click.option("--epsilon", type=float, default=DEFAULT_EPSILON, show_default=True,
+              help="Target mean training-loss increase.")
+@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+              help="Stop when |increase − ε| is below this.")
+@click.option("--max-iterations", type=int, default=DEFAULT_MAX_ITERATIONS, show_default=True)
+@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the noise directions.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
+@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 1024].")
+@click.option("--per-epoch", is_flag=True, help="Every saved epoch, plotted against the epoch (Fig. 1).")
+@click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
+              help=f"--per-epoch figure [default: {_FIGURES_HELP}/pacbayes-<backbone>-<dataset>.png].")
+@click.option("--write", is_flag=True, help="Store the bound in each record (metrics.pacbayes, ×10^-6).")
+@quiet_option
+def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed, device, data_root, batch_size,
+             per_epoch, out_png, write, quiet):
+    """PAC-Bayes bound of each run's deployed student (needs `train --save-every`)."""
+    from okdph.analysis import pacbayes as pb
+    from okdph.data.info import display_name as data_display_name
+    from okdph.models import display_name as backbone_display_name
+    from okdph.strategy import display_name as strategy_display_name
+
+    series = []
+    for path in records:
+        started = time.perf_counter()
+        record, bounds = pb.run_bounds(
+            path, variant=variant, per_epoch=per_epoch, device=_device(device), data_root=data_root,
+            samples=samples, epsilon=epsilon, tolerance=tolerance, max_iterations=max_iterations, seed=seed,
+            batch_size=batch_size, progress=not quiet)
+        seconds = time.perf_counter() - started
+        for b in bounds if per_epoch else bounds[-1:]:
+            r = b.result
+            flag = "" if r.converged else f" (not converged: Δloss {r.loss_increase:.4f})"
+            click.echo(f"{record['run_id']} epoch {b.epoch}: bound {r.value:.4f} ×10^6 ({variant}, "
+                       f"{r.scale_name} {r.scale:.5g}, KL {r.kl_term:.4g} + log {r.log_term:.2f}, "
+                       f"d {r.num_params}, {r.iterations} steps){flag}")
+        if write:
+            pb.write_bound(path, record, bounds, student=pb.deployed_student(record), seconds=seconds)
+            click.echo(f"  wrote metrics.pacbayes to {path} ({seconds:.1f} s)")
+        series.append((f"{strategy_display_name(record['method'])} seed {record.get('seed')}", bounds, record))
+    if per_epoch:
+        first = series[0][2]
+        out = Path(out_png) if out_png else _figures_dir() / f"pacbayes-{first['backbone']}-{first['dataset']}.png"
+        title = f"{backbone_display_name(first['backbone'])}, {data_display_name(first['dataset'])}"
+        path = pb.plot_per_epoch([(label, bounds) for label, bounds, _ in series], out, title=title)
+        click.echo(f"wrote {path} (+ {path.with_suffix('.json').name})")
+
+
+@main.command()
+@click.option("--ours", required=True, type=click.Path(dir_okay=False), help="The OKDPH run record.")
+@click.option("--other", "others", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="A Base/DML/KDCL run record; repeat for one panel each.")
+@click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
+              help=f"PNG [default: {_FIGURES_HELP}/landscape-<backbone>-<dataset>.png]; the data beside it (.npz).")
+@click.option("--grid-step", type=float, default=None,
+              help="Grid spacing in PCA units [default: 1, finer when the trajectories span < 20].")
+@click.option("--bounds", default=None, metavar="X0,X1,Y0,Y1", help="Grid bounds [default: trajectories ± 15%].")
+@click.option("--fit", default="other-S1,other-S2,ours-S1", show_default=True,
+              help="Trajectories the PCA is fitted on (of other-S1, other-S2, ours-S1, ours-S2).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
+@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 1024].")
+@quiet_option
+def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, batch_size, quiet):
+    """Loss landscape around the students' trajectories (needs `train --save-every` on both runs)."""
+    import json
+
+    from okdph.analysis import landscape as ls
+    from okdph.analysis.evaluate import load_run_trajectory
+
+    grid_bounds = _bounds(bounds)
+    started = time.perf_counter()
+    if out_png:
+        out = Path(out_png)
+    else:
+        meta = load_run_trajectory(ours)[0].meta
+        out = _figures_dir() / f"landscape-{meta['backbone']}-{meta['dataset']}.png"
+    png, data_paths = ls.landscape(
+        ours, others, out, device=_device(device), data_root=data_root, bounds=grid_bounds, step=grid_step,
+        fit=tuple(r.strip() for r in fit.split(",") if r.strip()), batch_size=batch_size, progress=not quiet)
+    for path in data_paths:
+        land = ls.Landscape.load(path)
+        finite = land.loss[land.done]
+        click.echo(f"{path.name}: {land.loss.shape[1]} × {land.loss.shape[0]} points, step {land.info['step']:.4g}, "
+                   f"loss {finite.min():.3f}-{finite.max():.3f}, PCA {json.dumps([round(e, 3) for e in land.info['explained']])}"
+                   + "".join(f"; {n}" for n in land.info.get("notes", [])))
+    click.echo(f"wrote {png} (+ {', '.join(p.name for p in data_paths)}) in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ from torch import Tensor
 from torch.func import functional_call
 
 from okdph import multi_tensor
+from okdph.errors import ConfigError
 from okdph.losses import kd_loss
 from okdph.models import make_students
-from okdph.strategy import ConfigError, Interval, Strategy, check_positive, check_unit_range, register_strategy
+from okdph.strategy import Interval, Strategy, check_positive, check_unit_range, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Parameter hybridization and fusion: pure tensor math, shared with the fast engine and the tests.
@@ -156,6 +157,7 @@ class OKDPH(Strategy):
     """N students + one hybrid-weight model; students distil from the mean of all N + 1 logits."""
 
     Config = OKDPHConfig
+    display_name = "OKDPH"
     min_models = 2
 
     def __init__(self, **kwargs):

@@ -4,19 +4,26 @@ A strategy is one online-KD method. It declares its networks, the augmentation v
 sees, its losses for one batch, its hooks and its evaluable heads; the engine does everything else
 (data, optimizers, schedules, evaluation, records) and knows no method by name.
 
-A new method is one file:
+A new method is one file and one entry point:
 
     @register_strategy("mymethod")
     class MyMethod(Strategy):
         Config = MyConfig            # frozen dataclass of typed, validated hyper-parameters
+        display_name = "MyMethod"    # how tables and figures spell it
         def forward_train(self, images, targets, *, epoch, step): ...
 
-Third-party packages register theirs through the entry-point group ``okdph.strategies``.
+    # pyproject.toml of the package that holds it
+    [project.entry-points."okdph.strategies"]
+    mymethod = "mypackage.mymethod:MyMethod"
+
+The entry-point group ``okdph.strategies`` is how strategy modules are found, the built-in ones
+included (this project's pyproject.toml lists them; reinstall after adding one). The decorator names
+the class; a class an entry point names without the decorator is registered under the entry
+point's name.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import typing
 from dataclasses import dataclass
@@ -26,17 +33,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-FIDELITIES = ("official", "paper")
+from okdph.errors import ConfigError
+from okdph.names import FIDELITIES, STRATEGY_GROUP
 
-# Strategies shipped with the suite; imported on first lookup so that `import okdph` stays light.
-_BUILTIN_MODULES = ("baselines.base", "baselines.dml", "baselines.kdcl", "baselines.one", "baselines.okddip",
-                    "baselines.ffl", "baselines.pcl", "okdph.okdph")
 _REGISTRY: dict[str, type["Strategy"]] = {}
 _LOADED = False
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message is one line naming the valid choices."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,12 +263,15 @@ def check_heads(strategy: Strategy, images: Tensor) -> None:
 
 
 def register_strategy(name: str):
-    """Class decorator: make a strategy available under `name` (CLI, tables and records use it)."""
+    """Class decorator: make a strategy available under `name` (CLI, tables and records use it).
+    Its `display_name` (how tables and figures spell it) defaults to `name`."""
 
     def decorate(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"strategy '{name}' is registered twice")
         cls.name = name
+        if "display_name" not in vars(cls):
+            cls.display_name = name
         _REGISTRY[name] = cls
         return cls
 
@@ -275,16 +279,20 @@ def register_strategy(name: str):
 
 
 def _load_all() -> None:
+    """Import every strategy an `okdph.strategies` entry point names, once."""
     global _LOADED
     if _LOADED:
         return
+    for ep in sorted(entry_points(group=STRATEGY_GROUP), key=lambda ep: ep.name):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise ValueError(f"entry point '{ep.name}' names {ep.value}, which is not a Strategy subclass")
+        if _REGISTRY.get(ep.name) is cls:
+            continue  # its module's decorator registered it under the entry point's name
+        if cls in _REGISTRY.values():
+            raise ValueError(f"entry point '{ep.name}' names strategy '{cls.name}'; give both the same name")
+        register_strategy(ep.name)(cls)
     _LOADED = True
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-    for ep in entry_points(group="okdph.strategies"):
-        if ep.name not in _REGISTRY:
-            cls = ep.load()
-            register_strategy(ep.name)(cls)
 
 
 def list_strategies() -> list[str]:
@@ -297,3 +305,9 @@ def get_strategy(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method '{name}'; valid: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def display_name(name: str) -> str:
+    """How tables and figures spell strategy `name` ("okddip" -> "OKDDip"); an unknown name as it is."""
+    _load_all()
+    return _REGISTRY[name].display_name if name in _REGISTRY else name

@@ -1,11 +1,19 @@
-"""The command line: a real smoke run, `list`, and one clear line for every bad input."""
+"""The command line: a real smoke run, `list`, one clear line for every bad input, every command
+under `python -m okdph.cli`, no torch for --help and list, and strategies from entry points."""
 from __future__ import annotations
 
+import ast
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from okdph import names
 from okdph.cli import main
 
 
@@ -39,11 +47,12 @@ def test_train_smoke_writes_a_complete_record(tmp_path):
 
 
 BAD_INPUTS = [
-    (["--method", "dmll"], "unknown method 'dmll'; valid: base, dml, ffl, kdcl, okddip, okdph, one, pcl"),
-    (["--method", "dml", "--backbone", "resnet33"], "unknown backbone 'resnet33'; valid:"),
-    (["--method", "dml", "--dataset", "cifar1000"], "unknown dataset 'cifar1000'; valid:"),
-    (["--method", "dml", "--setting", "noisey"], "unknown setting 'noisey'; valid:"),
-    (["--method", "dml", "--engine", "warp"], "unknown engine 'warp'; valid: auto, reference, fast"),
+    # a closed set is a click.Choice: its message names the value and every valid one
+    (["--method", "dmll"], "'dmll' is not one of 'base', 'dml', 'ffl', 'kdcl', 'okddip', 'okdph', 'one', 'pcl'"),
+    (["--method", "dml", "--backbone", "resnet33"], "'resnet33' is not one of 'densenet40_12', "),
+    (["--method", "dml", "--dataset", "cifar1000"], "'cifar1000' is not one of 'cifar10', "),
+    (["--method", "dml", "--setting", "noisey"], "'noisey' is not one of 'standard', "),
+    (["--method", "dml", "--engine", "warp"], "'warp' is not one of 'auto', 'reference', 'fast'"),
     (["--method", "okdph", "--set", "omega=1.2"], "omega must be in [0, 1], got 1.2"),
     (["--method", "okdph", "--set", "interval=5x"], "malformed interval '5x'"),
     (["--method", "okdph", "--set", "beta"], "--set expects key=value, got 'beta'"),
@@ -74,3 +83,204 @@ def test_missing_cifar_is_one_line(tmp_path):
 def test_dataset_required_outside_smoke(tmp_path):
     result = CliRunner().invoke(main, ["train", "--method", "dml", "--quiet", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--dataset is required" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# The group: every command under `python -m okdph.cli`, no torch for --help and list, choices from
+# torch-free names that match the registries, tables from their folder, third-party strategies
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = sorted(main.commands)
+
+
+def _env(*first: Path) -> dict:
+    """This checkout (and `first`) ahead of anything installed, for subprocesses."""
+    path = os.pathsep.join([*map(str, first), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_the_group_has_every_command():
+    assert COMMANDS == ["landscape", "list", "pacbayes", "plan", "regress", "report", "run", "table", "train"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_python_m_okdph_cli_runs_every_command(command):
+    done = subprocess.run([sys.executable, "-m", "okdph.cli", command, "--help"], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Usage: python -m okdph.cli {command} ")
+
+
+_NO_TORCH = """
+import sys
+from okdph.cli import main
+for args in (["--help"], ["list"], *([name, "--help"] for name in main.commands)):
+    assert main(args, standalone_mode=False) in (0, None), args  # --help returns 0, a command None
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "numpy"))
+assert not heavy, heavy[:5]
+"""
+
+
+def test_help_and_list_import_no_torch():
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("okdph-bench") is None, reason="the console script is not installed")
+@pytest.mark.parametrize("args", [["--help"], ["list"]])
+def test_console_script_imports_no_torch(args):
+    env = {**_env(), "PYTHONPROFILEIMPORTTIME": "1"}  # every import on stderr: "import time: ... | name"
+    done = subprocess.run(["okdph-bench", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "okdph.cli" in imported and "torch" not in imported
+
+
+def test_every_command_takes_debug_and_the_group_handles_user_errors():
+    for command in main.commands.values():
+        assert "--debug" in [opt for param in command.params for opt in param.opts], command.name
+    quiet = sorted(c.name for c in main.commands.values() if any("--quiet" in p.opts for p in c.params))
+    assert quiet == ["landscape", "pacbayes", "run", "train"]  # the commands that draw progress bars
+
+
+def test_choices_match_the_registries():
+    from okdph import models
+    from okdph.data import info
+    from okdph.engine import recipe, run
+    from okdph.strategy import list_strategies
+
+    assert names.strategy_names() == list_strategies()
+    assert list(names.BACKBONES) == models.list_backbones()
+    assert list(names.DATASETS) == [i.name for i in info._INFOS]
+    assert set(info.SETTING_DISPLAY_NAMES) == set(names.SETTINGS)
+    assert run.ENGINES is names.ENGINES and run.PRECISIONS is names.PRECISIONS and recipe.PROFILES is names.PROFILES
+
+
+# ---- display names live on the registries
+
+
+def test_every_strategy_and_backbone_has_its_display_name():
+    from okdph import models
+    from okdph.data import info
+    from okdph.strategy import display_name, get_strategy, list_strategies
+
+    for name in list_strategies():
+        cls = get_strategy(name)
+        assert "display_name" in vars(cls) and display_name(name) == cls.display_name, name
+    assert [display_name(m) for m in ("okdph", "okddip", "one", "base")] == ["OKDPH", "OKDDip", "ONE", "Base"]
+    assert {b: models.display_name(b) for b in models.list_backbones()} == {
+        "densenet40_12": "DenseNet40-12", "resnet110": "ResNet110", "resnet18": "ResNet18", "resnet32": "ResNet32",
+        "vgg16": "VGG16", "wrn20_8": "WRN20-8"}
+    assert all(info.display_name(d) for d in names.DATASETS) and info.display_name("cifar100") == "CIFAR-100"
+    assert info.display_name("limited10") == "10%" and display_name("gone") == models.display_name("gone") == "gone"
+
+
+def test_the_renderer_reads_display_names_from_the_registries(monkeypatch):
+    from okdph.bench import render
+    from okdph.bench.experiments import get_table
+    from okdph.strategy import get_strategy
+
+    monkeypatch.setattr(get_strategy("okddip"), "display_name", "Peer Attention")
+    table = get_table("4")
+    text = render.markdown_table(table, render.collect(table, render.ResultStore("nowhere"), profile="smoke"))
+    header = [cell.strip() for cell in text.splitlines()[0].split("|")]
+    assert "Peer Attention" in header and "DML" in header and "OKDDip" not in header
+    assert render.display("backbone", "wrn20_8") == "WRN20-8" and render.display("setting", "noisy") == "Noisy"
+
+
+def test_analysis_imports_neither_the_harness_nor_the_cli():
+    for path in sorted((ROOT / "okdph" / "analysis").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for module in modules:
+                assert not module.startswith(("okdph.bench", "okdph.cli")), (path.name, module)
+
+
+# ---- tables are the JSON files of okdph/bench/tables/
+
+
+def test_tables_are_the_files_of_the_tables_folder():
+    from okdph.bench.experiments import get_table, list_tables
+
+    files = {p.stem for p in names.TABLE_DIR.glob("*.json") if "cells" in json.loads(p.read_text())}
+    assert set(list_tables()) == files and len(files) >= 6
+    assert all(get_table(t).id == t for t in files)  # a table's id is its file name
+    width = {"terminal_width": 10_000, "max_content_width": 10_000}  # no line wrapping inside a name
+    helps = [CliRunner().invoke(main, [command, "--help"], **width).output for command in ("run", "plan", "table")]
+    for table_id in files:
+        assert all(table_id in text for text in helps), table_id
+
+
+@pytest.mark.parametrize("spelling,table_id", [
+    ("3", "table3"), ("table3", "table3"), ("S3", "table3"), ("s3", "table3"), ("TABLE3", "table3"),
+    ("4", "table4"), ("S4", "table4"), ("5", "table5"), ("s5", "table5"), ("main-cifar", "main-cifar"),
+    ("main-imagenet", "main-imagenet"), ("imagenet", "main-imagenet"), ("main-noisy-limited", "main-noisy-limited"),
+    ("noisy-limited", "main-noisy-limited"), ("Main-CIFAR", "main-cifar"),
+])
+def test_every_table_spelling_still_works(spelling, table_id):
+    from okdph.bench.experiments import get_table
+    from okdph.cli import TABLE
+
+    assert get_table(TABLE.convert(spelling, None, None)).id == table_id
+
+
+# ---- a third-party strategy through an entry point
+
+_FAKE_MODULE = '''
+from baselines.dml import DML
+from okdph.strategy import register_strategy
+
+
+class FakeOKD(DML):
+    """DML under another name, without the decorator: registered under its entry point's name."""
+
+    display_name = "Fake OKD"
+
+
+@register_strategy("fakedec")
+class Decorated(DML):
+    """With the decorator: it names the class, and the display name defaults to that name."""
+'''
+
+def _fake_distribution(root: Path) -> Path:
+    """An installed distribution `fake-okd` as pip leaves one: its module and its .dist-info."""
+    info = root / "fake_okd-0.1.dist-info"
+    info.mkdir(parents=True)
+    (root / "fake_okd.py").write_text(_FAKE_MODULE)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-okd\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[okdph.strategies]\nfakeokd = fake_okd:FakeOKD\n"
+                                           "fakedec = fake_okd:Decorated\n")
+    return root
+
+
+def test_third_party_strategy_through_an_entry_point(tmp_path, monkeypatch):
+    site = _fake_distribution(tmp_path)
+    listed = subprocess.run([sys.executable, "-m", "okdph.cli", "list"], env=_env(site), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "methods:   base, dml, fakedec, fakeokd, ffl" in listed.stdout
+
+    from okdph import strategy
+
+    monkeypatch.syspath_prepend(str(site))  # importlib.metadata now finds fake_okd-0.1.dist-info
+    monkeypatch.setattr(strategy, "_REGISTRY", dict(strategy._REGISTRY))  # the fakes leave with the test
+    monkeypatch.setattr(strategy, "_LOADED", False)
+    monkeypatch.delitem(sys.modules, "fake_okd", raising=False)
+    assert {"fakeokd", "fakedec", "dml", "okdph"} <= set(strategy.list_strategies())
+    fake = strategy.get_strategy("fakeokd")
+    assert fake.name == "fakeokd" and strategy.display_name("fakeokd") == "Fake OKD"
+    assert strategy.get_strategy("fakedec").__name__ == "Decorated" and strategy.display_name("fakedec") == "fakedec"
+    assert strategy.get_strategy("dml").name == "dml"  # the parent keeps its name
+
+
+@pytest.mark.slow
+def test_third_party_strategy_trains_from_the_command_line(tmp_path):
+    env = _env(_fake_distribution(tmp_path / "site"))
+    done = subprocess.run([sys.executable, "-m", "okdph.cli", "train", "--method", "fakeokd", "--profile", "smoke",
+                           "--epochs", "1", "--quiet", "--out", str(tmp_path / "runs")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = (tmp_path / "runs").glob("fakeokd-*.json")
+    assert json.loads(record.read_text())["method"] == "fakeokd"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from okdph.engine.checkpoint import TrajectoryPoint, load_trajectory, trajectory_dir
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
 
 DEFAULT_BATCH_SIZE = 1024     # images per forward pass (the official landscape script's batch size)
 DEFAULT_CHUNK = 16            # weight sets evaluated together under vmap (GPU): bounds activation memory

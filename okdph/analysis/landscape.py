@@ -42,7 +42,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from okdph.strategy import ConfigError
+from okdph.data.info import display_name as data_display_name
+from okdph.errors import ConfigError
+from okdph.models import display_name as backbone_display_name
+from okdph.strategy import display_name as strategy_display_name
 
 ROLES = ("other-S1", "other-S2", "ours-S1", "ours-S2")   # the official row order
 DEFAULT_FIT = ("other-S1", "other-S2", "ours-S1")         # grid_loss.py's rows 0:180
@@ -172,7 +175,6 @@ def load_trajectories(ours_record, other_record, device) -> Trajectories:
         split_state,
         trainable_names,
     )
-    from okdph.bench.render import NAMES
 
     loaded = {"other": load_run_trajectory(other_record), "ours": load_run_trajectory(ours_record)}
     meta = loaded["ours"][0].meta
@@ -197,7 +199,7 @@ def load_trajectories(ours_record, other_record, device) -> Trajectories:
             rows.append(flatten(params, names))
             buffers.append({n: v.to(device) for n, v in bufs.items()})
         method = points[0].meta["method"]
-        items.append(Trajectory(role, f"{NAMES.get(method, method)} S{student}", [p.epoch for p in points],
+        items.append(Trajectory(role, f"{strategy_display_name(method)} S{student}", [p.epoch for p in points],
                                 torch.stack(rows).to(device), buffers))
     runs = {prefix: pts[0].meta.get("run_id") for prefix, pts in loaded.items()}
     return Trajectories(meta, names, template, runs, items, notes)
@@ -321,12 +323,10 @@ def compute_landscape(ours_record, other_record, data_path, *, device="cpu", dat
 
 
 def _title(traj: Trajectories) -> str:
-    from okdph.bench.render import NAMES
-
     meta = traj.meta
     others = [t.label.split(" S")[0] for t in traj.items if t.role.startswith("other")]
-    return (f"{NAMES.get(meta['backbone'], meta['backbone'])}, {NAMES.get(meta['dataset'], meta['dataset'])}: "
-            f"{others[0] if others else '?'} vs {NAMES.get(meta['method'], meta['method'])}")
+    return (f"{backbone_display_name(meta['backbone'])}, {data_display_name(meta['dataset'])}: "
+            f"{others[0] if others else '?'} vs {strategy_display_name(meta['method'])}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -49,18 +49,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from okdph.strategy import ConfigError
+from okdph.analysis.options import (DEFAULT_EPSILON, DEFAULT_MAX_ITERATIONS, DEFAULT_SAMPLES, DEFAULT_SEED,
+                                    DEFAULT_TOLERANCE, DEFAULT_VARIANT, VARIANTS)
+from okdph.errors import ConfigError
 
-VARIANTS = ("magnitude", "init", "orig")
-DEFAULT_VARIANT = "magnitude"        # reproduces Table 5's ≈ 200·d (module docstring)
-DEFAULT_EPSILON = 0.1                # target mean training-loss increase (LPF-SGD's ε)
-DEFAULT_SAMPLES = 10                 # Monte-Carlo perturbations per step (both public codes use 10)
 DEFAULT_DELTA = 1e-6                 # confidence δ of log(2m/δ) (LPF-SGD)
-DEFAULT_TOLERANCE = 1e-4             # stop when |increase − ε| ≤ this (0.1% of ε: the scale to ~0.05%)
-DEFAULT_MAX_ITERATIONS = 40          # loss evaluations of the search, bracketing included
 SCALE_RESOLUTION = 1e-5              # also stop once the bracket is this narrow (relative): the
                                      # crossing is located, but the loss jumps there (not converged)
-DEFAULT_SEED = 0
 START_SCALE = 0.01                   # first σ or α tried; doubled until the increase passes ε
 MAX_SCALE = 1e4                      # give up bracketing beyond this (the loss never rose by ε)
 UNITS = 1e6                          # Table 5 prints the bound ×10^-6 (render.py reads metrics.pacbayes)

@@ -15,9 +15,9 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from okdph.engine.checkpoint import Preempted
 from okdph.engine.lock import RunLocked
 from okdph.engine.run import AlreadyRecorded, RunConfig, train_run
+from okdph.errors import Preempted
 
 
 @dataclass
@@ -82,7 +82,7 @@ def train_group(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
 def parse_gpus(gpus: str | None, cuda_count: int, jobs: int = 1) -> list[str]:
     """The devices of the local workers: `--gpus 0,2` -> ["cuda:0", "cuda:2"]; "all" or nothing ->
     every visible GPU; no GPU or "cpu" -> `jobs` CPU workers (1: this process)."""
-    from okdph.strategy import ConfigError
+    from okdph.errors import ConfigError
 
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")

@@ -4,8 +4,10 @@ A table file, `okdph/bench/tables/<id>.json`, lists one cell per line: method, b
 data setting, students (or branches) and, where it is known, the paper's value with a note marker
 for values that are not a transcription of the paper itself. The file also says how the table is
 laid out (`rows`: the fields of a row, the methods are the columns), which metric it reports and
-which profiles it supports. The numbers come from the supplement (Tables 3-7), transcribed and
-checked against its text (docs/protocol.md#paper-values); each table file names its source.
+which profiles it supports. Every such file is a table, known by its id (the file name) and the
+aliases it lists: adding a table is adding one file (okdph.names finds them without torch). The
+numbers come from the supplement (Tables 3-7), transcribed and checked against its text
+(docs/protocol.md#paper-values); each table file names its source.
 
 OKDPH's hyper-parameters are not in the table files: supplement Tables 6 and 7
 (`tables/okdph_presets.json`) give ω, β, γ and the fusion interval Δ per dataset, backbone,
@@ -21,14 +23,12 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from okdph.engine.recipe import PROFILES, SMOKE_DATASET
 from okdph.engine.run import RunConfig
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
+from okdph.names import TABLE_DIR, table_names
 
-TABLE_DIR = Path(__file__).with_name("tables")
-TABLE_IDS = ("table3", "table4", "table5", "main-cifar", "main-imagenet", "main-noisy-limited")
 FIRST_SEED = 42                                  # run r has seed 42 + r
 DEFAULT_SEEDS = {"paper": 5, "quick": 5, "smoke": 1}  # the supplement averages five runs
 
@@ -82,22 +82,23 @@ class Run:
 
 
 def list_tables() -> tuple[str, ...]:
-    return TABLE_IDS
+    """The ids of the tables in okdph/bench/tables/, sorted (adding a table is adding one file)."""
+    return tuple(table_names())
 
 
 def _aliases() -> dict[str, str]:
     names = {}
-    for table_id in TABLE_IDS:
+    for table_id, aliases in table_names().items():
         names[table_id] = table_id
-        for alias in _load(table_id).aliases:
+        for alias in aliases:
             names[alias.lower()] = table_id
     return names
 
 
 def valid_table_names() -> str:
     """The names a user types: 3, 4, 5 and the main-paper ids."""
-    short = [a for t in TABLE_IDS for a in _load(t).aliases if a.isdigit()]
-    return ", ".join(short + [t for t in TABLE_IDS if not t.startswith("table")])
+    short = [a for aliases in table_names().values() for a in aliases if a.isdigit()]
+    return ", ".join(short + [t for t in table_names() if not t.startswith("table")])
 
 
 def get_table(name: str) -> Table:

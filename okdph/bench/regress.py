@@ -30,7 +30,8 @@ import torch
 
 from okdph.engine.record import atomic_write_json
 from okdph.engine.run import RunConfig, train_run
-from okdph.strategy import ConfigError, get_strategy, list_strategies
+from okdph.errors import ConfigError
+from okdph.strategy import get_strategy, list_strategies
 
 SETUP = {"backbone": "resnet32", "profile": "smoke", "width": 0.125, "epochs": 1, "students": 2, "seed": 42,
          "fidelity": "official", "engine": "reference", "precision": "fp64", "device": "cpu",

@@ -20,21 +20,29 @@ from tabulate import tabulate
 
 from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_profile
 from okdph.bench.store import ResultStore
+from okdph.data.info import display_name as data_display_name
 from okdph.engine.recipe import SMOKE_DATASET
 from okdph.engine.record import atomic_write_json
-from okdph.strategy import FIDELITIES, ConfigError
+from okdph.errors import ConfigError
+from okdph.models import display_name as backbone_display_name
+from okdph.names import FIDELITIES, METRICS
+from okdph.strategy import display_name as strategy_display_name
 
-METRICS = ("paper", "final")
 METRIC_TEXT = {"paper": "best epoch of the max over all heads, as the paper reports",
                "final": "the deployed head at the last epoch"}
-NAMES = {  # how the paper spells things
-    "base": "Base", "dml": "DML", "one": "ONE", "kdcl": "KDCL", "okddip": "OKDDip", "ffl": "FFL", "pcl": "PCL",
-    "okdph": "OKDPH", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet",
-    "resnet32": "ResNet32", "resnet110": "ResNet110", "vgg16": "VGG16", "densenet40_12": "DenseNet40-12",
-    "wrn20_8": "WRN20-8", "resnet18": "ResNet18", "standard": "standard", "noisy": "Noisy",
-    "limited10": "10%", "limited1": "1%",
-}
 HEADERS = {"dataset": "Dataset", "backbone": "Backbone", "setting": "Setting", "students": "#S/B"}
+
+
+def display(field: str, value) -> str:
+    """How the paper spells a cell's `field` value ("okddip" -> "OKDDip", "wrn20_8" -> "WRN20-8",
+    "limited10" -> "10%"): the display name its registry holds; a student count as it is."""
+    if field == "method":
+        return strategy_display_name(value)
+    if field == "backbone":
+        return backbone_display_name(value)
+    if field in ("dataset", "setting"):
+        return data_display_name(value)
+    return str(value)
 
 
 @dataclass
@@ -165,7 +173,7 @@ def markdown_table(table: Table, results: list[CellResult], links: dict[str, str
     methods = [m for m in table.methods if any(m in row for row in rows.values())]
     lines = []
     for key, row in rows.items():
-        label = [NAMES.get(v, str(v)) for v in key]
+        label = [display(f, v) for f, v in zip(table.rows, key)]
         ours = []
         for m in methods:
             r = row.get(m)
@@ -182,7 +190,7 @@ def markdown_table(table: Table, results: list[CellResult], links: dict[str, str
             _bold(f"{row[m].cell.paper:.2f}{row[m].cell.paper_note}", row[m].cell.paper == paper_best)
             if m in row and row[m].cell.paper is not None else "–" for m in methods])
         lines.append(blank + ["Δ"] + [format_delta(row[m]) if m in row else "" for m in methods])
-    headers = [HEADERS[f] for f in table.rows] + [""] + [NAMES.get(m, m) for m in methods]
+    headers = [HEADERS[f] for f in table.rows] + [""] + [display("method", m) for m in methods]
     align = ["left"] * (len(table.rows) + 1) + ["right"] * len(methods)
     return tabulate(lines, headers=headers, tablefmt="pipe", colalign=align, disable_numparse=True)
 

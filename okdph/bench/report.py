@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from okdph.bench.experiments import list_tables, get_table
-from okdph.bench.render import NAMES, CellResult, collect, markdown, output_stem, write_table
+from okdph.bench.render import CellResult, collect, display, markdown, output_stem, write_table
 from okdph.bench.store import ResultStore
-from okdph.engine.recipe import PROFILES
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
+from okdph.names import PROFILES
 
 
 def learning_curve(records: list[dict], title: str, path: Path) -> Path:
@@ -54,10 +54,10 @@ def learning_curve(records: list[dict], title: str, path: Path) -> Path:
 
 def _cell_title(result: CellResult, record: dict) -> str:
     c = result.cell
-    setting = "" if c.setting == "standard" else f" {NAMES.get(c.setting, c.setting)}"
+    setting = "" if c.setting == "standard" else f" {display('setting', c.setting)}"
     ran_on = "" if record.get("dataset") == c.dataset else f" (ran on {record.get('dataset')})"
-    return (f"{NAMES.get(c.method, c.method)}, {NAMES.get(c.backbone, c.backbone)} ×{c.students}, "
-            f"{NAMES.get(c.dataset, c.dataset)}{setting}{ran_on}")
+    return (f"{display('method', c.method)}, {display('backbone', c.backbone)} ×{c.students}, "
+            f"{display('dataset', c.dataset)}{setting}{ran_on}")
 
 
 def _collect_by_engine(table, store, **options) -> list[tuple[str | None, list[CellResult]]]:

@@ -19,9 +19,9 @@ from okdph.bench.store import ResultStore
 from okdph.engine.checkpoint import trajectory_dir
 from okdph.engine.recipe import resolve_recipe
 from okdph.engine.run import RunConfig, validate
-from okdph.strategy import ConfigError
+from okdph.errors import ConfigError
+from okdph.names import EXECUTORS
 
-EXECUTORS = ("local", "slurm")
 # Metrics computed after training (Table 5's PAC-Bayes bound): a table whose metric is one of these
 # trains its runs with trajectory points (`save_every` = the run's epochs: the initialisation and
 # the final weights) and, once trained, computes the metric into every record that lacks it.

@@ -16,7 +16,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .info import DataError, get_info
+from okdph.errors import DataError
+from okdph.names import SETTINGS
+
+from .info import get_info
 from .synthetic import make_synthetic
 from .transforms import build_test_transform, build_train_transform
 
@@ -25,7 +28,6 @@ __all__ = [
     "build_test_set", "build_train_set", "limited_indices", "load_arrays",
 ]
 
-SETTINGS = ("standard", "noisy", "limited10", "limited1")
 _LIMITED_PERCENT = {"limited10": 10, "limited1": 1}
 LIMITED_SEED = 42  # official experiment/sample/simple_cifar.ipynb
 

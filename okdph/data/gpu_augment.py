@@ -50,6 +50,8 @@ from torchvision.transforms import AutoAugmentPolicy, InterpolationMode
 from torchvision.transforms import RandAugment as _V1RandAugment
 from torchvision.transforms.v2 import functional as F
 
+from okdph.names import VIEWS
+
 __all__ = [
     "AUTOAUGMENT_POLICY", "CHUNK", "GEOMETRIC_OPS", "RANDAUGMENT_OPS", "VIEWS",
     "apply_op", "apply_op_where", "apply_view", "augment", "autoaugment", "crop_flip", "cutout",
@@ -57,7 +59,6 @@ __all__ = [
     "autoaugment_magnitude", "rotate_nearest", "sample_params", "torchvision_op",
 ]
 
-VIEWS = ("hflip", "hflip+rot", "cutout", "augment", "auto_aug", "base")
 CHUNK = 4096              # images per chunk: bounds the memory of the ~23 RandAugment variants
 PADDING = 4               # RandomCrop(32, padding=4), zero fill
 ROTATION_DEGREES = 15.0   # RandomRotation(15)

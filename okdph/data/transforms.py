@@ -32,11 +32,12 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from .info import DataError, DatasetInfo
+from okdph.errors import DataError
+from okdph.names import VIEWS
+
+from .info import DatasetInfo
 
 __all__ = ["VIEWS", "Cutout", "build_test_transform", "build_train_transform"]
-
-VIEWS = ("hflip", "hflip+rot", "cutout", "augment", "auto_aug", "base")
 
 _CIFAR_PADDING = 4
 _ROTATION_DEGREES = 15

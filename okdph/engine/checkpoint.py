@@ -21,14 +21,10 @@ import torch
 from torch import Tensor
 
 from okdph.engine.record import atomic_write
-from okdph.strategy import ConfigError
+from okdph.errors import PREEMPTED_EXIT, CheckpointError, ConfigError, Preempted  # noqa: F401  (old home)
 
 CHECKPOINT_FORMAT = 2  # 2: one format for single runs and packs
 TRAJECTORY_FORMAT = 1
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint or trajectory file that cannot be used: truncated, foreign, from another run."""
 
 
 def atomic_torch_save(path: Path, obj) -> None:
@@ -163,14 +159,6 @@ def load_resume_checkpoint(path: Path, cfgs) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Preemption
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; rerunning the same command resumes
-
-
-class Preempted(Exception):
-    """The run stopped on SIGTERM/SIGUSR1 after writing its resume checkpoint. Not a failure: the
-    sweep must stop too (its process was asked to), and a rerun continues."""
-
 
 class StopRequest:
     """SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's pre-timeout signals) ask the run to stop after the step.

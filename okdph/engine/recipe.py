@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from okdph.names import PROFILES
 from okdph.strategy import ConfigError
-
-PROFILES = ("paper", "quick", "smoke")
 
 
 @dataclass(frozen=True)

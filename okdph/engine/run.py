@@ -33,10 +33,8 @@ from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
                                  summarise)
 from okdph.models import list_backbones
+from okdph.names import ENGINES, PRECISIONS
 from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, config_to_dict, get_strategy
-
-ENGINES = ("auto", "reference", "fast")  # auto: fast on CUDA, reference on CPU
-PRECISIONS = ("fp32", "bf16", "fp64")  # bf16: fast engine; fp64: reference engine
 
 
 # What makes two runs the same run, declared once on the fields below (`identity` in a field's metadata):

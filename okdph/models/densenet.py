@@ -152,7 +152,7 @@ class DenseNet(Backbone):
                 nn.init.zeros_(m.bias)
 
 
-@register_backbone
+@register_backbone(display_name="DenseNet40-12")
 def densenet40_12(num_classes: int, width: float = 1.0) -> DenseNet:
     """DenseNet-BC-40 with k = 12: blocks [6, 6, 6], 24 initial features, 132-d feature
     (docs/methods.md#backbones)."""

@@ -1,8 +1,10 @@
-"""Backbone registry and the interface every backbone shares (METHODS.md §10).
+"""Backbone registry and the interface every backbone shares (docs/methods.md#backbones).
 
 Builders are registered under their own function name, as in timm's `register_model`, so grepping a
-backbone name finds its definition. Every backbone is a `Backbone`: `trunk -> last_stage -> head`, split
-where ONE, OKDDip, FFL and PCL (METHODS.md §4, §6-§8) split the network into a shared trunk and branches.
+backbone name finds its definition, with the name tables and figures print (`display_name`). The
+names are also okdph.names.BACKBONES, which the CLI offers without importing torch (a test keeps
+the two equal). Every backbone is a `Backbone`: `trunk -> last_stage -> head`, split where ONE,
+OKDDip, FFL and PCL (docs/methods.md#multi-branch-split) split the network into a shared trunk and branches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ __all__ = [
     "Backbone",
     "Head",
     "create_backbone",
+    "display_name",
     "is_backbone",
     "list_backbones",
     "register_backbone",
@@ -25,15 +28,23 @@ __all__ = [
 ]
 
 _BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+_DISPLAY_NAMES: dict[str, str] = {}
 
 
-def register_backbone(fn: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
-    """Register a builder `fn(num_classes, width=1.0, ...)` under `fn.__name__`."""
-    name = fn.__name__
-    if name in _BACKBONES:
-        raise ValueError(f"backbone {name!r} is already registered")
-    _BACKBONES[name] = fn
-    return fn
+def register_backbone(fn: Callable[..., "Backbone"] | None = None, *, display_name: str | None = None):
+    """Register a builder `fn(num_classes, width=1.0, ...)` under `fn.__name__`, as
+    `@register_backbone(display_name="ResNet32")` (how tables and figures spell it) or as
+    `@register_backbone` (displayed under its name)."""
+
+    def register(fn: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
+        name = fn.__name__
+        if name in _BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _BACKBONES[name] = fn
+        _DISPLAY_NAMES[name] = display_name or name
+        return fn
+
+    return register if fn is None else register(fn)
 
 
 def list_backbones() -> list[str]:
@@ -43,6 +54,11 @@ def list_backbones() -> list[str]:
 
 def is_backbone(name: str) -> bool:
     return name in _BACKBONES
+
+
+def display_name(name: str) -> str:
+    """How tables and figures spell backbone `name` ("wrn20_8" -> "WRN20-8"); an unknown name as it is."""
+    return _DISPLAY_NAMES.get(name, name)
 
 
 def create_backbone(name: str, num_classes: int, width: float = 1.0, **kwargs) -> "Backbone":

@@ -164,21 +164,21 @@ def init_resnet_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@register_backbone
+@register_backbone(display_name="ResNet32")
 def resnet32(num_classes: int, width: float = 1.0) -> CifarResNet:
     """ResNet-32: basic blocks [5, 5, 5], 64-d feature (docs/methods.md#backbones)."""
     variant = dict(block=BasicBlock, layers=(5, 5, 5))
     return CifarResNet(num_classes=num_classes, width=width, **variant)
 
 
-@register_backbone
+@register_backbone(display_name="ResNet110")
 def resnet110(num_classes: int, width: float = 1.0) -> CifarResNet:
     """ResNet-110, bottleneck variant: [12, 12, 12] x expansion 4, 256-d feature (docs/methods.md#backbones)."""
     variant = dict(block=Bottleneck, layers=(12, 12, 12))
     return CifarResNet(num_classes=num_classes, width=width, **variant)
 
 
-@register_backbone
+@register_backbone(display_name="WRN20-8")
 def wrn20_8(num_classes: int, width: float = 1.0) -> CifarResNet:
     """WRN-20-8: bottleneck [2, 2, 2] with 8x inner width, 256-d feature (docs/methods.md#backbones)."""
     variant = dict(block=Bottleneck, layers=(2, 2, 2), base_width=64 * 8)

@@ -108,7 +108,7 @@ class VGG(Backbone):
                 nn.init.zeros_(m.bias)
 
 
-@register_backbone
+@register_backbone(display_name="VGG16")
 def vgg16(num_classes: int, width: float = 1.0, dropout: float = 0.0) -> VGG:
     """VGG-16 (BN): 13 convs + 3 FC, 512-d feature (docs/methods.md#backbones)."""
     variant = dict(depths=(2, 2, 3, 3, 3))

@@ -166,7 +166,8 @@ class Strategy(nn.Module):
     """
 
     Config: ClassVar[type] = NoConfig
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""          # the registered name (set by register_strategy)
+    display_name: ClassVar[str] = ""  # how tables and figures spell it ("OKDDip"); default: the name
     min_models: ClassVar[int] = 1
     deployed_head: ClassVar[str] = "student0"  # the head a user would ship; reported by --metric final
 

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from okdph.cli import main
+from okdph.engine.checkpoint import CHECKPOINT_FORMAT
 from okdph.engine.run import RunConfig
 
 SMOKE = ["train", "--profile", "smoke", "--quiet"]
@@ -28,13 +29,13 @@ def _existing_record(tmp: Path, *, foreign: bool) -> list[str]:
     return [*DML, "--out", str(tmp / "runs")]
 
 
-def _checkpoint(tmp: Path, content: bytes | None) -> list[str]:
+def _checkpoint(tmp: Path, content: bytes | None, version: int = CHECKPOINT_FORMAT) -> list[str]:
     cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp / "runs"))
     cfg.checkpoint_path().parent.mkdir(parents=True)
     if content is None:  # a valid checkpoint of another configuration (seed 43) under this run's name
         other = RunConfig(method="dml", profile="smoke", seed=43, out_dir=str(tmp / "runs"))
-        torch.save({"kind": "resume checkpoint", "format": 1, "run_id": cfg.run_id(),
-                    "identity": other.identity()}, cfg.checkpoint_path())
+        torch.save({"kind": "resume checkpoint", "format": version, "run_ids": [cfg.run_id()],
+                    "identities": [other.identity()]}, cfg.checkpoint_path())
     else:
         cfg.checkpoint_path().write_bytes(content)
     return [*DML, "--out", str(tmp / "runs")]
@@ -102,6 +103,8 @@ CASES = [
     ("foreign file as checkpoint", lambda tmp: _checkpoint(tmp, b"#!/bin/sh\nrm -rf /\n"), r"checkpoint .* is unreadable"),
     ("checkpoint of another configuration", lambda tmp: _checkpoint(tmp, None),
      r"belongs to another configuration \(differs in: seed\)"),
+    ("checkpoint of an earlier version", lambda tmp: _checkpoint(tmp, None, version=1),
+     rf"has format 1, this version reads {CHECKPOINT_FORMAT}; delete it"),
     ("record of another configuration", lambda tmp: _existing_record(tmp, foreign=True),
      r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
     ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),

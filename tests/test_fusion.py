@@ -165,7 +165,7 @@ def test_paper_fidelity_hwm_gradient_is_r_j_times_the_hwm_gradient():
     x = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     y = torch.randint(0, 10, (4,))
     r = torch.tensor([0.3, 0.7])
-    strategy._coefficients = lambda device: r
+    strategy._coefficients = lambda device, dtype: r
     states = [copy.deepcopy(s.state_dict()) for s in strategy.students]
     _, losses = strategy.forward_train(x, y, epoch=0, step=0)
     sum(losses.values()).backward()

@@ -32,6 +32,7 @@ from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
                                  summarise)
+from okdph.models import image_size as backbone_image_size
 from okdph.models import list_backbones
 from okdph.names import ENGINES, PRECISIONS
 from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, config_to_dict, get_strategy
@@ -167,9 +168,10 @@ def validate(cfg: RunConfig):
         raise ConfigError("--ddp runs the reference engine; drop --engine fast")
     if cfg.resolved_engine() == "fast" and dataset == "imagenet":
         raise ConfigError("the fast engine needs an in-memory dataset; use --engine reference for imagenet")
-    if (dataset == "imagenet") != (cfg.backbone == "resnet18"):
-        raise ConfigError(f"backbone '{cfg.backbone}' does not fit dataset '{dataset}'; "
-                          "resnet18 is the ImageNet backbone, the others are CIFAR backbones")
+    built_for, images = backbone_image_size(cfg.backbone), okdata.get_info(dataset).image_size
+    if built_for != images:
+        raise ConfigError(f"backbone '{cfg.backbone}' does not fit dataset '{dataset}': it is built for "
+                          f"{built_for}x{built_for} images, the dataset has {images}x{images}")
     if cfg.students < 1:
         raise ConfigError(f"students must be >= 1, got {cfg.students}")
     if cfg.train_samples is not None and cfg.train_samples < 1:

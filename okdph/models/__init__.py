@@ -9,7 +9,8 @@ Importing the family modules registers their builders.
 
 from . import densenet, imagenet, resnet, vgg  # noqa: F401  (registers the builders)
 from .group import ModelGroup, make_students
-from .registry import Backbone, Head, create_backbone, display_name, is_backbone, list_backbones, register_backbone
+from .registry import (Backbone, Head, create_backbone, display_name, image_size, is_backbone, list_backbones,
+                       register_backbone)
 
 __all__ = [
     "Backbone",
@@ -17,6 +18,7 @@ __all__ = [
     "ModelGroup",
     "create_backbone",
     "display_name",
+    "image_size",
     "is_backbone",
     "list_backbones",
     "make_students",

@@ -65,7 +65,7 @@ class ImageNetResNet(Backbone):
     def reset_parameters(self) -> None:
         init_resnet_(self)  # torchvision's resnet18 init is the same as the CIFAR ResNets'
 
-@register_backbone(display_name="ResNet18")
+@register_backbone(display_name="ResNet18", image_size=224)
 def resnet18(num_classes: int, width: float = 1.0) -> ImageNetResNet:
     """ResNet-18 for ImageNet: basic blocks [2, 2, 2, 2], 512-d feature, 11,689,512 parameters at 1000 classes."""
     variant = dict(layers=(2, 2, 2, 2))

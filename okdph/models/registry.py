@@ -20,6 +20,7 @@ __all__ = [
     "Head",
     "create_backbone",
     "display_name",
+    "image_size",
     "is_backbone",
     "list_backbones",
     "register_backbone",
@@ -29,12 +30,15 @@ __all__ = [
 
 _BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
 _DISPLAY_NAMES: dict[str, str] = {}
+_IMAGE_SIZES: dict[str, int] = {}
 
 
-def register_backbone(fn: Callable[..., "Backbone"] | None = None, *, display_name: str | None = None):
+def register_backbone(fn: Callable[..., "Backbone"] | None = None, *, display_name: str | None = None,
+                      image_size: int = 32):
     """Register a builder `fn(num_classes, width=1.0, ...)` under `fn.__name__`, as
     `@register_backbone(display_name="ResNet32")` (how tables and figures spell it) or as
-    `@register_backbone` (displayed under its name)."""
+    `@register_backbone` (displayed under its name). `image_size`: the side of the square input the
+    network is built for (32: CIFAR's stem; 224: ImageNet's); runs on other data are refused."""
 
     def register(fn: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
         name = fn.__name__
@@ -42,6 +46,7 @@ def register_backbone(fn: Callable[..., "Backbone"] | None = None, *, display_na
             raise ValueError(f"backbone {name!r} is already registered")
         _BACKBONES[name] = fn
         _DISPLAY_NAMES[name] = display_name or name
+        _IMAGE_SIZES[name] = image_size
         return fn
 
     return register if fn is None else register(fn)
@@ -59,6 +64,11 @@ def is_backbone(name: str) -> bool:
 def display_name(name: str) -> str:
     """How tables and figures spell backbone `name` ("wrn20_8" -> "WRN20-8"); an unknown name as it is."""
     return _DISPLAY_NAMES.get(name, name)
+
+
+def image_size(name: str) -> int:
+    """The side of the square images backbone `name` is built for."""
+    return _IMAGE_SIZES[name]
 
 
 def create_backbone(name: str, num_classes: int, width: float = 1.0, **kwargs) -> "Backbone":

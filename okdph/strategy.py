@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar
@@ -37,6 +38,7 @@ from okdph.errors import ConfigError
 from okdph.names import FIDELITIES, STRATEGY_GROUP
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
+_BROKEN: dict[str, str] = {}  # entry points that failed to load: name -> why
 _LOADED = False
 
 
@@ -280,19 +282,26 @@ def register_strategy(name: str):
 
 
 def _load_all() -> None:
-    """Import every strategy an `okdph.strategies` entry point names, once."""
+    """Import every strategy an `okdph.strategies` entry point names, once. One that cannot be
+    loaded (an import error in a plugin) is set aside with its reason: the others stay usable, and
+    asking for it says why it is missing."""
     global _LOADED
     if _LOADED:
         return
     for ep in sorted(entry_points(group=STRATEGY_GROUP), key=lambda ep: ep.name):
-        cls = ep.load()
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise ValueError(f"entry point '{ep.name}' names {ep.value}, which is not a Strategy subclass")
-        if _REGISTRY.get(ep.name) is cls:
-            continue  # its module's decorator registered it under the entry point's name
-        if cls in _REGISTRY.values():
-            raise ValueError(f"entry point '{ep.name}' names strategy '{cls.name}'; give both the same name")
-        register_strategy(ep.name)(cls)
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+                raise TypeError(f"{ep.value} is not a Strategy subclass")
+            if _REGISTRY.get(ep.name) is cls:
+                continue  # its module's decorator registered it under the entry point's name
+            if cls in _REGISTRY.values():
+                raise ValueError(f"{ep.value} is registered as '{cls.name}'; give both the same name")
+            register_strategy(ep.name)(cls)
+        except Exception as exc:  # a plugin's own error, whatever it is
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _BROKEN[ep.name] = f"{type(exc).__name__}: {reason}"
+            warnings.warn(f"method '{ep.name}' ({ep.value}) could not be loaded: {_BROKEN[ep.name]}", stacklevel=2)
     _LOADED = True
 
 
@@ -303,6 +312,8 @@ def list_strategies() -> list[str]:
 
 def get_strategy(name: str) -> type[Strategy]:
     _load_all()
+    if name in _BROKEN:
+        raise ConfigError(f"method '{name}' could not be loaded ({_BROKEN[name]}); fix or uninstall its package")
     if name not in _REGISTRY:
         raise ConfigError(f"unknown method '{name}'; valid: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

@@ -199,6 +199,9 @@ def list_cmd():
 _TABLE_HELP = ("A table of okdph/bench/tables/, by its id or an alias, any case: "
                + ", ".join(" = ".join((t, *aliases)) for t, aliases in names.table_names().items()) + ".")
 _METRIC_HELP = "paper: best epoch, max over heads (as published); final: deployed head, last epoch."
+std_option = click.option("--std", type=click.Choice(names.STD_CONVENTIONS), default=names.DEFAULT_STD,
+                          show_default=True, help="The std a table shows: sample (n - 1) or population (n, as the "
+                                                  "official logs print it); the CSV/JSON hold both.")
 
 
 def _parse_params(values: tuple[str, ...]) -> dict:
@@ -229,9 +232,10 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--slurm", "slurm_params", multiple=True, metavar="KEY=VALUE",
               help="slurm: a submitit parameter, e.g. slurm_partition=gpu or timeout_min=720; repeatable.")
 @click.option("--wait", is_flag=True, help="slurm: wait for the jobs, then write the table.")
+@std_option
 @quiet_option
 def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run, results,
-        data_root, download, pack, slurm_params, wait, quiet):
+        data_root, download, pack, slurm_params, wait, std, quiet):
     """Run a paper table: every cell × seed not yet recorded, then results/tables/<ID>.md (+ .csv, .json)."""
     from okdph.bench.runner import run_table
 
@@ -239,7 +243,7 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
         table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
         executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=results, data_root=data_root,
         download=download, progress=not quiet, pack_size=pack, slurm_parameters=_parse_params(slurm_params),
-        wait=wait)
+        wait=wait, std=std)
     click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
                f"{summary.recorded} already recorded, {len(summary.pending)} to train")
     if dry_run:
@@ -270,12 +274,13 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
               help="Only this engine's records (needed where a cell has several).")
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-def table(table_name, profile, fidelity, engine, metric, results):
+@std_option
+def table(table_name, profile, fidelity, engine, metric, results, std):
     """Re-render a table from the records (nothing is trained)."""
     from okdph.bench.runner import render_table
 
     paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
-                               results=results)
+                               results=results, std=std)
     click.echo(text)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -308,11 +313,12 @@ def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_ro
 @main.command()
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
-def report(results, metric):
+@std_option
+def report(results, metric, std):
     """Write results/REPORT.md: every table that has records, with a learning-curve PNG per cell."""
     from okdph.bench.report import write_report
 
-    click.echo(f"wrote {write_report(results, metric=metric)}")
+    click.echo(f"wrote {write_report(results, metric=metric, std=std)}")
 
 
 @main.command()

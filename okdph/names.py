@@ -29,6 +29,8 @@ SETTINGS = ("standard", "noisy", "limited10", "limited1")  # the data settings (
 VIEWS = ("hflip", "hflip+rot", "cutout", "augment", "auto_aug", "base")  # augmentation views
 BACKBONES = ("densenet40_12", "resnet110", "resnet18", "resnet32", "vgg16", "wrn20_8")
 METRICS = ("paper", "final")                     # what a table cell shows (okdph.bench.render)
+STD_CONVENTIONS = ("sample", "population")       # the std a table shows (okdph.bench.stats)
+DEFAULT_STD = "sample"  # n − 1: the spread its CI and t-test use; why: docs/protocol.md#which-std
 EXECUTORS = ("local", "slurm")                   # where `okdph-bench run` trains
 
 TABLE_DIR = Path(__file__).parent / "bench" / "tables"

@@ -109,6 +109,7 @@ CASES = [
      r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
     ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
+    ("unknown std", ["table", "3", "--profile", "smoke", "--std", "n-1"], r"'n-1' is not one of 'sample', 'population'"),
 ]
 
 

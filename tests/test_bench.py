@@ -181,11 +181,12 @@ def test_rendering_mean_std_n_delta_bold_and_missing_paper(tmp_path):
     lines = text.splitlines()
     header = [h.strip() for h in lines[0].strip("|").split("|")]
     assert header[:3] == ["Dataset", "Backbone", ""] and header[3:] == [
-        "Base", "DML", "ONE", "KDCL", "OKDDip", "FFL", "PCL", "OKDPH"]
+        "Base", "DML", "ONE", "KDCL", "OKDDip", "FFL", "PCL", "OKDPH", "OKDPH vs best baseline"]
     assert set(lines[1].replace("|", "").replace("-", "").replace(":", "").strip()) <= {""}
     assert lines[1].rstrip("|").endswith(":")                 # numbers right-aligned
     ours = next(line for line in lines if "| ours" in line and "CIFAR-10 " in line and "ResNet32 " in line)
     assert "**94.00 ± 1.00 (n=3)**" in ours and "90.50 (n=1)" in ours and "91.25 (n=1)" in ours
+    assert ours.split("|")[-2].strip() == "n < 2"             # the best baseline (Base) has one run
     paper = lines[lines.index(ours) + 1]
     assert "| paper" in paper and "**95.01†**" in paper and "94.27‡" in paper
     assert paper.split("|")[4].strip() == "–"                 # Base: no paper value

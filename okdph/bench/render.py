@@ -1,6 +1,10 @@
-"""Tables from records: per cell the mean ± sample std over seeds with n, the paper's value and
-Δ = ours − paper; the best value of each row in bold; Markdown (tabulate, pipe format, numbers
-right-aligned), CSV and JSON side by side. Always regenerated from the records, never edited.
+"""Tables from records: per cell the mean ± std over seeds with n (sample std by default,
+`--std population` as the official logs print it), the paper's value and Δ = ours − paper (only
+where the runs use the paper's data: not in the smoke profile); the best value of each row in bold;
+per row OKDPH against the best other method with Welch's t-test; Markdown (tabulate, pipe format,
+numbers right-aligned), CSV and JSON side by side, the CSV/JSON with both stds, the 95 % confidence
+interval and the exact p. Always regenerated from the records, never edited. The statistics
+themselves are okdph.bench.stats (docs/protocol.md#which-std).
 
 Metrics (`--metric`): `paper` (default) is each run's best epoch of the max over all heads, as the
 official scripts report and the paper publishes; `final` is the deployed head at the last epoch.
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from okdph.bench import stats
 from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_profile
 from okdph.bench.store import ResultStore
 from okdph.data.info import display_name as data_display_name
@@ -25,12 +30,23 @@ from okdph.engine.recipe import SMOKE_DATASET
 from okdph.engine.record import atomic_write_json
 from okdph.errors import ConfigError
 from okdph.models import display_name as backbone_display_name
-from okdph.names import FIDELITIES, METRICS
+from okdph.names import DEFAULT_STD, FIDELITIES, METRICS
 from okdph.strategy import display_name as strategy_display_name
 
 METRIC_TEXT = {"paper": "best epoch of the max over all heads, as the paper reports",
                "final": "the deployed head at the last epoch"}
 HEADERS = {"dataset": "Dataset", "backbone": "Backbone", "setting": "Setting", "students": "#S/B"}
+ROW_TEST_HEADER = "OKDPH vs best baseline"
+# One line per profile above its table: what its numbers can and cannot show (the long form is
+# docs/protocol.md#what-each-profile-can-and-cannot-tell)
+PROFILE_SCOPE = {
+    "smoke": (f"Smoke profile: every cell runs on the embedded `{SMOKE_DATASET}` data with a small model; the "
+              "numbers can show that every cell runs end to end and whether each method learns digits, not how "
+              "the methods compare on the paper's data, so no Δ to the paper is printed (the paper line holds its "
+              "CIFAR numbers); cells that differ only in their dataset share their runs."),
+    "quick": ("Quick profile: a tenth of the paper's schedule on the paper's data; the numbers can show relative "
+              "behaviour early in training, not the paper's converged values (Δ measures that gap)."),
+}
 
 
 def display(field: str, value) -> str:
@@ -55,6 +71,8 @@ class CellResult:
     not_complete: int = 0        # records that diverged (status other than complete)
     best: bool = False
     records: list[dict] = field(default_factory=list, repr=False)  # every matching record
+    std_convention: str = DEFAULT_STD   # which std `std` is: the table's --std
+    paper_data: bool = True             # its runs use the paper's dataset (smoke: digits), so Δ means something
 
     @property
     def recorded(self) -> int:
@@ -70,11 +88,46 @@ class CellResult:
 
     @property
     def std(self) -> float | None:
-        return statistics.stdev(self.values) if len(self.values) > 1 else None  # sample std (n − 1)
+        """The std the table shows (`std_convention`); None below two runs."""
+        return stats.std(self.values, self.std_convention)
+
+    @property
+    def std_sample(self) -> float | None:
+        return stats.std(self.values, "sample")
+
+    @property
+    def std_population(self) -> float | None:
+        return stats.std(self.values, "population")
+
+    @property
+    def ci(self) -> tuple[float, float] | None:
+        """The 95 % confidence interval of the mean (t-based); None below two runs."""
+        return stats.confidence_interval(self.values)
 
     @property
     def delta(self) -> float | None:
-        return None if self.mean is None or self.cell.paper is None else self.mean - self.cell.paper
+        """Ours − paper; None without a paper value or where the runs do not use the paper's data."""
+        if self.mean is None or self.cell.paper is None or not self.paper_data:
+            return None
+        return self.mean - self.cell.paper
+
+
+@dataclass
+class RowTest:
+    """OKDPH against the best other method of its row (the best mean): the difference of the means
+    (OKDPH − that method's) and Welch's two-sided p. Where a side has fewer than two runs nothing is
+    claimed: `okdph_better` and `p` are None and `note` says "n < 2"."""
+
+    baseline: str                  # the best other method of the row
+    okdph_mean: float
+    baseline_mean: float
+    okdph_better: bool | None      # higher mean (lower for a lower-is-better table such as Table 5)
+    p: float | None
+    note: str = ""
+
+    @property
+    def difference(self) -> float:
+        return self.okdph_mean - self.baseline_mean
 
 
 def record_value(record: dict, table_metric: str, metric: str) -> float | None:
@@ -92,21 +145,25 @@ def check_metric(metric: str) -> None:
 
 
 def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "official",
-            engine: str | None = None, metric: str = "paper", cells=None) -> list[CellResult]:
+            engine: str | None = None, metric: str = "paper", cells=None, std: str = DEFAULT_STD
+            ) -> list[CellResult]:
     """Every cell's values from the store's records; a cell never mixes engines (pass `engine`
-    where the records of one cell come from several)."""
+    where the records of one cell come from several). `std`: the std convention the cells show."""
     check_profile(table, profile)
     check_metric(metric)
+    stats.check_std(std)
     if fidelity not in FIDELITIES:
         raise ConfigError(f"unknown fidelity '{fidelity}'; valid: {', '.join(FIDELITIES)}")
     results = []
     for cell in cells or table.cells:
-        records = store.records_for(cell_config(cell, profile=profile, fidelity=fidelity), engine)
+        config = cell_config(cell, profile=profile, fidelity=fidelity)
+        records = store.records_for(config, engine)
         engines = sorted({r.get("engine") for r in records})
         if len(engines) > 1:
             raise ConfigError(f"{table.id} cell {cell.slug()} has records from engines {', '.join(engines)}; "
                               f"pass --engine with one of them")
-        result = CellResult(cell, engine=engines[0] if engines else None, records=records)
+        result = CellResult(cell, engine=engines[0] if engines else None, records=records, std_convention=std,
+                            paper_data=config.dataset == cell.dataset)
         for record in records:
             value = record_value(record, table.metric, metric)
             if record.get("status") != "complete":
@@ -124,17 +181,43 @@ def _row_key(table: Table, cell: Cell) -> tuple:
     return tuple(getattr(cell, f) for f in table.rows)
 
 
+def group_rows(table: Table, results: list[CellResult]) -> dict[tuple, dict[str, CellResult]]:
+    """The results by row of the table (its `rows` fields), each row by method, in table order."""
+    rows: dict[tuple, dict[str, CellResult]] = {}
+    for r in results:
+        rows.setdefault(_row_key(table, r.cell), {})[r.cell.method] = r
+    return rows
+
+
 def _mark_best(table: Table, results: list[CellResult]) -> None:
     pick = max if table.better == "higher" else min
-    rows: dict[tuple, list[CellResult]] = {}
-    for r in results:
-        rows.setdefault(_row_key(table, r.cell), []).append(r)
-    for row in rows.values():
+    for row in group_rows(table, results).values():
+        row = list(row.values())
         measured = [r.mean for r in row if r.mean is not None]
         if measured:
             best = pick(measured)
             for r in row:
                 r.best = r.mean is not None and round(r.mean, 2) == round(best, 2)
+
+
+def compares_okdph(table: Table) -> bool:
+    """Whether the table gets the per-row test of OKDPH against its best other method."""
+    return "okdph" in table.methods and len(table.methods) > 1
+
+
+def okdph_vs_best_baseline(table: Table, row: dict[str, CellResult]) -> RowTest | None:
+    """OKDPH against the other method of `row` with the best mean; None where OKDPH or every other
+    method has no value yet (or the table has no OKDPH)."""
+    ours = row.get("okdph")
+    others = [r for method, r in row.items() if method != "okdph" and r.n > 0]
+    if ours is None or ours.n == 0 or not others:
+        return None
+    higher = table.better == "higher"
+    best = (max if higher else min)(others, key=lambda r: r.mean)  # ties: the first in table order
+    if ours.n < 2 or best.n < 2:
+        return RowTest(best.cell.method, ours.mean, best.mean, okdph_better=None, p=None, note="n < 2")
+    better = ours.mean > best.mean if higher else ours.mean < best.mean
+    return RowTest(best.cell.method, ours.mean, best.mean, okdph_better=better, p=stats.welch_p(ours.values, best.values))
 
 
 def _paper_best(table: Table, row: list[CellResult]) -> float | None:
@@ -160,17 +243,28 @@ def format_delta(result: CellResult) -> str:
     return "–" if result.delta is None else f"{result.delta:+.2f}"
 
 
+def format_row_test(test: RowTest | None) -> str:
+    """'+0.42 vs DML *' (* where Welch's p < TABLE_ALPHA), 'n < 2', or '–' with nothing to compare."""
+    if test is None:
+        return "–"
+    if test.p is None:
+        return test.note
+    marker = " *" if test.p < stats.TABLE_ALPHA else ""
+    return f"{test.difference:+.2f} vs {display('method', test.baseline)}{marker}"
+
+
 def _bold(text: str, on: bool) -> str:
     return f"**{text}**" if on and text else text
 
 
 def markdown_table(table: Table, results: list[CellResult], links: dict[str, str] | None = None) -> str:
     """The pipe table: per row of the paper's table one line of ours, one of the paper's values and
-    one of Δ (the last two only where the row has paper values); methods are the columns."""
-    rows: dict[tuple, dict[str, CellResult]] = {}
-    for r in results:
-        rows.setdefault(_row_key(table, r.cell), {})[r.cell.method] = r
+    one of Δ (the paper line only where the row has paper values; Δ only where the runs also use the
+    paper's data, else the paper line is labelled with its dataset); methods are the columns, and a
+    last column compares OKDPH with the best other method of the row."""
+    rows = group_rows(table, results)
     methods = [m for m in table.methods if any(m in row for row in rows.values())]
+    with_test = compares_okdph(table)
     lines = []
     for key, row in rows.items():
         label = [display(f, v) for f, v in zip(table.rows, key)]
@@ -181,17 +275,25 @@ def markdown_table(table: Table, results: list[CellResult], links: dict[str, str
             if r and links and r.cell.slug() in links and text:
                 text = f"[{text}]({links[r.cell.slug()]})"
             ours.append(_bold(text, bool(r and r.best)))
-        lines.append(label + ["ours"] + ours)
+        test = [format_row_test(okdph_vs_best_baseline(table, row))] if with_test else []
+        lines.append(label + ["ours"] + ours + test)
         paper_best = _paper_best(table, list(row.values()))
         if paper_best is None:
             continue
         blank = [""] * len(label)
-        lines.append(blank + ["paper"] + [
+        after = [""] if with_test else []
+        paper_data = all(r.paper_data for r in row.values())
+        # where the runs use other data (smoke: digits), the paper's number is only shown, labelled
+        # with the data it was measured on, and no Δ is printed: the difference would mean nothing
+        paper_label = "paper" if paper_data else f"paper ({display('dataset', next(iter(row.values())).cell.dataset)})"
+        lines.append(blank + [paper_label] + [
             _bold(f"{row[m].cell.paper:.2f}{row[m].cell.paper_note}", row[m].cell.paper == paper_best)
-            if m in row and row[m].cell.paper is not None else "–" for m in methods])
-        lines.append(blank + ["Δ"] + [format_delta(row[m]) if m in row else "" for m in methods])
+            if m in row and row[m].cell.paper is not None else "–" for m in methods] + after)
+        if paper_data:
+            lines.append(blank + ["Δ"] + [format_delta(row[m]) if m in row else "" for m in methods] + after)
     headers = [HEADERS[f] for f in table.rows] + [""] + [display("method", m) for m in methods]
-    align = ["left"] * (len(table.rows) + 1) + ["right"] * len(methods)
+    headers += [ROW_TEST_HEADER] if with_test else []
+    align = ["left"] * (len(table.rows) + 1) + ["right"] * (len(methods) + with_test)
     return tabulate(lines, headers=headers, tablefmt="pipe", colalign=align, disable_numparse=True)
 
 
@@ -212,19 +314,26 @@ def describe(table: Table, results: list[CellResult], *, profile: str, fidelity:
     engines = sorted({r.engine for r in results if r.engine})
     what = ("PAC-Bayes bound ×10^6 (lower is better), read from each record's `metrics.pacbayes`"
             if table.metric == "pacbayes" else f"top-1 accuracy (%), metric `{metric}`: {METRIC_TEXT[metric]}")
+    convention = results[0].std_convention if results else DEFAULT_STD
+    std_text = {"sample": "sample std (n − 1 in the denominator)",
+                "population": "population std (n in the denominator, as the official logs print it)"}
+    paper_data = all(r.paper_data for r in results)
     lines = [
         f"Profile `{profile}`, fidelity `{fidelity}`, engine {', '.join(f'`{e}`' for e in engines) or '–'}; {what}.",
-        f"Ours: mean ± sample std over the n seeds recorded (run r has seed {FIRST_SEED} + r); "
-        f"Δ = ours − paper; the best of each row in bold.",
-        f"{filled} of {len(results)} cells have records in `{runs_dir}`. Paper values: {table.source}.",
+        f"Ours: mean ± {std_text[convention]} over the n seeds recorded (run r has seed {FIRST_SEED} + r); "
+        + ("Δ = ours − paper; " if paper_data else "") + "the best of each row in bold; the CSV/JSON add both stds "
+        f"and the {stats.CONFIDENCE:.0%} confidence interval of the mean.",
     ]
+    if compares_okdph(table):
+        lines.append(f"{ROW_TEST_HEADER}: OKDPH's mean minus that of the best other method of the row; * where "
+                     f"Welch's two-sided t-test gives p < {stats.TABLE_ALPHA} (exact p in the CSV/JSON; uncorrected "
+                     "for the number of rows); n < 2: a side has fewer than two runs, nothing is claimed.")
+    lines.append(f"{filled} of {len(results)} cells have records in `{runs_dir}`. Paper values: {table.source}.")
     provenance = sorted({_machine(rec) for r in results for rec in r.records})
     if provenance:
         lines.append("Runs made on: " + "; ".join(provenance) + ".")
-    if profile == "smoke":
-        lines.append(f"Smoke profile: every cell runs on the embedded `{SMOKE_DATASET}` data with a tiny model "
-                     "for about one epoch, which checks the pipeline end to end; the numbers are not comparable "
-                     "with the paper's, and cells that differ only in their dataset share their runs.")
+    if profile in PROFILE_SCOPE:
+        lines.append(PROFILE_SCOPE[profile])
     if any(r.cell.preset for r in results):
         lines.append("OKDPH runs with the ω, β, γ, Δ of supplement Tables 6/7 for its backbone, dataset, "
                      "student count and setting" + ("; OKDPH's defaults where the paper gives none."
@@ -259,14 +368,27 @@ def markdown(table: Table, results: list[CellResult], *, profile: str, fidelity:
 
 def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fidelity: str,
                     metric: str) -> list[dict]:
+    """One dict per cell (the CSV's lines, the JSON's `cells`). `std` is the std the Markdown shows
+    (`std_convention`); both conventions and the 95 % interval are always there. The OKDPH cell of a
+    row also carries the row's comparison with its best other method (`best_baseline`, …,
+    `welch_p`, `test_note`); the other cells have None there."""
+    tests = {key: okdph_vs_best_baseline(table, row) for key, row in group_rows(table, results).items()}
     out = []
     for r in results:
         c = r.cell
+        test = tests[_row_key(table, c)] if c.method == "okdph" else None
+        ci = r.ci
         out.append({
             "table": table.id, "dataset": c.dataset, "backbone": c.backbone, "setting": c.setting,
             "students": c.students, "method": c.method, "overrides": dict(c.overrides), "preset": c.preset,
-            "paper": c.paper, "paper_note": c.paper_note, "mean": r.mean, "std": r.std, "n": r.n,
-            "delta": r.delta, "best": r.best, "diverged": r.not_complete, "values": r.values, "seeds": r.seeds,
+            "paper": c.paper, "paper_note": c.paper_note, "mean": r.mean, "std": r.std,
+            "std_convention": r.std_convention, "std_sample": r.std_sample, "std_population": r.std_population,
+            "n": r.n, "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
+            "delta": r.delta, "best": r.best,
+            "best_baseline": test.baseline if test else None, "best_baseline_mean": test.baseline_mean if test else None,
+            "okdph_better": test.okdph_better if test else None, "welch_p": test.p if test else None,
+            "test_note": test.note if test else None,
+            "diverged": r.not_complete, "values": r.values, "seeds": r.seeds,
             "run_ids": r.run_ids, "engine": r.engine, "profile": profile, "fidelity": fidelity,
             "metric": table.metric if table.metric != "accuracy" else metric,
         })
@@ -296,6 +418,8 @@ def write_table(table: Table, results: list[CellResult], out_dir, *, profile: st
         "table": table.id, "title": table.title, "source": table.source, "profile": profile,
         "fidelity": fidelity, "metric": table.metric if table.metric != "accuracy" else metric,
         "better": table.better, "runs_dir": str(runs_dir), "notes": table.notes,
+        "std_convention": results[0].std_convention if results else DEFAULT_STD, "confidence": stats.CONFIDENCE,
+        "alpha": stats.TABLE_ALPHA, "paper_data": all(r.paper_data for r in results),
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cells": rows,
     })
     return paths

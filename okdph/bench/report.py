@@ -12,11 +12,12 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from okdph.bench.experiments import list_tables, get_table
+from okdph.bench.experiments import get_table, list_tables
 from okdph.bench.render import CellResult, collect, display, markdown, output_stem, write_table
+from okdph.bench.stats import check_std
 from okdph.bench.store import ResultStore
 from okdph.errors import ConfigError
-from okdph.names import PROFILES
+from okdph.names import DEFAULT_STD, PROFILES
 
 
 def learning_curve(records: list[dict], title: str, path: Path) -> Path:
@@ -88,8 +89,10 @@ def analysis_figures(store: ResultStore) -> str:
     return "\n".join(lines)
 
 
-def write_report(results="results", *, metric: str = "paper") -> Path:
-    """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path."""
+def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT_STD) -> Path:
+    """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path.
+    `std`: the std convention of the tables."""
+    check_std(std)
     store = ResultStore(results)
     records = store.records()
     combos = sorted({(r.get("profile"), r.get("fidelity")) for r in records},
@@ -102,7 +105,7 @@ def write_report(results="results", *, metric: str = "paper") -> Path:
             if profile not in table.profiles:
                 continue
             for engine, results_ in _collect_by_engine(table, store, profile=profile, fidelity=fidelity,
-                                                       metric=metric):
+                                                       metric=metric, std=std):
                 if not any(r.recorded for r in results_):
                     continue
                 stem = output_stem(table, profile, fidelity, metric) + (f"-{engine}" if engine else "")

@@ -15,12 +15,13 @@ from pathlib import Path
 from okdph.bench import executors
 from okdph.bench.experiments import Table, expand, get_table, unique_configs
 from okdph.bench.render import check_metric, collect, write_table
+from okdph.bench.stats import check_std
 from okdph.bench.store import ResultStore
 from okdph.engine.checkpoint import trajectory_dir
 from okdph.engine.recipe import resolve_recipe
 from okdph.engine.run import RunConfig, validate
 from okdph.errors import ConfigError
-from okdph.names import EXECUTORS
+from okdph.names import DEFAULT_STD, EXECUTORS
 
 # Metrics computed after training (Table 5's PAC-Bayes bound): a table whose metric is one of these
 # trains its runs with trajectory points (`save_every` = the run's epochs: the initialisation and
@@ -118,16 +119,17 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
               gpus: str | None = None, jobs: int = 1, dry_run: bool = False, metric: str = "paper", results="results",
               data_root: str = "data", download: bool = False, progress: bool = True,
               pack_size: int | None = None, slurm_parameters: dict | None = None, slurm_cluster: str | None = None,
-              wait: bool = False) -> RunSummary:
+              wait: bool = False, std: str = DEFAULT_STD) -> RunSummary:
     """Train every run of a table that has no record yet, then write results/tables/<stem>.md|csv|json.
 
     executor "local": in this process on CPU or one GPU, one worker process per GPU with several
     (`gpus`), or `jobs` CPU worker processes; with `pack_size` > 1 that many seeds of a cell train as
     one pack on the fast engine (okdph.engine.packed). "slurm": one submitit job per `pack_size` runs
     (default: one cell's seeds, one after another; packed when `pack_size` is given), rendered when
-    `wait` (else later with `okdph-bench table`)."""
+    `wait` (else later with `okdph-bench table`). `std`: the std convention the table shows."""
     started = time.perf_counter()
     check_metric(metric)
+    check_std(std)
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
     if pack_size is not None and pack_size < 1:
@@ -182,24 +184,27 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
             summary.failed += failed
 
     store.refresh()
-    summary.outputs, summary.markdown = _render(table, store, profile=profile, fidelity=fidelity, metric=metric)
+    summary.outputs, summary.markdown = _render(table, store, profile=profile, fidelity=fidelity, metric=metric,
+                                                std=std)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _render(table: Table, store: ResultStore, *, profile: str, fidelity: str, metric: str,
-            engine: str | None = None) -> tuple[dict[str, Path], str]:
-    results = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric)
+            engine: str | None = None, std: str = DEFAULT_STD) -> tuple[dict[str, Path], str]:
+    results = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric, std=std)
     paths = write_table(table, results, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
                         runs_dir=store.runs_dir)
     return paths, paths["md"].read_text()
 
 
 def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "official", metric: str = "paper",
-                 engine: str | None = None, results="results") -> tuple[dict[str, Path], str]:
+                 engine: str | None = None, results="results", std: str = DEFAULT_STD
+                 ) -> tuple[dict[str, Path], str]:
     """Re-render a table from the records, training nothing; returns the paths and the Markdown."""
     store = ResultStore(results)
-    return _render(get_table(table_name), store, profile=profile, fidelity=fidelity, metric=metric, engine=engine)
+    return _render(get_table(table_name), store, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
+                   std=std)
 
 
 def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,

@@ -9,6 +9,7 @@
     okdph-bench plan --table 3 > runs.sh                        # one command per run, any scheduler
     okdph-bench table 3 --metric final                          # re-render from the records
     okdph-bench report                                          # results/REPORT.md with learning curves
+    okdph-bench compare reference/table3.json results           # accuracy regressions between result sets
     okdph-bench regress                                         # tiny runs of every method vs expectations
     okdph-bench pacbayes results/runs/okdph-….json --write      # Table 5's bound into the record
     okdph-bench landscape --ours results/runs/okdph-….json --other results/runs/dml-….json
@@ -319,6 +320,41 @@ def report(results, metric, std):
     from okdph.bench.report import write_report
 
     click.echo(f"wrote {write_report(results, metric=metric, std=std)}")
+
+
+@main.command()
+@click.argument("baseline", metavar="BASELINE")
+@click.argument("candidate", metavar="CANDIDATE")
+@click.option("--table", "table_name", type=TABLE, default=None, metavar="ID",
+              help="Only this table [default: every table the two sides share].")
+@click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
+@click.option("--alpha", type=float, default=names.COMPARE_ALPHA, show_default=True,
+              help="Significance level of Welch's two-sided t-test per cell.")
+@click.option("--min-effect", type=float, default=names.COMPARE_MIN_EFFECT, show_default=True,
+              help="Smallest change of a mean, in points, that can be a regression or an improvement.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the Markdown report there.")
+def compare(baseline, candidate, table_name, metric, alpha, min_effect, out_path):
+    """Compare two result sets cell by cell (each a results folder or a table JSON); exit 1 if a cell regressed.
+
+    BASELINE is the reference (e.g. a committed results/tables/table3.json), CANDIDATE the new results."""
+    from okdph.bench.compare import compare as compare_results
+
+    result = compare_results(baseline, candidate, table=table_name, metric=metric, alpha=alpha,
+                             min_effect=min_effect)
+    text = result.markdown()
+    if out_path:  # before printing: a path that cannot be written is one line, not a report and a line
+        try:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(text)
+        except OSError as exc:
+            raise UserError(f"cannot write --out {out_path}: {exc.strerror or exc}") from None
+    click.echo(text)
+    if out_path:
+        click.echo(f"wrote {out_path}")
+    click.echo(result.summary())
+    if result.regressed:
+        raise SystemExit(1)
 
 
 @main.command()

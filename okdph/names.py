@@ -31,6 +31,10 @@ BACKBONES = ("densenet40_12", "resnet110", "resnet18", "resnet32", "vgg16", "wrn
 METRICS = ("paper", "final")                     # what a table cell shows (okdph.bench.render)
 STD_CONVENTIONS = ("sample", "population")       # the std a table shows (okdph.bench.stats)
 DEFAULT_STD = "sample"  # n − 1: the spread its CI and t-test use; why: docs/protocol.md#which-std
+# `okdph-bench compare` (okdph.bench.compare): Welch's test level and the smallest change of a mean, in
+# points, that can count as a regression; here so that `compare --help` shows them without torch
+COMPARE_ALPHA = 0.05
+COMPARE_MIN_EFFECT = 0.5
 EXECUTORS = ("local", "slurm")                   # where `okdph-bench run` trains
 
 TABLE_DIR = Path(__file__).parent / "bench" / "tables"

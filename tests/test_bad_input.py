@@ -53,6 +53,29 @@ def _cifar(tmp: Path, corrupt: bool) -> list[str]:
             "--data-root", str(root), "--out", str(tmp / "runs")]
 
 
+def _compare(tmp: Path, kind: str) -> list[str]:
+    """`compare` with a bad side: the baseline is a good table JSON, the candidate is `kind`."""
+    cell = {"dataset": "cifar10", "backbone": "resnet32", "setting": "standard", "students": 2, "method": "dml",
+            "values": [94.0, 94.2]}
+    good = tmp / "reference.json"
+    good.write_text(json.dumps({"table": "table3", "profile": "quick", "fidelity": "official", "metric": "paper",
+                                "cells": [cell]}))
+    other = tmp / "other"
+    if kind == "truncated JSON":
+        other = tmp / "tonight.json"
+        other.write_text('{"table": "table3", "cells": [')
+    elif kind == "not a table":
+        other = tmp / "record.json"
+        other.write_text(json.dumps({"schema": 1, "run_id": "dml-x"}))
+    elif kind == "no common cell":
+        other = tmp / "tonight.json"
+        other.write_text(json.dumps({"table": "table3", "profile": "quick", "fidelity": "official", "metric": "paper",
+                                     "cells": [{**cell, "method": "kdcl"}]}))
+    elif kind == "no runs folder":
+        other.mkdir()
+    return ["compare", str(good), str(other)]
+
+
 def _not_writable(tmp: Path) -> list[str]:
     blocker = tmp / "a-file"
     blocker.write_text("a file where the results folder should be")
@@ -110,6 +133,15 @@ CASES = [
     ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
     ("unknown std", ["table", "3", "--profile", "smoke", "--std", "n-1"], r"'n-1' is not one of 'sample', 'population'"),
+    ("compare: missing side", lambda tmp: _compare(tmp, "missing"), r"other does not exist \(expected a results folder"),
+    ("compare: unreadable JSON", lambda tmp: _compare(tmp, "truncated JSON"), r"tonight.json is not readable JSON"),
+    ("compare: JSON that is no table", lambda tmp: _compare(tmp, "not a table"), r"record.json is not a table JSON"),
+    ("compare: folder without runs/", lambda tmp: _compare(tmp, "no runs folder"), r"other is not a results folder"),
+    ("compare: no common cell", lambda tmp: _compare(tmp, "no common cell"), r"have no cell in common"),
+    ("compare: alpha out of range", lambda tmp: [*_compare(tmp, "no common cell"), "--alpha", "5"],
+     r"--alpha must be between 0 and 1, got 5"),
+    ("compare: metric of another table", lambda tmp: [*_compare(tmp, "no common cell"), "--metric", "final"],
+     r"reference.json holds metric 'paper', not 'final'; pass --metric paper"),
 ]
 
 

@@ -100,7 +100,8 @@ def _env(*first: Path) -> dict:
 
 
 def test_the_group_has_every_command():
-    assert COMMANDS == ["landscape", "list", "pacbayes", "plan", "regress", "report", "run", "table", "train"]
+    assert COMMANDS == ["compare", "landscape", "list", "pacbayes", "plan", "regress", "report", "run", "table",
+                        "train"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -316,7 +316,8 @@ def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_ro
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @std_option
 def report(results, metric, std):
-    """Write results/REPORT.md: every table that has records, with a learning-curve PNG per cell."""
+    """Write results/REPORT.md: every table that has records, drawn as a figure too, with a learning-curve
+    PNG per cell."""
     from okdph.bench.report import write_report
 
     click.echo(f"wrote {write_report(results, metric=metric, std=std)}")

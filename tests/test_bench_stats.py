@@ -1,13 +1,14 @@
 """Seed statistics in the tables (docs/protocol.md#which-std): both std conventions, the 95 %
 confidence interval, OKDPH against the best baseline with Welch's t-test, no Δ to the paper where
-the runs do not use the paper's data. The statistics are checked against closed forms (no scipy in
-the expectations); records are fabricated."""
+the runs do not use the paper's data, and each table drawn as a figure by the report. The
+statistics are checked against closed forms (no scipy in the expectations); records are fabricated."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_bench import fake_record
@@ -15,6 +16,7 @@ from test_bench import fake_record
 from okdph.bench import runner, stats
 from okdph.bench.experiments import cell_config, get_table
 from okdph.bench.render import collect, markdown_table
+from okdph.bench.report import write_report
 from okdph.bench.store import ResultStore
 from okdph.cli import main
 
@@ -183,3 +185,37 @@ def test_tables_of_other_metrics_and_no_okdph_column_without_okdph(tmp_path):
     # a row where OKDPH has no value yet compares nothing
     without = markdown_table(table, [r for r in results if r.cell.method != "okdph"]).splitlines()[2]
     assert without.split("|")[-2].strip() == "–"
+
+
+# --------------------------------------------------------------------------------------------------
+# The report draws each table
+
+
+def test_report_draws_each_table_with_error_bars_of_the_chosen_std(quick_table3, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    save = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        drawn[str(path)] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    report = write_report(quick_table3, std="population").read_text()
+    png = quick_table3 / "figures" / "table3-quick.png"
+    assert "![table3-quick as a figure](figures/table3-quick.png)" in report
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    fig = drawn[str(png)]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [f"CIFAR-10, ResNet32, #S/B {n}" for n in (2, 3, 4)]
+    assert all(ax.get_ylabel() == "top-1 accuracy (%)" and ax.get_xlabel() == "method" for ax in panels)
+    assert fig.get_suptitle().startswith("table3-quick: Supplement Table 3")
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["DML\nn=5", "KDCL\nn=5", "OKDPH\nn=5"]
+    # each error bar spans mean ± the population std: 0.2 × sqrt(4/5)
+    spans = [np.ptp(segment[:, 1]) for container in panels[0].containers for segment in
+             container.lines[2][0].get_segments()]
+    assert spans == pytest.approx([2 * 0.2 * math.sqrt(0.8)] * 3)
+    assert not panels[2].containers[1].lines[2]   # KDCL with one run: no error bar
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["mean ± population std", "OKDPH", "paper"]

@@ -1,23 +1,31 @@
 """`okdph-bench report`: results/REPORT.md with every table that has records (one section per
-table, profile and fidelity) and a learning-curve PNG per cell, linked from the cell's value.
-Table 5 (PAC-Bayes bound) is one of those tables; the analysis figures that `okdph-bench pacbayes
---per-epoch` and `okdph-bench landscape` write to results/figures/analysis/ follow, one image each.
+table, profile and fidelity), each table also drawn as a figure (results/figures/<stem>.png: per
+row of the table one panel, the methods with error bars) and a learning-curve PNG per cell, linked
+from the cell's value. Table 5 (PAC-Bayes bound) is one of those tables; the analysis figures that
+`okdph-bench pacbayes --per-epoch` and `okdph-bench landscape` write to results/figures/analysis/
+follow, one image each.
 
-The figures use matplotlib's object API (no pyplot, no global backend state).
+The figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global
+backend state).
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
-from okdph.bench.experiments import get_table, list_tables
-from okdph.bench.render import CellResult, collect, display, markdown, output_stem, write_table
+from okdph.bench.experiments import Table, get_table, list_tables
+from okdph.bench.render import (HEADERS, CellResult, collect, display, group_rows, markdown, output_stem,
+                                write_table)
 from okdph.bench.stats import check_std
 from okdph.bench.store import ResultStore
 from okdph.errors import ConfigError
 from okdph.names import DEFAULT_STD, PROFILES
+
+OKDPH_COLOUR, OTHER_COLOUR, PAPER_COLOUR = "tab:red", "tab:blue", "0.45"
 
 
 def learning_curve(records: list[dict], title: str, path: Path) -> Path:
@@ -48,6 +56,65 @@ def learning_curve(records: list[dict], title: str, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _row_title(table: Table, result: CellResult) -> str:
+    """'CIFAR-10, ResNet32, #S/B 3': the row's fields as the table prints them."""
+    return ", ".join(f"{HEADERS[f]} {display(f, getattr(result.cell, f))}" if f == "students"
+                     else display(f, getattr(result.cell, f)) for f in table.rows)
+
+
+def table_figure(table: Table, results: list[CellResult], path: Path, *, title: str) -> Path | None:
+    """The table as a figure: one panel per row that has values, the methods along x, each the mean
+    with an error bar of the std the table shows (none below two runs; n under the name), OKDPH in
+    red; the paper's value as a grey diamond where the runs use the paper's data. None when no row
+    has a value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    rows = [[r for r in row.values() if r.n > 0] for row in group_rows(table, results).values()]
+    rows = [row for row in rows if row]
+    if not rows:
+        return None
+    columns = min(3, len(rows))
+    panels = math.ceil(len(rows) / columns)
+    fig = Figure(figsize=(4.6 * columns, 3.1 * panels + 0.6), dpi=100)
+    FigureCanvasAgg(fig)  # Agg explicitly: reports are written on headless machines
+    axes = fig.subplots(panels, columns, squeeze=False).ravel()
+    shows_paper = False
+    for ax, row in zip(axes, rows):
+        xs = range(len(row))
+        for x, r in zip(xs, row):
+            colour = OKDPH_COLOUR if r.cell.method == "okdph" else OTHER_COLOUR
+            ax.errorbar([x], [r.mean], yerr=[r.std] if r.std is not None else None, fmt="o", color=colour,
+                        markersize=5, capsize=4, elinewidth=1.2)
+            if r.delta is not None:  # a paper value measured on the data these runs use
+                ax.plot([x], [r.cell.paper], marker="D", markersize=5, fillstyle="none", color=PAPER_COLOUR,
+                        linestyle="none")
+                shows_paper = True
+        ax.set_xticks(list(xs), [f"{display('method', r.cell.method)}\nn={r.n}" for r in row], fontsize=7)
+        ax.set_xlim(-0.6, len(row) - 0.4)
+        ax.set_title(_row_title(table, row[0]), fontsize=9)
+        ax.set_xlabel("method", fontsize=8)
+        ax.set_ylabel("PAC-Bayes bound ×10^6 (lower is better)" if table.metric == "pacbayes"
+                      else "top-1 accuracy (%)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(rows):]:
+        ax.set_visible(False)
+    convention = rows[0][0].std_convention
+    handles = [Line2D([], [], marker="o", color=OTHER_COLOUR, linestyle="none", label=f"mean ± {convention} std"),
+               Line2D([], [], marker="o", color=OKDPH_COLOUR, linestyle="none", label="OKDPH")]
+    if shows_paper:
+        handles.append(Line2D([], [], marker="D", fillstyle="none", color=PAPER_COLOUR, linestyle="none",
+                              label="paper"))
+    fig.legend(handles=handles, loc="lower center", fontsize=8, ncols=len(handles), frameon=False)
+    fig.suptitle("\n".join(textwrap.wrap(title, 45 * columns)), fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # room for the title, and the legend below
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
@@ -90,8 +157,8 @@ def analysis_figures(store: ResultStore) -> str:
 
 
 def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT_STD) -> Path:
-    """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path.
-    `std`: the std convention of the tables."""
+    """Render every table for every (profile, fidelity) that has records, as Markdown and as a figure;
+    returns REPORT.md's path. `std`: the std convention of the tables and their error bars."""
     check_std(std)
     store = ResultStore(results)
     records = store.records()
@@ -120,9 +187,14 @@ def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT
                             runs_dir=store.runs_dir)
                 anchor = stem
                 index.append(f"- [{stem}](#{anchor}): {table.title}")
-                sections.append(f'<a id="{anchor}"></a>\n\n' + markdown(
+                section = f'<a id="{anchor}"></a>\n\n' + markdown(
                     table, results_, profile=profile, fidelity=fidelity, metric=metric, runs_dir=store.runs_dir,
-                    links=links, level=2))
+                    links=links, level=2)
+                png = table_figure(table, results_, store.figures_dir / f"{stem}.png",
+                                   title=f"{stem}: {table.title}")
+                if png:
+                    section += f"\n![{stem} as a figure]({Path(os.path.relpath(png, store.root)).as_posix()})\n"
+                sections.append(section)
     figures = analysis_figures(store)
     if figures:
         index.append("- [analyses](#analyses): PAC-Bayes bound per epoch (Fig. 1) and loss landscapes (Figs. 2-5)")
@@ -130,8 +202,9 @@ def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT
     head = [
         "# okdph-bench report", "",
         f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from {len(records)} run records "
-        f"in `{store.runs_dir}` by `okdph-bench report`. Each table is regenerated from the records; a value "
-        "links to the learning curves of its cell (test accuracy of every head per epoch, mean ± std over seeds).",
+        f"in `{store.runs_dir}` by `okdph-bench report`. Each table is regenerated from the records and drawn "
+        "below it (per row, the methods' means with error bars of the table's std); a value links to the "
+        "learning curves of its cell (test accuracy of every head per epoch, mean ± sample std over seeds).",
         "",
     ]
     body = index + [""] + sections if sections else ["No run records yet: run `okdph-bench run --table 3 "

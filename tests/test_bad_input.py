@@ -59,7 +59,8 @@ def _not_writable(tmp: Path) -> list[str]:
     return [*DML, "--out", str(blocker / "runs")]
 
 
-# (case, arguments or a function of tmp_path making them, the message it must show)
+# (case, arguments or a function of tmp_path making them, the message it must show[, environment
+# variables to set, "{tmp}" standing for tmp_path])
 CASES = [
     ("unknown method", [*SMOKE, "--method", "nope"], r"'nope' is not one of 'base', .*'okdph'"),
     ("unknown backbone", [*DML, "--backbone", "resnet50"], r"'resnet50' is not one of .*'resnet32'"),
@@ -109,6 +110,9 @@ CASES = [
      r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
     ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
+    ("--executor slurm without SLURM",
+     ["run", "--table", "3", "--profile", "smoke", "--method", "okdph", "--executor", "slurm",
+      "--slurm", "slurm_partition=gpu"], r"needs SLURM, but 'sbatch' is not on PATH", {"PATH": "{tmp}/no-bin"}),
 ]
 
 
@@ -116,10 +120,12 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("case,args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_touches_nothing(case, args, message, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case,args,message,env", [(*c, {})[:4] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_touches_nothing(case, args, message, env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default folders (runs/, results/) land in the temp dir
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
     args = args(tmp_path) if callable(args) else args
     before = _snapshot(tmp_path)
     result = CliRunner().invoke(main, args)

@@ -132,6 +132,10 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
         raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
     if pack_size is not None and pack_size < 1:
         raise ConfigError(f"--pack must be >= 1 run, got {pack_size}")
+    if executor == "slurm" and not dry_run:  # SLURM reachable, or one line before any work
+        from okdph.bench import slurm
+
+        slurm.check_available(slurm_cluster)
     table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
                                         fidelity=fidelity, engine=engine, results=results,
                                         data_root=data_root, download=download)

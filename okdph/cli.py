@@ -24,6 +24,7 @@ How it behaves:
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,19 @@ def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: click's FloatRange lets nan (and inf without a max)
+    through, which then fails after minutes of work instead of at the command line."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+POSITIVE = FiniteFloat(min=0, min_open=True)
+AT_LEAST_ONE = click.IntRange(min=1)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 METHOD = click.Choice(names.strategy_names())
 TABLE = click.Choice(names.table_choices(), case_sensitive=False)
@@ -123,8 +137,8 @@ def main():
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--epochs", type=int, default=None, help="Override the profile's epochs (milestones scale).")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--width", type=float, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
+@click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=42, show_default=True)
+@click.option("--width", type=POSITIVE, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True,
               help="auto: fast on CUDA, else reference.")
 @click.option("--precision", type=click.Choice(names.PRECISIONS), default="fp32", show_default=True,
@@ -264,7 +278,8 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
 
 @main.command(epilog=f"ID: {_TABLE_HELP}")
 @click.argument("table_name", type=TABLE, metavar="ID")
-@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
+@click.option("--profile", type=click.Choice(names.PROFILES), default=None,
+              help="[default: paper, or else the first profile with records of this table]")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice([e for e in names.ENGINES if e != "auto"]), default=None,
               help="Only this engine's records (needed where a cell has several).")
@@ -272,8 +287,12 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 def table(table_name, profile, fidelity, engine, metric, results):
     """Re-render a table from the records (nothing is trained)."""
-    from okdph.bench.runner import render_table
+    from okdph.bench.runner import default_profile, render_table
 
+    if profile is None:
+        profile = default_profile(table_name, fidelity=fidelity, results=results)
+        if profile != "paper":  # say so: the table shown is not the paper profile's
+            click.echo(f"profile {profile}: the first with records of this table (--profile to choose)", err=True)
     paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
                                results=results)
     click.echo(text)
@@ -290,7 +309,7 @@ def table(table_name, profile, fidelity, engine, metric, results):
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
-@click.option("--torchrun", "ddp_procs", type=int, default=None, metavar="N",
+@click.option("--torchrun", "ddp_procs", type=AT_LEAST_ONE, default=None, metavar="N",
               help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
 @click.option("--all", "include_recorded", is_flag=True, help="Also the runs already recorded.")
 def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_root, download, ddp_procs,
@@ -366,16 +385,18 @@ def _bounds(text: str | None):
 @click.argument("records", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="RUN_RECORD...")
 @click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True,
               help="magnitude: σ_i = α|w_i| (reproduces Table 5's scale); init: ‖w − w0‖²/(4σ²); orig: ‖w‖²/(4σ²).")
-@click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Monte-Carlo perturbations.")
-@click.option("--epsilon", type=float, default=DEFAULT_EPSILON, show_default=True,
+@click.option("--samples", type=AT_LEAST_ONE, default=DEFAULT_SAMPLES, show_default=True,
+              help="Monte-Carlo perturbations.")
+@click.option("--epsilon", type=POSITIVE, default=DEFAULT_EPSILON, show_default=True,
               help="Target mean training-loss increase.")
-@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+@click.option("--tolerance", type=POSITIVE, default=DEFAULT_TOLERANCE, show_default=True,
               help="Stop when |increase − ε| is below this.")
-@click.option("--max-iterations", type=int, default=DEFAULT_MAX_ITERATIONS, show_default=True)
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the noise directions.")
+@click.option("--max-iterations", type=AT_LEAST_ONE, default=DEFAULT_MAX_ITERATIONS, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True,
+              help="Seed of the noise directions.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 1024].")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024].")
 @click.option("--per-epoch", is_flag=True, help="Every saved epoch, plotted against the epoch (Fig. 1).")
 @click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
               help=f"--per-epoch figure [default: {_FIGURES_HELP}/pacbayes-<backbone>-<dataset>.png].")
@@ -421,14 +442,14 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
               help="A Base/DML/KDCL run record; repeat for one panel each.")
 @click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
               help=f"PNG [default: {_FIGURES_HELP}/landscape-<backbone>-<dataset>.png]; the data beside it (.npz).")
-@click.option("--grid-step", type=float, default=None,
+@click.option("--grid-step", type=POSITIVE, default=None,
               help="Grid spacing in PCA units [default: 1, finer when the trajectories span < 20].")
 @click.option("--bounds", default=None, metavar="X0,X1,Y0,Y1", help="Grid bounds [default: trajectories ± 15%].")
 @click.option("--fit", default="other-S1,other-S2,ours-S1", show_default=True,
               help="Trajectories the PCA is fitted on (of other-S1, other-S2, ours-S1, ours-S2).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 1024].")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024].")
 @quiet_option
 def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, batch_size, quiet):
     """Loss landscape around the students' trajectories (needs `train --save-every` on both runs)."""

@@ -59,6 +59,55 @@ def _not_writable(tmp: Path) -> list[str]:
     return [*DML, "--out", str(blocker / "runs")]
 
 
+def _table_run(tmp: Path, *extra: str) -> list[str]:
+    """`run` of table 3's DML cells, one seed, on CIFAR under tmp/data, results under tmp/results."""
+    return ["run", "--table", "3", "--method", "dml", "--seeds", "1", "--quiet", "--data-root", str(tmp / "data"),
+            "--results", str(tmp / "results"), *extra]
+
+
+def _run_missing_cifar(tmp: Path, corrupt: bool) -> list[str]:
+    _cifar(tmp, corrupt)
+    return _table_run(tmp)
+
+
+def _runs_is_a_file(tmp: Path, command: str) -> list[str]:
+    (tmp / "results").mkdir()
+    (tmp / "results" / "runs").write_text("not a folder")
+    if command == "table":
+        return ["table", "3", "--profile", "smoke", "--results", str(tmp / "results")]
+    return [*_table_run(tmp)[:-2], "--profile", "smoke", "--results", str(tmp / "results")]
+
+
+def _results_under_a_file(tmp: Path, command: str) -> list[str]:
+    (tmp / "a-file").write_text("a file where the results folder should be")
+    results = str(tmp / "a-file" / "results")
+    return {"run": ["run", "--table", "3", "--profile", "smoke", "--method", "dml", "--results", results],
+            "table": ["table", "3", "--profile", "smoke", "--results", results],
+            "report": ["report", "--results", results]}[command]
+
+
+def smoke_record(runs: Path, method: str = "dml") -> Path:
+    """A record of table 3's first `method` cell in the smoke profile, as train_run writes one
+    (only the fields the tables read)."""
+    from okdph.bench.experiments import cell_config, get_table
+
+    cell = next(c for c in get_table("3").cells if c.method == method)
+    cfg = cell_config(cell, profile="smoke", out_dir=str(runs))
+    record = {"schema": 1, "run_id": cfg.run_id(), "status": "complete", **cfg.identity(),
+              "history": {"test_acc": {"student0": [10.0], "student1": [11.0]}},
+              "metrics": {"paper": {"acc": 11.0, "epoch": 0, "head": "student1"},
+                          "final": {"acc": 10.0, "epoch": 0, "head": "student0"}},
+              "created": "2026-01-01T00:00:00+00:00"}
+    cfg.record_path().parent.mkdir(parents=True, exist_ok=True)
+    cfg.record_path().write_text(json.dumps(record))
+    return cfg.record_path()
+
+
+def _smoke_records_only(tmp: Path) -> list[str]:
+    smoke_record(tmp / "results" / "runs")
+    return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
+
+
 # (case, arguments or a function of tmp_path making them, the message it must show[, environment
 # variables to set, "{tmp}" standing for tmp_path])
 CASES = [
@@ -85,7 +134,6 @@ CASES = [
     ("zero epochs", [*DML, "--epochs", "0"], r"epochs must be >= 1, got 0"),
     ("too few students", [*SMOKE, "--method", "okdph", "--students", "1"], r"needs at least 2 models, got 1"),
     ("no students", [*DML, "--students", "0"], r"students must be >= 1, got 0"),
-    ("negative width", [*DML, "--width", "-1"], r"width must be > 0"),
     ("OKDPH views of the wrong length", [*SMOKE, "--method", "okdph", "--set", "views=base,base"],
      r"views needs 3 entries"),
     ("backbone of another dataset", [*DML, "--backbone", "resnet18"], r"does not fit dataset 'digits'"),
@@ -110,6 +158,35 @@ CASES = [
      r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
     ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
+    # checked before working: arguments, data, the results folder (once, not per run)
+    ("negative seed", [*DML, "--seed", "-1"], r"'--seed': -1 is not in the range 0<=x<=4294967295"),
+    ("unknown device", [*DML, "--device", "tpu"], r"unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
+    ("width not a number", [*DML, "--width", "nan"], r"'--width': nan is not a finite number"),
+    ("negative width on the command line", [*DML, "--width", "-1"], r"'--width': -1.0 is not in the range x>0"),
+    ("negative DataLoader workers", [*DML, "--workers", "-1"], r"--workers must be >= 0, got -1"),
+    ("negative PAC-Bayes samples", ["pacbayes", "r.json", "--samples", "-3"], r"'--samples': -3 is not in the range x>=1"),
+    ("zero PAC-Bayes epsilon", ["pacbayes", "r.json", "--epsilon", "0"], r"'--epsilon': 0.0 is not in the range x>0"),
+    ("PAC-Bayes epsilon not a number", ["pacbayes", "r.json", "--epsilon", "nan"], r"nan is not a finite number"),
+    ("zero PAC-Bayes tolerance", ["pacbayes", "r.json", "--tolerance", "0"], r"'--tolerance': 0.0 is not in the range"),
+    ("zero PAC-Bayes iterations", ["pacbayes", "r.json", "--max-iterations", "0"], r"'--max-iterations': 0 is not"),
+    ("zero landscape grid step", ["landscape", "--ours", "a.json", "--other", "b.json", "--grid-step", "0"],
+     r"'--grid-step': 0.0 is not in the range x>0"),
+    ("zero torchrun processes", ["plan", "--table", "3", "--torchrun", "0"], r"'--torchrun': 0 is not in the range x>=1"),
+    ("missing regression expectations", ["regress", "--expected", "nope.json"], r"no expectations at nope.json"),
+    ("run without the table's data", lambda tmp: _run_missing_cifar(tmp, corrupt=False),
+     r"CIFAR-10 not found under .*data .*pass --download"),
+    ("run with corrupted data", lambda tmp: _run_missing_cifar(tmp, corrupt=True),
+     r"CIFAR-10 under .*data is corrupted .*fails its md5 check"),
+    ("run with runs/ a file", lambda tmp: _runs_is_a_file(tmp, "run"), r"results/runs' is not a folder: .* is a file"),
+    ("table with runs/ a file", lambda tmp: _runs_is_a_file(tmp, "table"), r"results/runs' is not a folder"),
+    ("run with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "run"),
+     r"is not a folder: '.*a-file' is a file"),
+    ("table with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "table"),
+     r"is not a folder: '.*a-file' is a file"),
+    ("report with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "report"),
+     r"is not a folder: '.*a-file' is a file"),
+    ("table of a profile without records", _smoke_records_only,
+     r"no records of table3 for profile 'paper'.*records exist for profile smoke \(pass --profile smoke\)"),
     ("--executor slurm without SLURM",
      ["run", "--table", "3", "--profile", "smoke", "--method", "okdph", "--executor", "slurm",
       "--slurm", "slurm_partition=gpu"], r"needs SLURM, but 'sbatch' is not on PATH", {"PATH": "{tmp}/no-bin"}),

@@ -310,6 +310,29 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     assert all(error == "RuntimeError: out of memory" for _, error in summary.failed)
 
 
+def test_a_table_whose_every_run_failed_is_not_written(tmp_path, monkeypatch):
+    def broken(cfg, progress=False, **_):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(executors, "train_run", broken)
+    summary = runner.run_table("3", profile="smoke", methods=["dml"], results=tmp_path, progress=False)
+    assert summary.trained == 0 and len(summary.failed) == 6
+    assert summary.outputs == {} and summary.markdown == "" and not (tmp_path / "tables").exists()
+
+
+def test_table_without_profile_renders_the_one_with_records(tmp_path):
+    store = ResultStore(tmp_path)
+    fake_record(cell_config(get_table("3").cells[0], profile="smoke", out_dir=str(store.runs_dir)), 40.0)
+    assert runner.default_profile("3", results=tmp_path) == "smoke"
+    result = CliRunner().invoke(main, ["table", "3", "--metric", "final", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "profile smoke: the first with records" in result.stderr
+    assert "39.00 (n=1)" in result.stdout and (tmp_path / "tables" / "table3-smoke-final.md").exists()
+    assert runner.default_profile("4", results=tmp_path) == "paper"  # no records anywhere: paper, and
+    result = CliRunner().invoke(main, ["table", "4", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and "train some with okdph-bench run --table 4" in result.stderr
+
+
 @pytest.mark.slow
 def test_plan_prints_runnable_commands(tmp_path):
     commands = runner.plan_table("3", profile="smoke", methods=["dml"], results=tmp_path)
@@ -370,5 +393,7 @@ def test_cli_dry_run_plan_and_table(tmp_path):
                     "--results", str(tmp_path))
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("# 168 runs") and len(lines) == 1 + 84 * 2
-    result = invoke("table", "3", "--profile", "smoke", "--results", str(tmp_path))
-    assert result.exit_code == 0 and "| ours" in result.output and "table3-smoke.md" in result.output
+    # nothing recorded: no table of empty cells, but one line saying so
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and "no records of table3 for profile 'smoke'" in result.stderr
+    assert not (tmp_path / "tables").exists()

@@ -91,6 +91,7 @@ def analysis_figures(store: ResultStore) -> str:
 def write_report(results="results", *, metric: str = "paper") -> Path:
     """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path."""
     store = ResultStore(results)
+    store.check_writable(store.root, store.tables_dir, store.figures_dir)  # before any figure is drawn
     records = store.records()
     combos = sorted({(r.get("profile"), r.get("fidelity")) for r in records},
                     key=lambda pf: (PROFILES.index(pf[0]) if pf[0] in PROFILES else 99, str(pf[1])))

@@ -113,6 +113,17 @@ def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: s
     return done, failed
 
 
+def check_before_run(store: ResultStore, configs: list[RunConfig], *, slurm: bool = False) -> None:
+    """What every run of a table needs, checked once before the first one trains: the results
+    folder takes records and tables (and SLURM's logs), and the data of `configs` is there. One
+    ConfigError/DataError line otherwise, and nothing written; not once per run, after minutes."""
+    from okdph.data import check_files
+
+    store.check_writable(store.runs_dir, store.tables_dir, *([store.root / "slurm"] if slurm else []))
+    for dataset, root, download in sorted({(c.resolved_dataset(), str(c.data_root), c.download) for c in configs}):
+        check_files(dataset, root, download)
+
+
 def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
               fidelity: str = "official", engine: str = "auto", executor: str = "local",
               gpus: str | None = None, jobs: int = 1, dry_run: bool = False, metric: str = "paper", results="results",
@@ -145,6 +156,9 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
     if dry_run:
         summary.seconds = time.perf_counter() - started
         return summary
+    analysed = [cfg for cfg in configs if table.metric in ANALYSED_METRICS and cfg not in pending
+                and _needs_analysis(cfg, table.metric)]
+    check_before_run(store, pending + analysed, slurm=executor == "slurm")
 
     if executor == "local":
         import torch
@@ -186,24 +200,60 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
             summary.failed += failed
 
     store.refresh()
-    summary.outputs, summary.markdown = _render(table, store, profile=profile, fidelity=fidelity, metric=metric)
+    results = collect(table, store, profile=profile, fidelity=fidelity, metric=metric)
+    if any(r.recorded for r in results):  # every run failed: no table of empty cells
+        summary.outputs, summary.markdown = _write(table, store, results, profile=profile, fidelity=fidelity,
+                                                   metric=metric)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _render(table: Table, store: ResultStore, *, profile: str, fidelity: str, metric: str,
-            engine: str | None = None) -> tuple[dict[str, Path], str]:
-    results = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric)
+def _write(table: Table, store: ResultStore, results, *, profile: str, fidelity: str,
+           metric: str) -> tuple[dict[str, Path], str]:
     paths = write_table(table, results, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
                         runs_dir=store.runs_dir)
     return paths, paths["md"].read_text()
 
 
+def profiles_with_records(table: Table, store: ResultStore, fidelity: str = "official") -> list[str]:
+    """The profiles (in PROFILES order) under which some cell of `table` has a record."""
+    from okdph.names import PROFILES
+
+    return [p for p in PROFILES if p in table.profiles
+            and any(r.recorded for r in collect_any_engine(table, store, profile=p, fidelity=fidelity))]
+
+
+def collect_any_engine(table: Table, store: ResultStore, **options) -> list:
+    """`collect`, or for a table whose cells mix engines, every engine's records (only counted)."""
+    try:
+        return collect(table, store, **options)
+    except ConfigError:
+        return [r for engine in sorted({r.get("engine") for r in store.records()})
+                for r in collect(table, store, engine=engine, **options)]
+
+
+def default_profile(table_name: str, *, fidelity: str = "official", results="results") -> str:
+    """The profile `okdph-bench table` renders when none is given: paper if it has records, else
+    the first profile (quick, smoke) that has; paper when none has (render_table then says so)."""
+    recorded = profiles_with_records(get_table(table_name), ResultStore(results), fidelity)
+    return recorded[0] if recorded else "paper"
+
+
 def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "official", metric: str = "paper",
                  engine: str | None = None, results="results") -> tuple[dict[str, Path], str]:
-    """Re-render a table from the records, training nothing; returns the paths and the Markdown."""
+    """Re-render a table from the records, training nothing; returns the paths and the Markdown.
+    No records for the profile: ConfigError naming the profiles that have some, nothing written."""
     store = ResultStore(results)
-    return _render(get_table(table_name), store, profile=profile, fidelity=fidelity, metric=metric, engine=engine)
+    table = get_table(table_name)
+    store.check_writable(store.tables_dir)
+    results_ = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric)
+    if not any(r.recorded for r in results_):
+        recorded = profiles_with_records(table, store, fidelity)
+        where = (f"records exist for profile {', '.join(recorded)} (pass --profile {recorded[0]})" if recorded
+                 else f"train some with okdph-bench run --table {table.aliases[0] if table.aliases else table.id}")
+        raise ConfigError(f"no records of {table.id} for profile '{profile}', fidelity '{fidelity}' in "
+                          f"{store.runs_dir}; {where}")
+    return _write(table, store, results_, profile=profile, fidelity=fidelity, metric=metric)
 
 
 def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
@@ -218,4 +268,4 @@ def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = N
             if include_recorded or not store.is_recorded(cfg)]
 
 
-__all__ = ["EXECUTORS", "RunSummary", "plan_table", "render_table", "run_table"]
+__all__ = ["EXECUTORS", "RunSummary", "default_profile", "plan_table", "render_table", "run_table"]

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from okdph.engine.run import RunConfig, cell_key
+from okdph.errors import ConfigError
 
 
 class ResultStore:
@@ -33,7 +34,26 @@ class ResultStore:
         self.analysis_dir = self.figures_dir / "analysis"  # `pacbayes --per-epoch`, `landscape` (+ data)
         self._index: dict[str, list[dict]] | None = None
 
+    def check_folder(self) -> None:
+        """A results folder whose runs/ (or the folder itself, or a folder above it) is a file holds
+        no records, and a run cannot write one there: one ConfigError line, not an empty table."""
+        existing = self.runs_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise ConfigError(f"results folder '{self.runs_dir}' is not a folder: '{existing}' is a file; "
+                              "move it away or pass another --results")
+
+    def check_writable(self, *folders: Path) -> None:
+        """Each of `folders` (default: runs/ and tables/) takes a file; nothing is created."""
+        from okdph.engine.run import check_writable
+
+        self.check_folder()
+        for folder in folders or (self.runs_dir, self.tables_dir):
+            check_writable(folder, create=False)
+
     def is_recorded(self, cfg: RunConfig) -> bool:
+        self.check_folder()
         return cfg.record_path().exists()
 
     def refresh(self) -> None:
@@ -44,6 +64,7 @@ class ResultStore:
 
     def _build(self) -> dict[str, list[dict]]:
         if self._index is None:
+            self.check_folder()
             self._index = {}
             for path in sorted(self.runs_dir.glob("*.json")):
                 try:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -176,8 +177,13 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"students must be >= 1, got {cfg.students}")
     if cfg.train_samples is not None and cfg.train_samples < 1:
         raise ConfigError(f"train_samples must be >= 1, got {cfg.train_samples}")
-    if cfg.resolved_width() <= 0:
-        raise ConfigError(f"width must be > 0, got {cfg.width}")
+    if not math.isfinite(cfg.resolved_width()) or cfg.resolved_width() <= 0:
+        raise ConfigError(f"width must be > 0 and finite, got {cfg.width}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    if not 0 <= cfg.seed < 2 ** 32:  # numpy's seed range
+        raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    resolve_device(cfg.device)
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must be >= 0 epochs (0: never), got {cfg.checkpoint_every}")
     if cfg.save_every is not None and cfg.save_every < 1:
@@ -186,12 +192,24 @@ def validate(cfg: RunConfig):
     return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
 
 
+DEVICE_HELP = "auto, cpu, cuda, cuda:N"
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N) stands for on this machine; ConfigError for
+    anything else (torch knows device types this suite does not run on) or a GPU that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device '{name}'; valid: {DEVICE_HELP}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' is not available; this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -241,11 +259,22 @@ def build_data(cfg: RunConfig, views: list[str], recipe) -> tuple:
     return _first(train_set, train_cap), _first(test_set, recipe.test_samples)
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` and prove it takes a file (os.access says yes to root on a read-only mount)."""
+def check_writable(folder: Path, *, create: bool = True) -> None:
+    """Prove `folder` takes a file (os.access says yes to root on a read-only mount): create it and
+    write a probe there; with `create=False`, create nothing and probe it, or the nearest folder
+    above it that exists (the commands that check before working leave no trace when they refuse)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under a file, '{existing}'"
+        raise ConfigError(f"results folder '{folder}' is not writable: it {where}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-")
         probe.close()
     except OSError as exc:
         raise ConfigError(f"results folder '{folder}' is not writable: {exc.strerror or exc}") from None

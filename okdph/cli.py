@@ -151,7 +151,9 @@ def main():
 @click.option("--train-samples", type=int, default=None, metavar="N",
               help="Train on the first N training images [default: all; the smoke profile's cut].")
 @click.option("--out", "out_dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--skip-recorded", is_flag=True, help="Do nothing if this run's record already exists.")
+@click.option("--force", is_flag=True, help="Train again even if this run's record exists (it is replaced).")
+@click.option("--skip-recorded", is_flag=True,
+              help="For schedulers: also exit 0 when another worker holds the run (a recorded run is always skipped).")
 @click.option("--save-every", type=int, default=None, metavar="E",
               help="Keep the students' weights every E epochs in <out>/<run>.traj/ (PAC-Bayes, landscape).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="E",
@@ -160,11 +162,13 @@ def main():
 @quiet_option
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
           engine, precision, device, deterministic, data_root, download, workers, train_samples, out_dir,
-          skip_recorded, save_every, checkpoint_every, ddp, quiet):
-    """Train one run and write its JSON record."""
+          force, skip_recorded, save_every, checkpoint_every, ddp, quiet):
+    """Train one run and write its JSON record; a run already recorded is skipped (--force trains it again)."""
     from okdph.engine.distributed import is_main_process
     from okdph.engine.lock import RunLocked
+    from okdph.engine.record import read_record
     from okdph.engine.run import AlreadyRecorded, RunConfig, is_done, train_run
+    from okdph.errors import DamagedRecord
 
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
@@ -172,13 +176,20 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
                     device=device, data_root=data_root, download=download, workers=workers,
                     train_samples=train_samples, out_dir=out_dir, ddp=ddp,
                     save_every=save_every, checkpoint_every=checkpoint_every)
-    if skip_recorded and is_done(cfg):
-        click.echo(f"recorded: {cfg.record_path()}")
+    skip = not force
+    if skip and is_done(cfg):
+        click.echo(f"recorded: {cfg.record_path()} exists, nothing to do (--force trains the run again)")
         return
+    if cfg.record_path().exists():
+        try:
+            read_record(cfg.record_path(), cfg.run_id())
+        except DamagedRecord as exc:  # trained again; train_run sets the file aside, never deletes it
+            click.echo(f"warning: {exc}; training the run again, the file is kept as "
+                       f"{cfg.record_path().name}.corrupt", err=True)
     try:
-        record = train_run(cfg, progress=not quiet, skip_recorded=skip_recorded)
+        record = train_run(cfg, progress=not quiet, skip_recorded=skip)
     except AlreadyRecorded:
-        click.echo(f"recorded: {cfg.record_path()}")
+        click.echo(f"recorded: {cfg.record_path()} (by another worker meanwhile)")
         return
     except RunLocked as exc:  # another live worker trains it: nothing to do with --skip-recorded
         if skip_recorded:
@@ -213,6 +224,13 @@ def list_cmd():
 _TABLE_HELP = ("A table of okdph/bench/tables/, by its id or an alias, any case: "
                + ", ".join(" = ".join((t, *aliases)) for t, aliases in names.table_names().items()) + ".")
 _METRIC_HELP = "paper: best epoch, max over heads (as published); final: deployed head, last epoch."
+
+
+def _store(results: str):
+    """The result store of a --results folder, naming each damaged record it meets on stderr (once)."""
+    from okdph.bench.store import ResultStore
+
+    return ResultStore(results, report=lambda line: click.echo(f"warning: {line}", err=True))
 
 
 def _parse_params(values: tuple[str, ...]) -> dict:
@@ -251,9 +269,9 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
 
     summary = run_table(
         table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
-        executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=results, data_root=data_root,
-        download=download, progress=not quiet, pack_size=pack, slurm_parameters=_parse_params(slurm_params),
-        wait=wait)
+        executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=_store(results),
+        data_root=data_root, download=download, progress=not quiet, pack_size=pack,
+        slurm_parameters=_parse_params(slurm_params), wait=wait)
     click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
                f"{summary.recorded} already recorded, {len(summary.pending)} to train")
     if dry_run:
@@ -289,12 +307,13 @@ def table(table_name, profile, fidelity, engine, metric, results):
     """Re-render a table from the records (nothing is trained)."""
     from okdph.bench.runner import default_profile, render_table
 
+    store = _store(results)
     if profile is None:
-        profile = default_profile(table_name, fidelity=fidelity, results=results)
+        profile = default_profile(table_name, fidelity=fidelity, results=store)
         if profile != "paper":  # say so: the table shown is not the paper profile's
             click.echo(f"profile {profile}: the first with records of this table (--profile to choose)", err=True)
     paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
-                               results=results)
+                               results=store)
     click.echo(text)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -318,7 +337,7 @@ def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_ro
     from okdph.bench.runner import plan_table
 
     commands = plan_table(table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity,
-                          engine=engine, results=results, data_root=data_root, download=download,
+                          engine=engine, results=_store(results), data_root=data_root, download=download,
                           ddp_procs=ddp_procs, include_recorded=include_recorded)
     click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
     click.echo("\n".join(commands))
@@ -331,7 +350,7 @@ def report(results, metric):
     """Write results/REPORT.md: every table that has records, with a learning-curve PNG per cell."""
     from okdph.bench.report import write_report
 
-    click.echo(f"wrote {write_report(results, metric=metric)}")
+    click.echo(f"wrote {write_report(_store(results), metric=metric)}")
 
 
 @main.command()
@@ -407,9 +426,13 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
     """PAC-Bayes bound of each run's deployed student (needs `train --save-every`)."""
     from okdph.analysis import pacbayes as pb
     from okdph.data.info import display_name as data_display_name
+    from okdph.engine.record import load_record
     from okdph.models import display_name as backbone_display_name
     from okdph.strategy import display_name as strategy_display_name
 
+    for path in records:  # a damaged record is one line before the first bound is computed
+        if Path(path).is_file():
+            load_record(path)
     series = []
     for path in records:
         started = time.perf_counter()

@@ -103,6 +103,14 @@ def smoke_record(runs: Path, method: str = "dml") -> Path:
     return cfg.record_path()
 
 
+def _hand_edited(tmp: Path) -> list[str]:
+    path = smoke_record(tmp / "runs")
+    record = json.loads(path.read_text())
+    record["metrics"]["paper"]["acc"] = "high"
+    path.write_text(json.dumps(record))
+    return ["pacbayes", str(path)]
+
+
 def _smoke_records_only(tmp: Path) -> list[str]:
     smoke_record(tmp / "results" / "runs")
     return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
@@ -156,7 +164,8 @@ CASES = [
      rf"has format 1, this version reads {CHECKPOINT_FORMAT}; delete it"),
     ("record of another configuration", lambda tmp: _existing_record(tmp, foreign=True),
      r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
-    ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
+    ("hand-edited record given to pacbayes", lambda tmp: _hand_edited(tmp),
+     r"record '.*dml-.*\.json' is damaged: metrics.paper is \{\"acc\": \"high\".*not an accuracy"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
     # checked before working: arguments, data, the results folder (once, not per run)
     ("negative seed", [*DML, "--seed", "-1"], r"'--seed': -1 is not in the range 0<=x<=4294967295"),
@@ -234,3 +243,56 @@ def test_preempted_is_its_own_exit_code(tmp_path, monkeypatch):
     assert result.stderr.strip().splitlines() == [
         "preempted: run-x: stopped by SIGTERM after epoch 0; rerun the same command to resume"]
     assert os.listdir(tmp_path) == []
+
+
+TINY = ["--epochs", "1", "--train-samples", "64", "--width", "0.125"]
+
+
+def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
+    """Not a bad input: the damaged file is named, kept as <name>.corrupt, and the run trains again;
+    the same command once more says the record exists and trains nothing, unless --force."""
+    cfg = RunConfig(method="dml", profile="smoke", epochs=1, train_samples=64, width=0.125,
+                    out_dir=str(tmp_path / "runs"))
+    path = cfg.record_path()
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema": 1, "run_id": ')
+    args = [*DML, *TINY, "--out", str(tmp_path / "runs")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"warning: record '{path}' is unreadable" in result.stderr and f"{path.name}.corrupt" in result.stderr
+    assert Path(f"{path}.corrupt").read_text() == '{"schema": 1, "run_id": '  # kept, never deleted
+    from okdph.engine.record import read_record
+
+    first = read_record(path, cfg.run_id())
+    assert first["status"] == "complete"
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and again.stdout.startswith(f"recorded: {path} exists, nothing to do (--force")
+    assert read_record(path)["created"] == first["created"] and read_record(path)["timing"] == first["timing"]
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0 and forced.stdout.startswith("complete: ")
+    assert read_record(path)["timing"] != first["timing"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, f"{path.name}.corrupt"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "acc high", "history null", "not a record"])
+def test_a_damaged_record_is_not_done(tmp_path, damage):
+    from okdph.engine.run import is_done
+
+    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp_path))
+    path = smoke_record(tmp_path)  # a valid record of another run, edited into this run's
+    record = json.loads(path.read_text())
+    record.update(run_id=cfg.run_id(), **cfg.identity())
+    cfg.record_path().write_text(json.dumps(record))
+    assert is_done(cfg)
+    if damage == "truncated":
+        cfg.record_path().write_text(json.dumps(record)[:50])
+    elif damage == "acc high":
+        record["metrics"]["paper"]["acc"] = "high"
+    elif damage == "history null":
+        record["history"] = None
+    else:
+        record = [record]
+    if damage != "truncated":
+        cfg.record_path().write_text(json.dumps(record))
+    assert not is_done(cfg)

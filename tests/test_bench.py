@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from okdph.bench import executors, runner
 from okdph.bench.experiments import (FIRST_SEED, cell_config, expand, get_table, list_tables, okdph_preset,
                                      unique_configs)
-from okdph.bench.render import collect, markdown_table, output_stem
+from okdph.bench.render import collect, markdown, markdown_table, output_stem
 from okdph.bench.report import write_report
 from okdph.bench.store import ResultStore
 from okdph.cli import main
@@ -213,6 +213,63 @@ def test_lower_is_better_and_pacbayes_values(tmp_path):
     assert results["okdph"].best and not results["dml"].best and results["kdcl"].n == 0
     text = markdown_table(table, list(results.values()))
     assert "**97.10 (n=1)**" in text and "**97.26**" in text  # paper: Ours is the lowest bound too
+
+
+def test_a_bound_whose_search_did_not_converge_is_marked(tmp_path):
+    store = ResultStore(tmp_path)
+    table = get_table("5")
+    row = {c.method: c for c in _cells(table, dataset="cifar10", backbone="resnet110")}
+    for method, converged in (("kdcl", False), ("dml", True)):
+        record = fake_record(cell_config(row[method], profile="smoke", out_dir=str(store.runs_dir)), 50.0)
+        record["metrics"]["pacbayes"] = 50668534497.28 if not converged else 97.9
+        record["pacbayes"] = {"converged": converged, "value": record["metrics"]["pacbayes"]}
+        atomic_write_json(store.runs_dir / f"{record['run_id']}.json", record)
+    results = collect(table, store, profile="smoke")
+    text = markdown(table, results, profile="smoke", fidelity="official", metric="paper", runs_dir=store.runs_dir)
+    assert "50668534497.28 (n=1), 1 not converged" in text and "97.90 (n=1) |" in text.replace("**", "")
+    assert "\"not converged\": the σ search" in text
+
+
+def _damage(path, how: str) -> None:
+    if how == "truncated":
+        path.write_text(path.read_text()[:40])
+    else:
+        record = json.loads(path.read_text())
+        if how == "acc high":
+            record["metrics"]["paper"]["acc"] = "high"
+        else:
+            record["history"] = None
+        path.write_text(json.dumps(record))
+
+
+def test_damaged_records_are_named_not_counted_and_trained_again(tmp_path, monkeypatch):
+    """A truncated record, one with "acc": "high" and one with history null: each is reported by
+    name, its cell says it has an unreadable record, and `run` does not count it as recorded."""
+    table = get_table("3")
+    cells = [c for c in table.cells if c.method == "dml" and c.dataset == "cifar10"][:4]
+    store = ResultStore(tmp_path)
+    paths = []
+    for cell in cells:
+        record = fake_record(cell_config(cell, profile="smoke", out_dir=str(store.runs_dir)), 40.0)
+        paths.append(store.runs_dir / f"{record['run_id']}.json")
+    for path, how in zip(paths, ("truncated", "acc high", "history null")):
+        _damage(path, how)
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3 and all(any(p.name in w for w in warnings) for p in paths[:3])
+    assert any("is unreadable" in w for w in warnings) and any("metrics.paper is" in w for w in warnings) and any("history is null" in w for w in warnings)
+    # in the smoke profile a CIFAR-10 cell and its CIFAR-100 twin share their run: six cells
+    assert result.stdout.count("(1 unreadable)") == 6 and "40.00 (n=1)" in result.stdout
+    assert "are not counted (\"unreadable\": the command named them)" in result.stdout
+    assert json.loads((tmp_path / "tables" / "table3-smoke.json").read_text())["cells"][0]["unreadable"] == 1
+
+    trained = []
+    monkeypatch.setattr(executors, "train_run", lambda cfg, **_: trained.append(cfg.run_id()) or fake_record(cfg, 50.0))
+    summary = runner.run_table("3", profile="smoke", methods=["dml"], results=tmp_path, progress=False)
+    assert summary.recorded == 1 and len(trained) == summary.runs - 1
+    assert {p.stem for p in paths[:3]} <= set(trained) and paths[3].stem not in trained
+    assert sorted(summary.damaged) == sorted(map(str, paths[:3]))
 
 
 def test_cells_never_mix_engines(tmp_path):

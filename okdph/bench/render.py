@@ -53,6 +53,8 @@ class CellResult:
     run_ids: list[str] = field(default_factory=list)
     engine: str | None = None
     not_complete: int = 0        # records that diverged (status other than complete)
+    unreadable: int = 0          # damaged records of the cell (ResultStore.damaged_for), not counted
+    not_converged: int = 0       # PAC-Bayes bounds whose σ search did not converge (counted, marked)
     best: bool = False
     records: list[dict] = field(default_factory=list, repr=False)  # every matching record
 
@@ -106,7 +108,9 @@ def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "
         if len(engines) > 1:
             raise ConfigError(f"{table.id} cell {cell.slug()} has records from engines {', '.join(engines)}; "
                               f"pass --engine with one of them")
-        result = CellResult(cell, engine=engines[0] if engines else None, records=records)
+        result = CellResult(cell, engine=engines[0] if engines else None, records=records,
+                            unreadable=len(store.damaged_for(cell_config(cell, profile=profile, fidelity=fidelity),
+                                                             engine)))
         for record in records:
             value = record_value(record, table.metric, metric)
             if record.get("status") != "complete":
@@ -115,6 +119,8 @@ def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "
                 result.values.append(value)
                 result.seeds.append(record.get("seed"))
                 result.run_ids.append(record["run_id"])
+                if table.metric == "pacbayes" and (record.get("pacbayes") or {}).get("converged") is False:
+                    result.not_converged += 1
         results.append(result)
     _mark_best(table, results)
     return results
@@ -147,13 +153,15 @@ def _paper_best(table: Table, row: list[CellResult]) -> float | None:
 
 
 def format_ours(result: CellResult) -> str:
-    """'94.12 ± 0.20 (n=5)'; one seed has no std; '' when nothing is recorded yet."""
+    """'94.12 ± 0.20 (n=5)'; one seed has no std; '' when nothing is recorded yet. Runs that are
+    not in the mean are counted after it (diverged, unreadable records); bounds whose search did
+    not converge are in it, marked."""
+    notes = [f"{k} {what}" for k, what in ((result.not_converged, "not converged"),
+                                           (result.not_complete, "diverged"), (result.unreadable, "unreadable")) if k]
     if result.n == 0:
-        return f"({result.not_complete} diverged)" if result.not_complete else ""
+        return f"({', '.join(notes)})" if notes else ""
     text = f"{result.mean:.2f}" + (f" ± {result.std:.2f}" if result.std is not None else "") + f" (n={result.n})"
-    if result.not_complete:
-        text += f", {result.not_complete} diverged"
-    return text
+    return ", ".join([text, *notes])
 
 
 def format_delta(result: CellResult) -> str:
@@ -218,6 +226,12 @@ def describe(table: Table, results: list[CellResult], *, profile: str, fidelity:
         f"Δ = ours − paper; the best of each row in bold.",
         f"{filled} of {len(results)} cells have records in `{runs_dir}`. Paper values: {table.source}.",
     ]
+    if any(r.unreadable for r in results):
+        lines.append(f"Damaged records in `{runs_dir}` are not counted (\"unreadable\": the command named them); "
+                     "running the table again trains their runs again.")
+    if any(r.not_converged for r in results):
+        lines.append("\"not converged\": the σ search of that many bounds stopped before the loss increase "
+                     "reached ε within the tolerance; the value is the closest scale's, not the bound at ε.")
     provenance = sorted({_machine(rec) for r in results for rec in r.records})
     if provenance:
         lines.append("Runs made on: " + "; ".join(provenance) + ".")
@@ -266,7 +280,8 @@ def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fi
             "table": table.id, "dataset": c.dataset, "backbone": c.backbone, "setting": c.setting,
             "students": c.students, "method": c.method, "overrides": dict(c.overrides), "preset": c.preset,
             "paper": c.paper, "paper_note": c.paper_note, "mean": r.mean, "std": r.std, "n": r.n,
-            "delta": r.delta, "best": r.best, "diverged": r.not_complete, "values": r.values, "seeds": r.seeds,
+            "delta": r.delta, "best": r.best, "diverged": r.not_complete, "unreadable": r.unreadable,
+            "not_converged": r.not_converged, "values": r.values, "seeds": r.seeds,
             "run_ids": r.run_ids, "engine": r.engine, "profile": profile, "fidelity": fidelity,
             "metric": table.metric if table.metric != "accuracy" else metric,
         })

@@ -90,7 +90,7 @@ def analysis_figures(store: ResultStore) -> str:
 
 def write_report(results="results", *, metric: str = "paper") -> Path:
     """Render every table for every (profile, fidelity) that has records; returns REPORT.md's path."""
-    store = ResultStore(results)
+    store = ResultStore.of(results)
     store.check_writable(store.root, store.tables_dir, store.figures_dir)  # before any figure is drawn
     records = store.records()
     combos = sorted({(r.get("profile"), r.get("fidelity")) for r in records},

@@ -44,6 +44,7 @@ class RunSummary:
     analysed: int = 0                            # records that got their analysed metric (Table 5)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run id, one-line error)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (run id, why): another worker had it
+    damaged: list[str] = field(default_factory=list)   # damaged records found: not counted, trained again
     jobs: list[str] = field(default_factory=list)      # SLURM job ids
     outputs: dict[str, Path] = field(default_factory=dict)
     markdown: str = ""
@@ -53,7 +54,7 @@ class RunSummary:
 def _plan(table_name: str, *, profile: str, seeds, methods, fidelity: str, engine: str, results,
           data_root: str, download: bool) -> tuple[Table, list, list[RunConfig], ResultStore]:
     table = get_table(table_name)
-    store = ResultStore(results)
+    store = ResultStore.of(results)
     runs = expand(table, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
                   data_root=data_root, download=download, out_dir=str(store.runs_dir))
     configs = unique_configs(runs)
@@ -152,7 +153,8 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
                                         data_root=data_root, download=download)
     pending = [cfg for cfg in configs if _must_train(cfg, store, table.metric)]
     summary = RunSummary(table.id, profile, len({r.cell for r in runs}), len(configs),
-                         len(configs) - len(pending), pending=[c.run_id() for c in pending])
+                         len(configs) - len(pending), pending=[c.run_id() for c in pending],
+                         damaged=[str(path) for path in store.damaged])
     if dry_run:
         summary.seconds = time.perf_counter() - started
         return summary
@@ -235,7 +237,7 @@ def collect_any_engine(table: Table, store: ResultStore, **options) -> list:
 def default_profile(table_name: str, *, fidelity: str = "official", results="results") -> str:
     """The profile `okdph-bench table` renders when none is given: paper if it has records, else
     the first profile (quick, smoke) that has; paper when none has (render_table then says so)."""
-    recorded = profiles_with_records(get_table(table_name), ResultStore(results), fidelity)
+    recorded = profiles_with_records(get_table(table_name), ResultStore.of(results), fidelity)
     return recorded[0] if recorded else "paper"
 
 
@@ -243,7 +245,7 @@ def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "of
                  engine: str | None = None, results="results") -> tuple[dict[str, Path], str]:
     """Re-render a table from the records, training nothing; returns the paths and the Markdown.
     No records for the profile: ConfigError naming the profiles that have some, nothing written."""
-    store = ResultStore(results)
+    store = ResultStore.of(results)
     table = get_table(table_name)
     store.check_writable(store.tables_dir)
     results_ = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric)

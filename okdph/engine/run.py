@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +32,8 @@ from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restor
 from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
-                                 summarise)
+                                 set_aside, summarise)
+from okdph.errors import DamagedRecord
 from okdph.models import image_size as backbone_image_size
 from okdph.models import list_backbones
 from okdph.names import ENGINES, PRECISIONS
@@ -362,10 +363,15 @@ class AlreadyRecorded(Exception):
 
 def is_done(cfg: RunConfig) -> bool:
     """Recorded, with the trajectory points when the configuration asks for them. A file at the
-    record's path that is not this run's record is refused (ConfigError), never overwritten."""
+    record's path that is not this run's record is refused (ConfigError), never overwritten; a
+    damaged one (unreadable, wrong types) is not a record: the run trains again and the file is
+    set aside as `<name>.corrupt` when the new record is written."""
     if not cfg.record_path().exists():
         return False
-    read_record(cfg.record_path(), cfg.run_id())
+    try:
+        read_record(cfg.record_path(), cfg.run_id())
+    except DamagedRecord:
+        return False
     return cfg.save_every is None or trajectory_dir(cfg.record_path()).is_dir()
 
 
@@ -568,6 +574,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
         distributed.teardown()
     if writes:
         for cfg in cfgs:
+            if cfg.record_path().exists() and not is_done(replace(cfg, save_every=None)):
+                set_aside(cfg.record_path())  # a damaged record: kept beside the new one, never lost
             atomic_write_json(cfg.record_path(), records[cfg.run_id()])
         resume_path.unlink(missing_ok=True)  # after the records: a kill in between only re-writes them
     return records

@@ -73,9 +73,20 @@ class Group(click.Group):
             if ctx.meta.get(_DEBUG):
                 raise
             raise UserError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+        except OSError as exc:  # the file system said no (a folder turned read-only, a full disk): one line
+            if ctx.meta.get(_DEBUG):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UserError(f"{exc.strerror or exc}{where}; --debug shows where") from None
         except Preempted as exc:  # its checkpoint is on disk: rerunning the same command resumes
             click.echo(f"preempted: {exc}", err=True)
             ctx.exit(PREEMPTED_EXIT)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args:  # bare `okdph-bench`: the help, as a request for it, not a usage error
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -91,12 +102,12 @@ class Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
 
 
-def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _parse_sets(values: tuple[str, ...], option: str = "--set") -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--set expects key=value, got '{item}'")
+            raise UserError(f"{option} expects key=value, got '{item}'")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
 
@@ -235,7 +246,7 @@ def _store(results: str):
 
 def _parse_params(values: tuple[str, ...]) -> dict:
     """`--slurm key=value` pairs for submitit; numbers become ints."""
-    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values)}
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values, "--slurm")}
 
 
 @main.command()

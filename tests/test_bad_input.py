@@ -111,6 +111,11 @@ def _hand_edited(tmp: Path) -> list[str]:
     return ["pacbayes", str(path)]
 
 
+def _expectations(tmp: Path, text: str) -> list[str]:
+    (tmp / "expected.json").write_text(text)
+    return ["regress", "--expected", str(tmp / "expected.json")]
+
+
 def _smoke_records_only(tmp: Path) -> list[str]:
     smoke_record(tmp / "results" / "runs")
     return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
@@ -156,8 +161,14 @@ CASES = [
     ("bad GPU list", ["run", "--table", "3", "--profile", "smoke", "--gpus", "a,b"], r"--gpus expects GPU indices"),
     ("missing dataset files", lambda tmp: _cifar(tmp, corrupt=False), r"(not found|missing).*--download"),
     ("corrupted dataset files", lambda tmp: _cifar(tmp, corrupt=True), r"(corrupt|md5|checksum|integrity)"),
-    ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"), r"checkpoint .* is unreadable"),
-    ("foreign file as checkpoint", lambda tmp: _checkpoint(tmp, b"#!/bin/sh\nrm -rf /\n"), r"checkpoint .* is unreadable"),
+    ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"),
+     r"checkpoint .* is unreadable \(truncated or not an okdph-bench file: PytorchStreamReader failed reading zip "
+     r"archive: not a ZIP archive\); it is the resume checkpoint of an interrupted run, not a result: delete it "
+     r"to start the run over$"),
+    ("foreign file as checkpoint", lambda tmp: _checkpoint(tmp, b"#!/bin/sh\nrm -rf /\n"),
+     r"checkpoint .* is unreadable .*never loaded \(they could run code\)\); .*delete it to start the run over$"),
+    ("random bytes as checkpoint", lambda tmp: _checkpoint(tmp, bytes(range(256)) * 8),
+     r"checkpoint .* is unreadable .*; it is the resume checkpoint .*delete it to start the run over$"),
     ("checkpoint of another configuration", lambda tmp: _checkpoint(tmp, None),
      r"belongs to another configuration \(differs in: seed\)"),
     ("checkpoint of an earlier version", lambda tmp: _checkpoint(tmp, None, version=1),
@@ -182,6 +193,16 @@ CASES = [
      r"'--grid-step': 0.0 is not in the range x>0"),
     ("zero torchrun processes", ["plan", "--table", "3", "--torchrun", "0"], r"'--torchrun': 0 is not in the range x>=1"),
     ("missing regression expectations", ["regress", "--expected", "nope.json"], r"no expectations at nope.json"),
+    ("truncated regression expectations", lambda tmp: _expectations(tmp, '{"tolerance": {"loss_rel": 1e-6'),
+     r"expected.json is not a readable expectations file \(JSONDecodeError: .*\); restore it from git"),
+    ("wrong-typed regression expectations", lambda tmp: _expectations(tmp, json.dumps(
+        {"tolerance": {"loss_rel": "tight", "acc_abs": 0.5}, "methods": {}})),
+     r"expected.json is not a readable expectations file \(ValueError: .*'tight'\)"),
+    ("expectations of the wrong shape", lambda tmp: _expectations(tmp, json.dumps(
+        {"tolerance": {"loss_rel": 1e-6, "acc_abs": 0.5}, "methods": ["dml"]})),
+     r"expected.json is not a readable expectations file \(AttributeError: "),
+    ("--slurm without =", ["run", "--table", "3", "--profile", "smoke", "--executor", "slurm", "--slurm", "partition"],
+     r"--slurm expects key=value, got 'partition'"),
     ("run without the table's data", lambda tmp: _run_missing_cifar(tmp, corrupt=False),
      r"CIFAR-10 not found under .*data .*pass --download"),
     ("run with corrupted data", lambda tmp: _run_missing_cifar(tmp, corrupt=True),
@@ -296,3 +317,55 @@ def test_a_damaged_record_is_not_done(tmp_path, damage):
     if damage != "truncated":
         cfg.record_path().write_text(json.dumps(record))
     assert not is_done(cfg)
+
+
+@pytest.mark.parametrize("command", ["run", "table", "report"])
+def test_a_read_only_results_folder_is_one_line(command, tmp_path, monkeypatch):
+    """chmod 555 where the tests run as a user; as root (who writes anyway) the probe file the
+    commands write to prove the folder takes files is refused as a read-only mount refuses it."""
+    results = tmp_path / "results"
+    smoke_record(results / "runs")
+    if os.geteuid() == 0:
+        import tempfile
+
+        def read_only(*args, dir=None, **kwargs):
+            raise PermissionError(13, "Permission denied", str(dir))
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    else:
+        for folder in (results / "runs", results):
+            folder.chmod(0o555)
+        monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as on a read-only mount: only a write tells
+    args = {"run": ["run", "--table", "3", "--profile", "smoke", "--method", "dml"],
+            "table": ["table", "3", "--profile", "smoke"], "report": ["report"]}[command]
+    before = _snapshot(tmp_path)
+    try:
+        result = CliRunner().invoke(main, [*args, "--results", str(results)])
+    finally:
+        for folder in (results, results / "runs"):
+            folder.chmod(0o755)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"^error: results folder '.*results(/runs|/tables)?' is not writable: "
+                                         r"Permission denied$", lines[0]), lines
+    assert _snapshot(tmp_path) == before
+
+
+def test_bare_command_prints_the_help_and_exits_0():
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 0 and result.stdout.startswith("Usage: ") and "Commands:" in result.stdout
+    assert result.stderr == ""
+
+
+def test_a_file_system_error_mid_command_is_one_line(tmp_path, monkeypatch):
+    """What no check can foresee (a folder turning read-only, a full disk) is still one line."""
+    def refused(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "results" / "tables" / "table3-smoke.md"))
+
+    monkeypatch.setattr("okdph.bench.runner.render_table", refused)
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path / "results")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: No space left on device ({tmp_path}/results/tables/table3-smoke.md); --debug shows where"]
+    debug = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path), "--debug"])
+    assert isinstance(debug.exception, OSError)

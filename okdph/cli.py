@@ -25,6 +25,7 @@ How it behaves:
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ class Group(click.Group):
             if ctx.meta.get(_DEBUG):
                 raise
             raise UserError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+        except BrokenPipeError:  # stdout closed early (`okdph-bench plan ... | head`): not an error of ours
+            raise
         except OSError as exc:  # the file system said no (a folder turned read-only, a full disk): one line
             if ctx.meta.get(_DEBUG):
                 raise
@@ -96,8 +99,12 @@ class Group(click.Group):
         except click.ClickException as exc:  # one line: click lists a missing choice's values one per line
             click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
+        except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort): as a preemption
+            click.echo("interrupted: rerun the same command to continue (recorded runs are skipped, a run in "
+                       "flight resumes from its last checkpoint)", err=True)
+            sys.exit(PREEMPTED_EXIT)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")  # nothing more to flush into the closed pipe at exit
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
 
@@ -124,6 +131,7 @@ class FiniteFloat(click.FloatRange):
 
 
 POSITIVE = FiniteFloat(min=0, min_open=True)
+MAX_SEEDS = 100  # per cell (the paper averages 5): more is a typo, and 84 cells × 10^5 seeds plan for hours
 AT_LEAST_ONE = click.IntRange(min=1)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 METHOD = click.Choice(names.strategy_names())
@@ -161,7 +169,8 @@ def main():
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 8 for CIFAR/ImageNet, else 0].")
 @click.option("--train-samples", type=int, default=None, metavar="N",
               help="Train on the first N training images [default: all; the smoke profile's cut].")
-@click.option("--out", "out_dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default="results/runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where the record goes: the runs/ of the results folder that run, table and report read.")
 @click.option("--force", is_flag=True, help="Train again even if this run's record exists (it is replaced).")
 @click.option("--skip-recorded", is_flag=True,
               help="For schedulers: also exit 0 when another worker holds the run (a recorded run is always skipped).")
@@ -252,7 +261,8 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @main.command()
 @click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--seeds", type=int, default=None, help="Runs per cell, seeds 42, 43, … [default: 5; smoke 1].")
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
+              help=f"Runs per cell, seeds 42, 43, … (at most {MAX_SEEDS}) [default: 5; smoke 1].")
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
@@ -332,7 +342,8 @@ def table(table_name, profile, fidelity, engine, metric, results):
 @main.command()
 @click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--seeds", type=int, default=None, help="Runs per cell [default: 5; smoke 1].")
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
+              help=f"Runs per cell (at most {MAX_SEEDS}) [default: 5; smoke 1].")
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)

@@ -284,3 +284,40 @@ def test_third_party_strategy_trains_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = (tmp_path / "runs").glob("fakeokd-*.json")
     assert json.loads(record.read_text())["method"] == "fakeokd"
+
+
+# ---- where results go: one folder for every command, ignored by git
+
+
+def test_train_then_table_shows_the_run(tmp_path, monkeypatch):
+    """train's default --out is the runs/ of the results folder that table reads."""
+    monkeypatch.chdir(tmp_path)
+    trained = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "smoke", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert len(list((tmp_path / "results" / "runs").glob("dml-*.json"))) == 1
+    shown = CliRunner().invoke(main, ["table", "3"])
+    assert shown.exit_code == 0, shown.output
+    assert "(n=1)" in shown.stdout and "profile smoke: the first with records" in shown.stderr
+    assert (tmp_path / "results" / "tables" / "table3-smoke.md").exists()
+
+
+def test_what_the_commands_write_is_ignored_by_git_and_the_committed_results_are_not():
+    from okdph.bench.store import ResultStore
+
+    store = ResultStore("results")
+    assert [o.default for o in main.commands["train"].params if o.name == "out_dir"] == [str(store.runs_dir)]
+    written = [store.runs_dir / "dml-x.json", store.runs_dir / "dml-x.ckpt.pt", store.runs_dir / "dml-x.traj" / "e.pt",
+               store.tables_dir / "table3-smoke.md", store.figures_dir / "table3-smoke" / "cell.png",
+               store.analysis_dir / "pacbayes-resnet32-digits.png", store.root / "REPORT.md",
+               store.root / "slurm" / "123" / "log.out"]
+    try:
+        done = subprocess.run(["git", "check-ignore", "--no-index", *map(str, written)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+        tracked = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no git checkout ({exc})")
+    assert done.stdout.split() == list(map(str, written)), done.stderr
+    assert "results/reference/tables/table3-smoke.md" in tracked and "results/regression/expected.json" in tracked
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *tracked], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout == "", "committed results lie where the commands write"

@@ -5,6 +5,9 @@
     results/figures/analysis/      PAC-Bayes-per-epoch and loss-landscape figures (okdph.analysis)
     results/REPORT.md              every rendered table with its figures
 
+`results/` is every command's default (`train --out results/runs`), and git ignores what the
+commands write there (.gitignore); committed outputs live in results/reference/, where no command writes.
+
 A run is recorded once its record exists: the runner skips it. A cell's records are those whose
 cell fields (RunConfig's fields marked "cell": method, backbone, dataset, setting, students,
 overrides, fidelity, profile, epochs, width, precision, …) equal the cell configuration's, and whose

@@ -181,14 +181,16 @@ def load_resume_checkpoint(path: Path, cfgs) -> dict:
 # Preemption
 
 class StopRequest:
-    """SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's pre-timeout signals) ask the run to stop after the step.
+    """SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's pre-timeout signals) and SIGINT (Ctrl-C) ask the run
+    to stop after the step.
 
     Callable: True once a signal arrived. `hand_over` is called after the checkpoint is on disk:
     it gives the signal to the handler that was installed before (submitit's, which requeues the
-    job), and otherwise raises Preempted.
+    job), and otherwise raises Preempted: Ctrl-C ends like SIGTERM, with the checkpoint written and
+    how to resume. A second Ctrl-C before the step ends interrupts at once (KeyboardInterrupt).
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # SLURM --signal: USR1 by habit, USR2 under submitit
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # SLURM --signal: USR1 by habit, USR2 under submitit
 
     def __init__(self):
         self.signum: int | None = None
@@ -203,6 +205,8 @@ class StopRequest:
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.signum = signum
 
     def __call__(self) -> bool:
@@ -220,6 +224,7 @@ class StopRequest:
     def hand_over(self, message: str):
         previous = self.previous.get(self.signum)
         self.restore()
-        if callable(previous):
+        # Python's own SIGINT handler would raise KeyboardInterrupt: the message would not say how to resume
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
         raise Preempted(message)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -50,6 +51,9 @@ from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, c
 CELL, SEED, ENGINE = {"identity": "cell"}, {"identity": "seed"}, {"identity": "engine"}
 
 
+PROGRESS_EVERY_S = 1.0  # the progress bar shows the step in flight at most this often (and at least, per step)
+
+
 def _mark(role: dict, default=dataclasses.MISSING, **extra):
     return field(default=default, metadata={**role, **extra})
 
@@ -77,7 +81,7 @@ class RunConfig:
     download: bool = False
     workers: int | None = None       # DataLoader workers; None: 0 for in-process small data, else 8
     train_samples: int | None = _mark(CELL, None, omit_if_none=True)  # the first N training images; None: the profile's
-    out_dir: str = "runs"
+    out_dir: str = "results/runs"   # the runs/ of the results folder every command reads
     ddp: bool = False                # one process of a torchrun job (engine/distributed.py)
     save_every: int | None = None    # keep the students' weights every E epochs (trajectory)
     checkpoint_every: int = 1        # resume checkpoint every E epochs, 0: never
@@ -509,6 +513,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
                                      "cpu_threads": torch.get_num_threads(),  # results depend on it on CPU
                                      **({"packed": True} if len(cfgs) > 1 else {})})
         restore_rng(saved["rng"], device)
+        tqdm.write(f"resuming {name} from {resume_path}: epoch {states[0]['epoch']}, step {engine_step(engine)}",
+                   file=sys.stderr)  # a resumed run says so, even with --quiet
     elif trajectories:
         for (folder, meta), strategy in zip(trajectories, strategies):
             save_trajectory_point(folder, 0, strategy, meta)
@@ -525,13 +531,23 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
     stop.install()
     bar = tqdm(range(states[0]["epoch"], recipe.epochs), desc=name[:48], unit="ep", disable=not progress,
                leave=False)
+    shown = {"at": time.monotonic(), "acc": ""}
+
+    def step_done() -> bool:
+        """Asked by the engine after every step: stop? Also redraws the bar every second, so a long
+        epoch shows its step (tqdm alone redraws per epoch)."""
+        if progress and time.monotonic() - shown["at"] >= PROGRESS_EVERY_S:
+            shown["at"] = time.monotonic()
+            bar.set_postfix_str(f"step {engine_step(engine)}{shown['acc']}")
+        return stop()
+
     try:
         for epoch in bar:
             t0 = time.perf_counter()
             for p in live:
                 if len(histories[p]["lr"]) == epoch:  # not when resuming mid-epoch
                     histories[p]["lr"].append(engine.current_lr())
-            trained = engine.train_epoch(epoch, should_stop=stop)
+            trained = engine.train_epoch(epoch, should_stop=step_done)
             if trained is None:  # stopped mid-epoch: keep the position and leave
                 for p in live:
                     states[p]["train_s"] += time.perf_counter() - t0
@@ -545,7 +561,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
             for p in live:
                 log_epoch(histories[p], states[p], epoch, trained[p], tested[p], train_s=t1 - t0, eval_s=t2 - t1,
                           epoch_s=time.perf_counter() - t0)
-            bar.set_postfix(acc=f"{max(tested[0].values()):.2f}", loss=f"{sum(trained[0]['loss'].values()):.3f}")
+            shown["acc"] = f", acc {max(tested[0].values()):.2f}, loss {sum(trained[0]['loss'].values()):.3f}"
+            bar.set_postfix_str(f"epoch {epoch + 1} done{shown['acc']}")
             live = [p for p in live if states[p]["status"] == "complete"]  # a diverged run's record ends here
             if not live:
                 break

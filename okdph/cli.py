@@ -109,6 +109,16 @@ class Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
 
 
+def _use_default_threads() -> None:
+    """CPU threads for this process's training or analysis: okdph.threads.default_threads (never
+    one per core regardless of the load: that collapses on a shared machine)."""
+    import torch
+
+    from okdph.threads import default_threads
+
+    torch.set_num_threads(default_threads())
+
+
 def _parse_sets(values: tuple[str, ...], option: str = "--set") -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in values:
@@ -196,6 +206,7 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
                     device=device, data_root=data_root, download=download, workers=workers,
                     train_samples=train_samples, out_dir=out_dir, ddp=ddp,
                     save_every=save_every, checkpoint_every=checkpoint_every)
+    _use_default_threads()
     skip = not force
     if skip and is_done(cfg):
         click.echo(f"recorded: {cfg.record_path()} exists, nothing to do (--force trains the run again)")
@@ -267,7 +278,8 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="local, CPU: worker processes of one thread each (1: in this process).")
+              help="local, CPU: worker processes (1: in this process), each with the free cores / N threads "
+                   "(OMP_NUM_THREADS sets them instead).")
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
@@ -455,6 +467,7 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
     for path in records:  # a damaged record is one line before the first bound is computed
         if Path(path).is_file():
             load_record(path)
+    _use_default_threads()
     series = []
     for path in records:
         started = time.perf_counter()
@@ -504,6 +517,7 @@ def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, 
     from okdph.analysis.evaluate import load_run_trajectory
 
     grid_bounds = _bounds(bounds)
+    _use_default_threads()
     started = time.perf_counter()
     if out_png:
         out = Path(out_png)

@@ -18,13 +18,29 @@ from okdph.errors import DamagedRecord
 SCHEMA_VERSION = 1
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write, *, binary: bool = False) -> None:
     """Call `write(handle)` on a temporary file in the same folder, fsync, then rename over `path`:
-    a reader sees the old file or the new one, never a truncated one."""
+    a reader sees the old file or the new one, never a truncated one. The file gets the mode any
+    new file gets (0666 less the umask): mkstemp creates 0600, which would keep colleagues out of
+    a shared results folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()

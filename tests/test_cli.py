@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -321,3 +322,11 @@ def test_what_the_commands_write_is_ignored_by_git_and_the_committed_results_are
     assert "results/reference/tables/table3-smoke.md" in tracked and "results/regression/expected.json" in tracked
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *tracked], cwd=ROOT, capture_output=True, text=True)
     assert ignored.stdout == "", "committed results lie where the commands write"
+
+
+def test_output_cut_short_by_a_closed_pipe_is_no_error(tmp_path):
+    """`okdph-bench plan ... | head -1`: the pipe closes early; no traceback, no error line."""
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m okdph.cli plan --table 3 --seeds 30 --results "
+                          f"{shlex.quote(str(tmp_path))} | head -1", shell=True, env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("# 2520 runs of table 3 (paper)") and done.stderr == ""

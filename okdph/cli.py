@@ -2,7 +2,8 @@
 
     okdph-bench train --method okdph --profile smoke            # a real run on the embedded digits
     okdph-bench train --method dml --backbone vgg16 --dataset cifar100 --data-root ~/data
-    okdph-bench list
+    okdph-bench list                                            # names and tables; --methods: hyper-parameters
+    okdph-bench runs                                            # the records of results/runs/, oldest first
     okdph-bench run --table 3 --profile smoke                   # all of supplement Table 3, minutes on CPU
     okdph-bench run --table main-cifar --gpus 0,1,2,3           # five seeds per cell, one worker per GPU
     okdph-bench run --table 4 --executor slurm --slurm slurm_partition=gpu
@@ -21,6 +22,9 @@ How it behaves:
   resume and exits 75 (PREEMPTED_EXIT).
 - `--debug` and `--quiet` (no progress bar, on the commands that draw one) are declared once each and
   written after the command, as in `okdph-bench train ... --quiet --debug`.
+- Every command reads and writes the results folder `results/` (train: its runs/); what can be checked
+  before the first run is checked first; Ctrl-C is handled as a preemption (exit 75, how to resume).
+- `list --methods` imports the methods (and torch) to show their hyper-parameters; plain `list` does not.
 """
 from __future__ import annotations
 
@@ -238,15 +242,34 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
 
 
 @main.command(name="list")
-def list_cmd():
-    """Methods, backbones, datasets, settings and augmentation views."""
-    click.echo("methods:   " + ", ".join(names.strategy_names()))
+@click.option("--methods", "show_methods", is_flag=True,
+              help="Each method's hyper-parameters and their defaults (imports the methods, hence torch: seconds).")
+def list_cmd(show_methods):
+    """Methods, backbones, datasets, settings, views, profiles, fidelities and tables (no torch);
+    with --methods, each method's hyper-parameters with their defaults."""
+    if show_methods:
+        from okdph.strategy import config_to_dict, display_name, get_strategy
+
+        for name in names.strategy_names():
+            try:
+                params = config_to_dict(get_strategy(name).Config())
+            except Exception as exc:  # a third-party method that does not import: its line says why
+                click.echo(f"{name}: unavailable ({(str(exc).splitlines() or [type(exc).__name__])[0]})")
+                continue
+            click.echo(f"{name} ({display_name(name)}): "
+                       + (", ".join(f"{k}={v}" for k, v in params.items()) or "no hyper-parameters"))
+        click.echo("change one with: okdph-bench train --method NAME --set KEY=VALUE")
+        return
+    click.echo("methods:   " + ", ".join(names.strategy_names()) + "  (hyper-parameters: list --methods)")
     click.echo("backbones: " + ", ".join(names.BACKBONES))
     click.echo("datasets:  " + ", ".join(names.DATASETS))
     click.echo("settings:  " + ", ".join(names.SETTINGS))
     click.echo("views:     " + ", ".join(names.VIEWS))
     click.echo("profiles:  " + ", ".join(names.PROFILES))
     click.echo("fidelity:  " + ", ".join(names.FIDELITIES))
+    click.echo("tables:")
+    for table_id, aliases in names.table_names().items():
+        click.echo(f"  {table_id}" + (f" ({', '.join(aliases)})" if aliases else "") + f": {names.table_titles()[table_id]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +287,30 @@ def _store(results: str):
     return ResultStore(results, report=lambda line: click.echo(f"warning: {line}", err=True))
 
 
+def _seed_list(ctx, param, text: str | None) -> list[int] | None:
+    """`--seed-list 42,43,50` -> [42, 43, 50]."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise click.BadParameter(f"expects seeds like 42,43, got '{text}'")
+    return seeds
+
+
+def _seeds(count: int | None, listed: list[int] | None):
+    """What run and plan pass on as `seeds`: the count, or the explicit list."""
+    if count is not None and listed is not None:
+        raise UserError("pass --seeds (a count from 42) or --seed-list (the seeds), not both")
+    return listed if listed is not None else count
+
+
+seed_list_option = click.option("--seed-list", "seed_list", callback=_seed_list, metavar="S,S,...",
+                                help="Exactly these seeds per cell, e.g. 42,43 (instead of --seeds).")
+
+
 def _parse_params(values: tuple[str, ...]) -> dict:
     """`--slurm key=value` pairs for submitit; numbers become ints."""
     return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values, "--slurm")}
@@ -274,6 +321,7 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
               help=f"Runs per cell, seeds 42, 43, … (at most {MAX_SEEDS}) [default: 5; smoke 1].")
+@seed_list_option
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
@@ -295,13 +343,13 @@ def _parse_params(values: tuple[str, ...]) -> dict:
               help="slurm: a submitit parameter, e.g. slurm_partition=gpu or timeout_min=720; repeatable.")
 @click.option("--wait", is_flag=True, help="slurm: wait for the jobs, then write the table.")
 @quiet_option
-def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run, results,
-        data_root, download, pack, slurm_params, wait, quiet):
+def run(table_name, profile, seeds, seed_list, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run,
+        results, data_root, download, pack, slurm_params, wait, quiet):
     """Run a paper table: every cell × seed not yet recorded, then results/tables/<ID>.md (+ .csv, .json)."""
     from okdph.bench.runner import run_table
 
     summary = run_table(
-        table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
+        table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity, engine=engine,
         executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=_store(results),
         data_root=data_root, download=download, progress=not quiet, pack_size=pack,
         slurm_parameters=_parse_params(slurm_params), wait=wait)
@@ -336,7 +384,9 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
               help="Only this engine's records (needed where a cell has several).")
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-def table(table_name, profile, fidelity, engine, metric, results):
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the .md, .csv and .json [default: <results>/tables].")
+def table(table_name, profile, fidelity, engine, metric, results, out_dir):
     """Re-render a table from the records (nothing is trained)."""
     from okdph.bench.runner import default_profile, render_table
 
@@ -346,7 +396,7 @@ def table(table_name, profile, fidelity, engine, metric, results):
         if profile != "paper":  # say so: the table shown is not the paper profile's
             click.echo(f"profile {profile}: the first with records of this table (--profile to choose)", err=True)
     paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
-                               results=store)
+                               results=store, out_dir=out_dir)
     click.echo(text)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -356,6 +406,7 @@ def table(table_name, profile, fidelity, engine, metric, results):
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
               help=f"Runs per cell (at most {MAX_SEEDS}) [default: 5; smoke 1].")
+@seed_list_option
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
@@ -365,12 +416,12 @@ def table(table_name, profile, fidelity, engine, metric, results):
 @click.option("--torchrun", "ddp_procs", type=AT_LEAST_ONE, default=None, metavar="N",
               help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
 @click.option("--all", "include_recorded", is_flag=True, help="Also the runs already recorded.")
-def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_root, download, ddp_procs,
+def plan(table_name, profile, seeds, seed_list, methods, fidelity, engine, results, data_root, download, ddp_procs,
          include_recorded):
     """Print one self-contained `okdph-bench train` command per run, for any scheduler."""
     from okdph.bench.runner import plan_table
 
-    commands = plan_table(table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity,
+    commands = plan_table(table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity,
                           engine=engine, results=_store(results), data_root=data_root, download=download,
                           ddp_procs=ddp_procs, include_recorded=include_recorded)
     click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
@@ -385,6 +436,56 @@ def report(results, metric):
     from okdph.bench.report import write_report
 
     click.echo(f"wrote {write_report(_store(results), metric=metric)}")
+
+
+def _age(created: str, now) -> str:
+    from datetime import datetime
+
+    try:
+        seconds = (now - datetime.fromisoformat(created)).total_seconds()
+    except (TypeError, ValueError):
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return "now"
+
+
+@main.command()
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's runs; repeatable.")
+@click.option("--profile", "profiles", type=click.Choice(names.PROFILES), multiple=True,
+              help="Only this profile's runs; repeatable.")
+@click.option("--ids", is_flag=True, help="Each run's id (its record's file name) instead of its cell.")
+def runs(results, methods, profiles, ids):
+    """The runs of a results folder, oldest first: method, cell, seed, status, accuracy, age."""
+    from datetime import datetime, timezone
+
+    from tabulate import tabulate
+
+    store = _store(results)
+    rows = [r for r in store.listing() if (not methods or r["method"] in methods)
+            and (not profiles or any(f" {p}" in f" {r['cell']} " or f"-{p}-" in r["run_id"] for p in profiles))]
+    now = datetime.now(timezone.utc)
+    bounds = any(r["pacbayes"] is not None for r in rows)
+
+    def number(value) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    table = [[r["method"], r["run_id"] if ids else r["cell"], "" if r["seed"] is None else r["seed"], r["status"],
+              number(r["paper"]), number(r["final"]),
+              *([number(r["pacbayes"]) + (" (not converged)" if r["converged"] is False else "")] if bounds else []),
+              _age(r["created"], now)] for r in rows]
+    headers = ["method", "run" if ids else "cell", "seed", "status", "paper", "final",
+               *(["pac-bayes"] if bounds else []), "age"]
+    if table:
+        click.echo(tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True))
+    counts = {}
+    for r in rows:
+        key = "diverged" if r["status"].startswith("diverged") else r["status"]
+        counts[key] = counts.get(key, 0) + 1
+    click.echo(f"{len(rows)} runs in {store.runs_dir}" + (": " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                                                         if counts else ""))
 
 
 @main.command()

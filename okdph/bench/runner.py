@@ -125,7 +125,7 @@ def check_before_run(store: ResultStore, configs: list[RunConfig], *, slurm: boo
         check_files(dataset, root, download)
 
 
-def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
+def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
               fidelity: str = "official", engine: str = "auto", executor: str = "local",
               gpus: str | None = None, jobs: int = 1, dry_run: bool = False, metric: str = "paper", results="results",
               data_root: str = "data", download: bool = False, progress: bool = True,
@@ -211,9 +211,9 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
 
 
 def _write(table: Table, store: ResultStore, results, *, profile: str, fidelity: str,
-           metric: str) -> tuple[dict[str, Path], str]:
-    paths = write_table(table, results, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
-                        runs_dir=store.runs_dir)
+           metric: str, out_dir=None) -> tuple[dict[str, Path], str]:
+    paths = write_table(table, results, out_dir or store.tables_dir, profile=profile, fidelity=fidelity,
+                        metric=metric, runs_dir=store.runs_dir)
     return paths, paths["md"].read_text()
 
 
@@ -242,12 +242,14 @@ def default_profile(table_name: str, *, fidelity: str = "official", results="res
 
 
 def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "official", metric: str = "paper",
-                 engine: str | None = None, results="results") -> tuple[dict[str, Path], str]:
-    """Re-render a table from the records, training nothing; returns the paths and the Markdown.
-    No records for the profile: ConfigError naming the profiles that have some, nothing written."""
+                 engine: str | None = None, results="results", out_dir=None) -> tuple[dict[str, Path], str]:
+    """Re-render a table from the records, training nothing, into `out_dir` (default: the results
+    folder's tables/); returns the paths and the Markdown. No records for the profile:
+    ConfigError naming the profiles that have some, nothing written."""
     store = ResultStore.of(results)
     table = get_table(table_name)
-    store.check_writable(store.tables_dir)
+    out_dir = Path(out_dir) if out_dir is not None else store.tables_dir
+    store.check_writable(out_dir)
     results_ = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric)
     if not any(r.recorded for r in results_):
         recorded = profiles_with_records(table, store, fidelity)
@@ -255,10 +257,10 @@ def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "of
                  else f"train some with okdph-bench run --table {table.aliases[0] if table.aliases else table.id}")
         raise ConfigError(f"no records of {table.id} for profile '{profile}', fidelity '{fidelity}' in "
                           f"{store.runs_dir}; {where}")
-    return _write(table, store, results_, profile=profile, fidelity=fidelity, metric=metric)
+    return _write(table, store, results_, profile=profile, fidelity=fidelity, metric=metric, out_dir=out_dir)
 
 
-def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
+def plan_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
                fidelity: str = "official", engine: str = "auto", results="results", data_root: str = "data",
                download: bool = False, ddp_procs: int | None = None, include_recorded: bool = False) -> list[str]:
     """One self-contained `okdph-bench train` command per run not yet recorded (all with

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from okdph.engine.recipe import SMOKE_WIDTH
 from okdph.engine.record import read_record
 from okdph.engine.run import RunConfig, cell_key
 from okdph.errors import ConfigError, DamagedRecord
@@ -132,3 +133,53 @@ class ResultStore:
                     for e in ((engine,) if engine else RESOLVED_ENGINES)):
                 found.append(path)
         return sorted(found)
+
+    def listing(self) -> list[dict]:
+        """Every run of runs/, oldest first: one row per record (method, cell, seed, status, the
+        metrics, when it was made), per damaged record (status "damaged") and per run interrupted
+        before its record was written (a resume checkpoint alone: status "interrupted")."""
+        rows = []
+        for record in self.records():
+            metrics = record.get("metrics", {})
+            bound = metrics.get("pacbayes")
+            rows.append({"run_id": record["run_id"], "method": record.get("method", "?"), "cell": cell_name(record),
+                         "seed": record.get("seed"), "status": record.get("status", "?"),
+                         "paper": metrics.get("paper", {}).get("acc"), "final": metrics.get("final", {}).get("acc"),
+                         "pacbayes": bound.get("value") if isinstance(bound, dict) else bound,
+                         "converged": (record.get("pacbayes") or {}).get("converged"),
+                         "created": record.get("created") or _mtime(self.runs_dir / f"{record['run_id']}.json")})
+        others = [(path, "damaged") for path in self.damaged if path.parent == self.runs_dir]
+        others += [(path, "interrupted") for path in self.runs_dir.glob("*.ckpt.pt")
+                   if not path.with_name(path.name[:-len(".ckpt.pt")] + ".json").exists()]
+        for path, status in others:
+            run_id = path.name.split(".")[0]
+            seed = _SEED.search(run_id)
+            rows.append({"run_id": run_id, "method": run_id.split("-")[0], "cell": run_id, "seed": int(seed.group(1))
+                         if seed else None, "status": status, "paper": None, "final": None, "pacbayes": None,
+                         "converged": None, "created": _mtime(path)})
+        return sorted(rows, key=lambda r: str(r["created"]))
+
+
+def cell_name(record: dict) -> str:
+    """A record's cell in a few words: backbone, dataset, setting, students, fidelity, profile and
+    whatever else is not the default (epochs, width, train_samples, precision, hyper-parameters)."""
+    parts = [str(record.get(k)) for k in ("backbone", "dataset", "setting")]
+    parts += [f"n{record.get('students')}", str(record.get("fidelity")), str(record.get("profile"))]
+    parts += [f"{k}={record[k]}" for k in ("epochs", "train_samples") if record.get(k) is not None]
+    if record.get("width") not in (None, SMOKE_WIDTH if record.get("profile") == "smoke" else 1.0):
+        parts.append(f"width={record['width']}")
+    if record.get("precision", "fp32") != "fp32":
+        parts.append(str(record["precision"]))
+    overrides = record.get("overrides")
+    if isinstance(overrides, dict):
+        parts += [f"{k}={v}" for k, v in overrides.items()]
+    return " ".join(parts)
+
+
+def _mtime(path: Path) -> str:
+    from datetime import datetime, timezone
+
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    except OSError:
+        return ""

@@ -269,7 +269,8 @@ def list_cmd(show_methods):
     click.echo("fidelity:  " + ", ".join(names.FIDELITIES))
     click.echo("tables:")
     for table_id, aliases in names.table_names().items():
-        click.echo(f"  {table_id}" + (f" ({', '.join(aliases)})" if aliases else "") + f": {names.table_titles()[table_id]}")
+        known_as = f" ({', '.join(aliases)})" if aliases else ""
+        click.echo(f"  {table_id}{known_as}: {names.table_titles()[table_id]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,8 +350,8 @@ def run(table_name, profile, seeds, seed_list, executor, gpus, jobs, methods, fi
     from okdph.bench.runner import run_table
 
     summary = run_table(
-        table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity, engine=engine,
-        executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=_store(results),
+        table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity,
+        engine=engine, executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=_store(results),
         data_root=data_root, download=download, progress=not quiet, pack_size=pack,
         slurm_parameters=_parse_params(slurm_params), wait=wait)
     click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
@@ -421,9 +422,9 @@ def plan(table_name, profile, seeds, seed_list, methods, fidelity, engine, resul
     """Print one self-contained `okdph-bench train` command per run, for any scheduler."""
     from okdph.bench.runner import plan_table
 
-    commands = plan_table(table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity,
-                          engine=engine, results=_store(results), data_root=data_root, download=download,
-                          ddp_procs=ddp_procs, include_recorded=include_recorded)
+    commands = plan_table(table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods,
+                          fidelity=fidelity, engine=engine, results=_store(results), data_root=data_root,
+                          download=download, ddp_procs=ddp_procs, include_recorded=include_recorded)
     click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
     click.echo("\n".join(commands))
 
@@ -465,21 +466,21 @@ def runs(results, methods, profiles, ids):
 
     store = _store(results)
     rows = [r for r in store.listing() if (not methods or r["method"] in methods)
-            and (not profiles or any(f" {p}" in f" {r['cell']} " or f"-{p}-" in r["run_id"] for p in profiles))]
+            and (not profiles or r["profile"] in profiles)]
     now = datetime.now(timezone.utc)
     bounds = any(r["pacbayes"] is not None for r in rows)
 
     def number(value) -> str:
         return "" if value is None else f"{value:.2f}"
 
-    table = [[r["method"], r["run_id"] if ids else r["cell"], "" if r["seed"] is None else r["seed"], r["status"],
+    lines = [[r["method"], r["run_id"] if ids else r["cell"], "" if r["seed"] is None else r["seed"], r["status"],
               number(r["paper"]), number(r["final"]),
               *([number(r["pacbayes"]) + (" (not converged)" if r["converged"] is False else "")] if bounds else []),
               _age(r["created"], now)] for r in rows]
     headers = ["method", "run" if ids else "cell", "seed", "status", "paper", "final",
                *(["pac-bayes"] if bounds else []), "age"]
-    if table:
-        click.echo(tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True))
+    if lines:
+        click.echo(tabulate(lines, headers=headers, tablefmt="simple", disable_numparse=True))
     counts = {}
     for r in rows:
         key = "diverged" if r["status"].startswith("diverged") else r["status"]

@@ -369,6 +369,11 @@ def test_runs_lists_records_damaged_and_interrupted_runs(tmp_path):
     assert any(line.startswith("pcl ") and " 44 " in line and "interrupted" in line for line in lines)
     assert lines[-1] == f"4 runs in {runs}: 2 complete, 1 damaged, 1 interrupted"
     assert f"warning: record '{damaged}' is unreadable" in result.stderr
+    smokeless = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "paper"])
+    assert smokeless.stdout.strip() == f"0 runs in {runs}"
+    interrupted = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "smoke",
+                                            "--method", "pcl"])
+    assert interrupted.stdout.splitlines()[-1] == f"1 runs in {runs}: 1 interrupted"
     only = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--method", "dml", "--ids"])
     assert first.stem in only.stdout and "kdcl" not in only.stdout and only.stdout.splitlines()[-1].endswith(
         "1 runs in " + str(runs) + ": 1 complete")

@@ -202,9 +202,9 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
             summary.failed += failed
 
     store.refresh()
-    results = collect(table, store, profile=profile, fidelity=fidelity, metric=metric)
-    if any(r.recorded for r in results):  # every run failed: no table of empty cells
-        summary.outputs, summary.markdown = _write(table, store, results, profile=profile, fidelity=fidelity,
+    cells = collect(table, store, profile=profile, fidelity=fidelity, metric=metric)
+    if any(r.recorded for r in cells):  # every run failed: no table of empty cells
+        summary.outputs, summary.markdown = _write(table, store, cells, profile=profile, fidelity=fidelity,
                                                    metric=metric)
     summary.seconds = time.perf_counter() - started
     return summary

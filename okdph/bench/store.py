@@ -143,6 +143,7 @@ class ResultStore:
             metrics = record.get("metrics", {})
             bound = metrics.get("pacbayes")
             rows.append({"run_id": record["run_id"], "method": record.get("method", "?"), "cell": cell_name(record),
+                         "profile": record.get("profile"),
                          "seed": record.get("seed"), "status": record.get("status", "?"),
                          "paper": metrics.get("paper", {}).get("acc"), "final": metrics.get("final", {}).get("acc"),
                          "pacbayes": bound.get("value") if isinstance(bound, dict) else bound,
@@ -154,9 +155,10 @@ class ResultStore:
         for path, status in others:
             run_id = path.name.split(".")[0]
             seed = _SEED.search(run_id)
-            rows.append({"run_id": run_id, "method": run_id.split("-")[0], "cell": run_id, "seed": int(seed.group(1))
-                         if seed else None, "status": status, "paper": None, "final": None, "pacbayes": None,
-                         "converged": None, "created": _mtime(path)})
+            rows.append({"run_id": run_id, "method": run_id.split("-")[0], "cell": run_id,
+                         "profile": run_id[:seed.start()].rsplit("-", 1)[-1] if seed else None,
+                         "seed": int(seed.group(1)) if seed else None, "status": status, "paper": None,
+                         "final": None, "pacbayes": None, "converged": None, "created": _mtime(path)})
         return sorted(rows, key=lambda r: str(r["created"]))
 
 

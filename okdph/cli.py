@@ -2,7 +2,8 @@
 
     okdph-bench train --method okdph --profile smoke            # a real run on the embedded digits
     okdph-bench train --method dml --backbone vgg16 --dataset cifar100 --data-root ~/data
-    okdph-bench list
+    okdph-bench list                                            # names and tables; --methods: hyper-parameters
+    okdph-bench runs                                            # the records of results/runs/, oldest first
     okdph-bench run --table 3 --profile smoke                   # all of supplement Table 3, minutes on CPU
     okdph-bench run --table main-cifar --gpus 0,1,2,3           # five seeds per cell, one worker per GPU
     okdph-bench run --table 4 --executor slurm --slurm slurm_partition=gpu
@@ -22,9 +23,14 @@ How it behaves:
   resume and exits 75 (PREEMPTED_EXIT).
 - `--debug` and `--quiet` (no progress bar, on the commands that draw one) are declared once each and
   written after the command, as in `okdph-bench train ... --quiet --debug`.
+- Every command reads and writes the results folder `results/` (train: its runs/); what can be checked
+  before the first run is checked first; Ctrl-C is handled as a preemption (exit 75, how to resume).
+- `list --methods` imports the methods (and torch) to show their hyper-parameters; plain `list` does not.
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,9 +79,22 @@ class Group(click.Group):
             if ctx.meta.get(_DEBUG):
                 raise
             raise UserError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+        except BrokenPipeError:  # stdout closed early (`okdph-bench plan ... | head`): not an error of ours
+            raise
+        except OSError as exc:  # the file system said no (a folder turned read-only, a full disk): one line
+            if ctx.meta.get(_DEBUG):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UserError(f"{exc.strerror or exc}{where}; --debug shows where") from None
         except Preempted as exc:  # its checkpoint is on disk: rerunning the same command resumes
             click.echo(f"preempted: {exc}", err=True)
             ctx.exit(PREEMPTED_EXIT)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args:  # bare `okdph-bench`: the help, as a request for it, not a usage error
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -85,22 +104,50 @@ class Group(click.Group):
         except click.ClickException as exc:  # one line: click lists a missing choice's values one per line
             click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
+        except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort): as a preemption
+            click.echo("interrupted: rerun the same command to continue (recorded runs are skipped, a run in "
+                       "flight resumes from its last checkpoint)", err=True)
+            sys.exit(PREEMPTED_EXIT)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")  # nothing more to flush into the closed pipe at exit
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)  # --help and --version return 0
 
 
-def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _use_default_threads() -> None:
+    """CPU threads for this process's training or analysis: okdph.threads.default_threads (never
+    one per core regardless of the load: that collapses on a shared machine)."""
+    import torch
+
+    from okdph.threads import default_threads
+
+    torch.set_num_threads(default_threads())
+
+
+def _parse_sets(values: tuple[str, ...], option: str = "--set") -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--set expects key=value, got '{item}'")
+            raise UserError(f"{option} expects key=value, got '{item}'")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
 
 
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: click's FloatRange lets nan (and inf without a max)
+    through, which then fails after minutes of work instead of at the command line."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+POSITIVE = FiniteFloat(min=0, min_open=True)
+MAX_SEEDS = 100  # per cell (the paper averages 5): more is a typo, and 84 cells × 10^5 seeds plan for hours
+AT_LEAST_ONE = click.IntRange(min=1)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 METHOD = click.Choice(names.strategy_names())
 TABLE = click.Choice(names.table_choices(), case_sensitive=False)
@@ -124,8 +171,8 @@ def main():
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
 @click.option("--epochs", type=int, default=None, help="Override the profile's epochs (milestones scale).")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--width", type=float, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
+@click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=42, show_default=True)
+@click.option("--width", type=POSITIVE, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True,
               help="auto: fast on CUDA, else reference.")
 @click.option("--precision", type=click.Choice(names.PRECISIONS), default="fp32", show_default=True,
@@ -137,8 +184,11 @@ def main():
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 8 for CIFAR/ImageNet, else 0].")
 @click.option("--train-samples", type=int, default=None, metavar="N",
               help="Train on the first N training images [default: all; the smoke profile's cut].")
-@click.option("--out", "out_dir", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--skip-recorded", is_flag=True, help="Do nothing if this run's record already exists.")
+@click.option("--out", "out_dir", default="results/runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where the record goes: the runs/ of the results folder that run, table and report read.")
+@click.option("--force", is_flag=True, help="Train again even if this run's record exists (it is replaced).")
+@click.option("--skip-recorded", is_flag=True,
+              help="For schedulers: also exit 0 when another worker holds the run (a recorded run is always skipped).")
 @click.option("--save-every", type=int, default=None, metavar="E",
               help="Keep the students' weights every E epochs in <out>/<run>.traj/ (PAC-Bayes, landscape).")
 @click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="E",
@@ -147,11 +197,13 @@ def main():
 @quiet_option
 def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
           engine, precision, device, deterministic, data_root, download, workers, train_samples, out_dir,
-          skip_recorded, save_every, checkpoint_every, ddp, quiet):
-    """Train one run and write its JSON record."""
+          force, skip_recorded, save_every, checkpoint_every, ddp, quiet):
+    """Train one run and write its JSON record; a run already recorded is skipped (--force trains it again)."""
     from okdph.engine.distributed import is_main_process
     from okdph.engine.lock import RunLocked
+    from okdph.engine.record import read_record
     from okdph.engine.run import AlreadyRecorded, RunConfig, is_done, train_run
+    from okdph.errors import DamagedRecord
 
     cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
                     overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
@@ -159,13 +211,21 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
                     device=device, data_root=data_root, download=download, workers=workers,
                     train_samples=train_samples, out_dir=out_dir, ddp=ddp,
                     save_every=save_every, checkpoint_every=checkpoint_every)
-    if skip_recorded and is_done(cfg):
-        click.echo(f"recorded: {cfg.record_path()}")
+    _use_default_threads()
+    skip = not force
+    if skip and is_done(cfg):
+        click.echo(f"recorded: {cfg.record_path()} exists, nothing to do (--force trains the run again)")
         return
+    if cfg.record_path().exists():
+        try:
+            read_record(cfg.record_path(), cfg.run_id())
+        except DamagedRecord as exc:  # trained again; train_run sets the file aside, never deletes it
+            click.echo(f"warning: {exc}; training the run again, the file is kept as "
+                       f"{cfg.record_path().name}.corrupt", err=True)
     try:
-        record = train_run(cfg, progress=not quiet, skip_recorded=skip_recorded)
+        record = train_run(cfg, progress=not quiet, skip_recorded=skip)
     except AlreadyRecorded:
-        click.echo(f"recorded: {cfg.record_path()}")
+        click.echo(f"recorded: {cfg.record_path()} (by another worker meanwhile)")
         return
     except RunLocked as exc:  # another live worker trains it: nothing to do with --skip-recorded
         if skip_recorded:
@@ -183,15 +243,35 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
 
 
 @main.command(name="list")
-def list_cmd():
-    """Methods, backbones, datasets, settings and augmentation views."""
-    click.echo("methods:   " + ", ".join(names.strategy_names()))
+@click.option("--methods", "show_methods", is_flag=True,
+              help="Each method's hyper-parameters and their defaults (imports the methods, hence torch: seconds).")
+def list_cmd(show_methods):
+    """Methods, backbones, datasets, settings, views, profiles, fidelities and tables (no torch);
+    with --methods, each method's hyper-parameters with their defaults."""
+    if show_methods:
+        from okdph.strategy import config_to_dict, display_name, get_strategy
+
+        for name in names.strategy_names():
+            try:
+                params = config_to_dict(get_strategy(name).Config())
+            except Exception as exc:  # a third-party method that does not import: its line says why
+                click.echo(f"{name}: unavailable ({(str(exc).splitlines() or [type(exc).__name__])[0]})")
+                continue
+            click.echo(f"{name} ({display_name(name)}): "
+                       + (", ".join(f"{k}={v}" for k, v in params.items()) or "no hyper-parameters"))
+        click.echo("change one with: okdph-bench train --method NAME --set KEY=VALUE")
+        return
+    click.echo("methods:   " + ", ".join(names.strategy_names()) + "  (hyper-parameters: list --methods)")
     click.echo("backbones: " + ", ".join(names.BACKBONES))
     click.echo("datasets:  " + ", ".join(names.DATASETS))
     click.echo("settings:  " + ", ".join(names.SETTINGS))
     click.echo("views:     " + ", ".join(names.VIEWS))
     click.echo("profiles:  " + ", ".join(names.PROFILES))
     click.echo("fidelity:  " + ", ".join(names.FIDELITIES))
+    click.echo("tables:")
+    for table_id, aliases in names.table_names().items():
+        known_as = f" ({', '.join(aliases)})" if aliases else ""
+        click.echo(f"  {table_id}{known_as}: {names.table_titles()[table_id]}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,20 +285,54 @@ std_option = click.option("--std", type=click.Choice(names.STD_CONVENTIONS), def
                                                   "official logs print it); the CSV/JSON hold both.")
 
 
+def _store(results: str):
+    """The result store of a --results folder, naming each damaged record it meets on stderr (once)."""
+    from okdph.bench.store import ResultStore
+
+    return ResultStore(results, report=lambda line: click.echo(f"warning: {line}", err=True))
+
+
+def _seed_list(ctx, param, text: str | None) -> list[int] | None:
+    """`--seed-list 42,43,50` -> [42, 43, 50]."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise click.BadParameter(f"expects seeds like 42,43, got '{text}'")
+    return seeds
+
+
+def _seeds(count: int | None, listed: list[int] | None):
+    """What run and plan pass on as `seeds`: the count, or the explicit list."""
+    if count is not None and listed is not None:
+        raise UserError("pass --seeds (a count from 42) or --seed-list (the seeds), not both")
+    return listed if listed is not None else count
+
+
+seed_list_option = click.option("--seed-list", "seed_list", callback=_seed_list, metavar="S,S,...",
+                                help="Exactly these seeds per cell, e.g. 42,43 (instead of --seeds).")
+
+
 def _parse_params(values: tuple[str, ...]) -> dict:
     """`--slurm key=value` pairs for submitit; numbers become ints."""
-    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values)}
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values, "--slurm")}
 
 
 @main.command()
 @click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--seeds", type=int, default=None, help="Runs per cell, seeds 42, 43, … [default: 5; smoke 1].")
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
+              help=f"Runs per cell, seeds 42, 43, … (at most {MAX_SEEDS}) [default: 5; smoke 1].")
+@seed_list_option
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="local, CPU: worker processes of one thread each (1: in this process).")
+              help="local, CPU: worker processes (1: in this process), each with the free cores / N threads "
+                   "(OMP_NUM_THREADS sets them instead).")
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
@@ -235,16 +349,16 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--wait", is_flag=True, help="slurm: wait for the jobs, then write the table.")
 @std_option
 @quiet_option
-def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run, results,
-        data_root, download, pack, slurm_params, wait, std, quiet):
+def run(table_name, profile, seeds, seed_list, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run,
+        results, data_root, download, pack, slurm_params, wait, std, quiet):
     """Run a paper table: every cell × seed not yet recorded, then results/tables/<ID>.md (+ .csv, .json)."""
     from okdph.bench.runner import run_table
 
     summary = run_table(
-        table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
-        executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=results, data_root=data_root,
-        download=download, progress=not quiet, pack_size=pack, slurm_parameters=_parse_params(slurm_params),
-        wait=wait, std=std)
+        table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity,
+        engine=engine, executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=_store(results),
+        data_root=data_root, download=download, progress=not quiet, pack_size=pack,
+        slurm_parameters=_parse_params(slurm_params), wait=wait, std=std)
     click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
                f"{summary.recorded} already recorded, {len(summary.pending)} to train")
     if dry_run:
@@ -269,19 +383,27 @@ def run(table_name, profile, seeds, executor, gpus, jobs, methods, fidelity, eng
 
 @main.command(epilog=f"ID: {_TABLE_HELP}")
 @click.argument("table_name", type=TABLE, metavar="ID")
-@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
+@click.option("--profile", type=click.Choice(names.PROFILES), default=None,
+              help="[default: paper, or else the first profile with records of this table]")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice([e for e in names.ENGINES if e != "auto"]), default=None,
               help="Only this engine's records (needed where a cell has several).")
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the .md, .csv and .json [default: <results>/tables].")
 @std_option
-def table(table_name, profile, fidelity, engine, metric, results, std):
+def table(table_name, profile, fidelity, engine, metric, results, out_dir, std):
     """Re-render a table from the records (nothing is trained)."""
-    from okdph.bench.runner import render_table
+    from okdph.bench.runner import default_profile, render_table
 
+    store = _store(results)
+    if profile is None:
+        profile = default_profile(table_name, fidelity=fidelity, results=store)
+        if profile != "paper":  # say so: the table shown is not the paper profile's
+            click.echo(f"profile {profile}: the first with records of this table (--profile to choose)", err=True)
     paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
-                               results=results, std=std)
+                               results=store, out_dir=out_dir, std=std)
     click.echo(text)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -289,24 +411,26 @@ def table(table_name, profile, fidelity, engine, metric, results, std):
 @main.command()
 @click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
 @click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--seeds", type=int, default=None, help="Runs per cell [default: 5; smoke 1].")
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
+              help=f"Runs per cell (at most {MAX_SEEDS}) [default: 5; smoke 1].")
+@seed_list_option
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
 @click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
-@click.option("--torchrun", "ddp_procs", type=int, default=None, metavar="N",
+@click.option("--torchrun", "ddp_procs", type=AT_LEAST_ONE, default=None, metavar="N",
               help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
 @click.option("--all", "include_recorded", is_flag=True, help="Also the runs already recorded.")
-def plan(table_name, profile, seeds, methods, fidelity, engine, results, data_root, download, ddp_procs,
+def plan(table_name, profile, seeds, seed_list, methods, fidelity, engine, results, data_root, download, ddp_procs,
          include_recorded):
     """Print one self-contained `okdph-bench train` command per run, for any scheduler."""
     from okdph.bench.runner import plan_table
 
-    commands = plan_table(table_name, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity,
-                          engine=engine, results=results, data_root=data_root, download=download,
-                          ddp_procs=ddp_procs, include_recorded=include_recorded)
+    commands = plan_table(table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods,
+                          fidelity=fidelity, engine=engine, results=_store(results), data_root=data_root,
+                          download=download, ddp_procs=ddp_procs, include_recorded=include_recorded)
     click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
     click.echo("\n".join(commands))
 
@@ -320,7 +444,7 @@ def report(results, metric, std):
     PNG per cell."""
     from okdph.bench.report import write_report
 
-    click.echo(f"wrote {write_report(results, metric=metric, std=std)}")
+    click.echo(f"wrote {write_report(_store(results), metric=metric, std=std)}")
 
 
 @main.command()
@@ -338,7 +462,7 @@ def report(results, metric, std):
 def compare(baseline, candidate, table_name, metric, alpha, min_effect, out_path):
     """Compare two result sets cell by cell (each a results folder or a table JSON); exit 1 if a cell regressed.
 
-    BASELINE is the reference (e.g. a committed results/tables/table3.json), CANDIDATE the new results."""
+    BASELINE is the reference (e.g. a committed table JSON under results/reference/), CANDIDATE the new results."""
     from okdph.bench.compare import compare as compare_results
 
     result = compare_results(baseline, candidate, table=table_name, metric=metric, alpha=alpha,
@@ -356,6 +480,56 @@ def compare(baseline, candidate, table_name, metric, alpha, min_effect, out_path
     click.echo(result.summary())
     if result.regressed:
         raise SystemExit(1)
+
+
+def _age(created: str, now) -> str:
+    from datetime import datetime
+
+    try:
+        seconds = (now - datetime.fromisoformat(created)).total_seconds()
+    except (TypeError, ValueError):
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return "now"
+
+
+@main.command()
+@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's runs; repeatable.")
+@click.option("--profile", "profiles", type=click.Choice(names.PROFILES), multiple=True,
+              help="Only this profile's runs; repeatable.")
+@click.option("--ids", is_flag=True, help="Each run's id (its record's file name) instead of its cell.")
+def runs(results, methods, profiles, ids):
+    """The runs of a results folder, oldest first: method, cell, seed, status, accuracy, age."""
+    from datetime import datetime, timezone
+
+    from tabulate import tabulate
+
+    store = _store(results)
+    rows = [r for r in store.listing() if (not methods or r["method"] in methods)
+            and (not profiles or r["profile"] in profiles)]
+    now = datetime.now(timezone.utc)
+    bounds = any(r["pacbayes"] is not None for r in rows)
+
+    def number(value) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    lines = [[r["method"], r["run_id"] if ids else r["cell"], "" if r["seed"] is None else r["seed"], r["status"],
+              number(r["paper"]), number(r["final"]),
+              *([number(r["pacbayes"]) + (" (not converged)" if r["converged"] is False else "")] if bounds else []),
+              _age(r["created"], now)] for r in rows]
+    headers = ["method", "run" if ids else "cell", "seed", "status", "paper", "final",
+               *(["pac-bayes"] if bounds else []), "age"]
+    if lines:
+        click.echo(tabulate(lines, headers=headers, tablefmt="simple", disable_numparse=True))
+    counts = {}
+    for r in rows:
+        key = "diverged" if r["status"].startswith("diverged") else r["status"]
+        counts[key] = counts.get(key, 0) + 1
+    click.echo(f"{len(rows)} runs in {store.runs_dir}" + (": " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                                                         if counts else ""))
 
 
 @main.command()
@@ -409,16 +583,18 @@ def _bounds(text: str | None):
 @click.argument("records", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="RUN_RECORD...")
 @click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True,
               help="magnitude: σ_i = α|w_i| (reproduces Table 5's scale); init: ‖w − w0‖²/(4σ²); orig: ‖w‖²/(4σ²).")
-@click.option("--samples", type=int, default=DEFAULT_SAMPLES, show_default=True, help="Monte-Carlo perturbations.")
-@click.option("--epsilon", type=float, default=DEFAULT_EPSILON, show_default=True,
+@click.option("--samples", type=AT_LEAST_ONE, default=DEFAULT_SAMPLES, show_default=True,
+              help="Monte-Carlo perturbations.")
+@click.option("--epsilon", type=POSITIVE, default=DEFAULT_EPSILON, show_default=True,
               help="Target mean training-loss increase.")
-@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+@click.option("--tolerance", type=POSITIVE, default=DEFAULT_TOLERANCE, show_default=True,
               help="Stop when |increase − ε| is below this.")
-@click.option("--max-iterations", type=int, default=DEFAULT_MAX_ITERATIONS, show_default=True)
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the noise directions.")
+@click.option("--max-iterations", type=AT_LEAST_ONE, default=DEFAULT_MAX_ITERATIONS, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True,
+              help="Seed of the noise directions.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 1024].")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024].")
 @click.option("--per-epoch", is_flag=True, help="Every saved epoch, plotted against the epoch (Fig. 1).")
 @click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
               help=f"--per-epoch figure [default: {_FIGURES_HELP}/pacbayes-<backbone>-<dataset>.png].")
@@ -429,9 +605,14 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
     """PAC-Bayes bound of each run's deployed student (needs `train --save-every`)."""
     from okdph.analysis import pacbayes as pb
     from okdph.data.info import display_name as data_display_name
+    from okdph.engine.record import load_record
     from okdph.models import display_name as backbone_display_name
     from okdph.strategy import display_name as strategy_display_name
 
+    for path in records:  # a damaged record is one line before the first bound is computed
+        if Path(path).is_file():
+            load_record(path)
+    _use_default_threads()
     series = []
     for path in records:
         started = time.perf_counter()
@@ -464,14 +645,14 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
               help="A Base/DML/KDCL run record; repeat for one panel each.")
 @click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
               help=f"PNG [default: {_FIGURES_HELP}/landscape-<backbone>-<dataset>.png]; the data beside it (.npz).")
-@click.option("--grid-step", type=float, default=None,
+@click.option("--grid-step", type=POSITIVE, default=None,
               help="Grid spacing in PCA units [default: 1, finer when the trajectories span < 20].")
 @click.option("--bounds", default=None, metavar="X0,X1,Y0,Y1", help="Grid bounds [default: trajectories ± 15%].")
 @click.option("--fit", default="other-S1,other-S2,ours-S1", show_default=True,
               help="Trajectories the PCA is fitted on (of other-S1, other-S2, ours-S1, ours-S2).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 1024].")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024].")
 @quiet_option
 def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, batch_size, quiet):
     """Loss landscape around the students' trajectories (needs `train --save-every` on both runs)."""
@@ -481,6 +662,7 @@ def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, 
     from okdph.analysis.evaluate import load_run_trajectory
 
     grid_bounds = _bounds(bounds)
+    _use_default_threads()
     started = time.perf_counter()
     if out_png:
         out = Path(out_png)

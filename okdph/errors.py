@@ -6,7 +6,8 @@ exit code 2 (the traceback only with --debug); `Preempted` into one line and exi
 """
 from __future__ import annotations
 
-__all__ = ["PREEMPTED_EXIT", "USER_ERRORS", "CheckpointError", "ConfigError", "DataError", "Preempted"]
+__all__ = ["PREEMPTED_EXIT", "USER_ERRORS", "CheckpointError", "ConfigError", "DamagedRecord", "DataError",
+           "Preempted"]
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,12 @@ class DataError(Exception):
 
 class CheckpointError(ConfigError):
     """A checkpoint or trajectory file that cannot be used: truncated, foreign, from another run."""
+
+
+class DamagedRecord(ConfigError):
+    """A run record that cannot be used: unparseable, or a field of the wrong type. Not counted
+    as recorded: the run trains again and the file is set aside as `<name>.corrupt`; the tables
+    count such records per cell and the commands name them."""
 
 
 USER_ERRORS = (ConfigError, DataError)  # one line, exit 2

@@ -62,3 +62,10 @@ def table_names() -> Mapping[str, tuple[str, ...]]:
 def table_choices() -> list[str]:
     """What a user may type for a table: each id followed by its aliases."""
     return [name for table_id, aliases in table_names().items() for name in (table_id, *aliases)]
+
+
+@functools.lru_cache(maxsize=None)
+def table_titles() -> Mapping[str, str]:
+    """Every table's title, by id (for `okdph-bench list`)."""
+    return MappingProxyType({t: json.loads((TABLE_DIR / f"{t}.json").read_text()).get("title", "")
+                             for t in table_names()})

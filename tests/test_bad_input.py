@@ -82,7 +82,70 @@ def _not_writable(tmp: Path) -> list[str]:
     return [*DML, "--out", str(blocker / "runs")]
 
 
-# (case, arguments or a function of tmp_path making them, the message it must show)
+def _table_run(tmp: Path, *extra: str) -> list[str]:
+    """`run` of table 3's DML cells, one seed, on CIFAR under tmp/data, results under tmp/results."""
+    return ["run", "--table", "3", "--method", "dml", "--seeds", "1", "--quiet", "--data-root", str(tmp / "data"),
+            "--results", str(tmp / "results"), *extra]
+
+
+def _run_missing_cifar(tmp: Path, corrupt: bool) -> list[str]:
+    _cifar(tmp, corrupt)
+    return _table_run(tmp)
+
+
+def _runs_is_a_file(tmp: Path, command: str) -> list[str]:
+    (tmp / "results").mkdir()
+    (tmp / "results" / "runs").write_text("not a folder")
+    if command == "table":
+        return ["table", "3", "--profile", "smoke", "--results", str(tmp / "results")]
+    return [*_table_run(tmp)[:-2], "--profile", "smoke", "--results", str(tmp / "results")]
+
+
+def _results_under_a_file(tmp: Path, command: str) -> list[str]:
+    (tmp / "a-file").write_text("a file where the results folder should be")
+    results = str(tmp / "a-file" / "results")
+    return {"run": ["run", "--table", "3", "--profile", "smoke", "--method", "dml", "--results", results],
+            "table": ["table", "3", "--profile", "smoke", "--results", results],
+            "report": ["report", "--results", results]}[command]
+
+
+def smoke_record(runs: Path, method: str = "dml") -> Path:
+    """A record of table 3's first `method` cell in the smoke profile, as train_run writes one
+    (only the fields the tables read)."""
+    from okdph.bench.experiments import cell_config, get_table
+
+    cell = next(c for c in get_table("3").cells if c.method == method)
+    cfg = cell_config(cell, profile="smoke", out_dir=str(runs))
+    record = {"schema": 1, "run_id": cfg.run_id(), "status": "complete", **cfg.identity(),
+              "history": {"test_acc": {"student0": [10.0], "student1": [11.0]}},
+              "metrics": {"paper": {"acc": 11.0, "epoch": 0, "head": "student1"},
+                          "final": {"acc": 10.0, "epoch": 0, "head": "student0"}},
+              "created": "2026-01-01T00:00:00+00:00"}
+    cfg.record_path().parent.mkdir(parents=True, exist_ok=True)
+    cfg.record_path().write_text(json.dumps(record))
+    return cfg.record_path()
+
+
+def _hand_edited(tmp: Path) -> list[str]:
+    path = smoke_record(tmp / "runs")
+    record = json.loads(path.read_text())
+    record["metrics"]["paper"]["acc"] = "high"
+    path.write_text(json.dumps(record))
+    return ["pacbayes", str(path)]
+
+
+def _expectations(tmp: Path, text: str) -> list[str]:
+    (tmp / "expected.json").write_text(text)
+    return ["regress", "--expected", str(tmp / "expected.json")]
+
+
+def _smoke_records_only(tmp: Path) -> list[str]:
+    smoke_record(tmp / "results" / "runs")
+    return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
+
+
+# (case, arguments or a function of tmp_path making them, the message it must show[, environment
+# variables to set, "{tmp}" standing for tmp_path])
 CASES = [
     ("unknown method", [*SMOKE, "--method", "nope"], r"'nope' is not one of 'base', .*'okdph'"),
     ("unknown backbone", [*DML, "--backbone", "resnet50"], r"'resnet50' is not one of .*'resnet32'"),
@@ -107,7 +170,6 @@ CASES = [
     ("zero epochs", [*DML, "--epochs", "0"], r"epochs must be >= 1, got 0"),
     ("too few students", [*SMOKE, "--method", "okdph", "--students", "1"], r"needs at least 2 models, got 1"),
     ("no students", [*DML, "--students", "0"], r"students must be >= 1, got 0"),
-    ("negative width", [*DML, "--width", "-1"], r"width must be > 0"),
     ("OKDPH views of the wrong length", [*SMOKE, "--method", "okdph", "--set", "views=base,base"],
      r"views needs 3 entries"),
     ("backbone of another dataset", [*DML, "--backbone", "resnet18"], r"does not fit dataset 'digits'"),
@@ -122,15 +184,22 @@ CASES = [
     ("bad GPU list", ["run", "--table", "3", "--profile", "smoke", "--gpus", "a,b"], r"--gpus expects GPU indices"),
     ("missing dataset files", lambda tmp: _cifar(tmp, corrupt=False), r"(not found|missing).*--download"),
     ("corrupted dataset files", lambda tmp: _cifar(tmp, corrupt=True), r"(corrupt|md5|checksum|integrity)"),
-    ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"), r"checkpoint .* is unreadable"),
-    ("foreign file as checkpoint", lambda tmp: _checkpoint(tmp, b"#!/bin/sh\nrm -rf /\n"), r"checkpoint .* is unreadable"),
+    ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"),
+     r"checkpoint .* is unreadable \(truncated or not an okdph-bench file: PytorchStreamReader failed reading zip "
+     r"archive: not a ZIP archive\); it is the resume checkpoint of an interrupted run, not a result: delete it "
+     r"to start the run over$"),
+    ("foreign file as checkpoint", lambda tmp: _checkpoint(tmp, b"#!/bin/sh\nrm -rf /\n"),
+     r"checkpoint .* is unreadable .*never loaded \(they could run code\)\); .*delete it to start the run over$"),
+    ("random bytes as checkpoint", lambda tmp: _checkpoint(tmp, bytes(range(256)) * 8),
+     r"checkpoint .* is unreadable .*; it is the resume checkpoint .*delete it to start the run over$"),
     ("checkpoint of another configuration", lambda tmp: _checkpoint(tmp, None),
      r"belongs to another configuration \(differs in: seed\)"),
     ("checkpoint of an earlier version", lambda tmp: _checkpoint(tmp, None, version=1),
      rf"has format 1, this version reads {CHECKPOINT_FORMAT}; delete it"),
     ("record of another configuration", lambda tmp: _existing_record(tmp, foreign=True),
      r"is of run 'okdph-.*', not 'dml-.*' \(a record from another configuration\)"),
-    ("unreadable record", lambda tmp: _existing_record(tmp, foreign=False), r"record .* is unreadable"),
+    ("hand-edited record given to pacbayes", lambda tmp: _hand_edited(tmp),
+     r"record '.*dml-.*\.json' is damaged: metrics.paper is \{\"acc\": \"high\".*not an accuracy"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
     ("unknown std", ["table", "3", "--profile", "smoke", "--std", "n-1"], r"'n-1' is not one of 'sample', 'population'"),
     ("compare: missing side", lambda tmp: _compare(tmp, "missing"), r"other does not exist \(expected a results folder"),
@@ -142,6 +211,58 @@ CASES = [
      r"--alpha must be between 0 and 1, got 5"),
     ("compare: metric of another table", lambda tmp: [*_compare(tmp, "no common cell"), "--metric", "final"],
      r"reference.json holds metric 'paper', not 'final'; pass --metric paper"),
+    # checked before working: arguments, data, the results folder (once, not per run)
+    ("negative seed", [*DML, "--seed", "-1"], r"'--seed': -1 is not in the range 0<=x<=4294967295"),
+    ("unknown device", [*DML, "--device", "tpu"], r"unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
+    ("width not a number", [*DML, "--width", "nan"], r"'--width': nan is not a finite number"),
+    ("negative width on the command line", [*DML, "--width", "-1"], r"'--width': -1.0 is not in the range x>0"),
+    ("negative DataLoader workers", [*DML, "--workers", "-1"], r"--workers must be >= 0, got -1"),
+    ("negative PAC-Bayes samples", ["pacbayes", "r.json", "--samples", "-3"],
+     r"'--samples': -3 is not in the range x>=1"),
+    ("zero PAC-Bayes epsilon", ["pacbayes", "r.json", "--epsilon", "0"], r"'--epsilon': 0.0 is not in the range x>0"),
+    ("PAC-Bayes epsilon not a number", ["pacbayes", "r.json", "--epsilon", "nan"], r"nan is not a finite number"),
+    ("zero PAC-Bayes tolerance", ["pacbayes", "r.json", "--tolerance", "0"], r"'--tolerance': 0.0 is not in the range"),
+    ("zero PAC-Bayes iterations", ["pacbayes", "r.json", "--max-iterations", "0"], r"'--max-iterations': 0 is not"),
+    ("zero landscape grid step", ["landscape", "--ours", "a.json", "--other", "b.json", "--grid-step", "0"],
+     r"'--grid-step': 0.0 is not in the range x>0"),
+    ("zero torchrun processes", ["plan", "--table", "3", "--torchrun", "0"],
+     r"'--torchrun': 0 is not in the range x>=1"),
+    ("missing regression expectations", ["regress", "--expected", "nope.json"], r"no expectations at nope.json"),
+    ("truncated regression expectations", lambda tmp: _expectations(tmp, '{"tolerance": {"loss_rel": 1e-6'),
+     r"expected.json is not a readable expectations file \(JSONDecodeError: .*\); restore it from git"),
+    ("wrong-typed regression expectations", lambda tmp: _expectations(tmp, json.dumps(
+        {"tolerance": {"loss_rel": "tight", "acc_abs": 0.5}, "methods": {}})),
+     r"expected.json is not a readable expectations file \(ValueError: .*'tight'\)"),
+    ("expectations of the wrong shape", lambda tmp: _expectations(tmp, json.dumps(
+        {"tolerance": {"loss_rel": 1e-6, "acc_abs": 0.5}, "methods": ["dml"]})),
+     r"expected.json is not a readable expectations file \(AttributeError: "),
+    ("--slurm without =", ["run", "--table", "3", "--profile", "smoke", "--executor", "slurm", "--slurm", "partition"],
+     r"--slurm expects key=value, got 'partition'"),
+    ("run without the table's data", lambda tmp: _run_missing_cifar(tmp, corrupt=False),
+     r"CIFAR-10 not found under .*data .*pass --download"),
+    ("run with corrupted data", lambda tmp: _run_missing_cifar(tmp, corrupt=True),
+     r"CIFAR-10 under .*data is corrupted .*fails its md5 check"),
+    ("run with runs/ a file", lambda tmp: _runs_is_a_file(tmp, "run"), r"results/runs' is not a folder: .* is a file"),
+    ("table with runs/ a file", lambda tmp: _runs_is_a_file(tmp, "table"), r"results/runs' is not a folder"),
+    ("run with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "run"),
+     r"is not a folder: '.*a-file' is a file"),
+    ("table with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "table"),
+     r"is not a folder: '.*a-file' is a file"),
+    ("report with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "report"),
+     r"is not a folder: '.*a-file' is a file"),
+    ("table of a profile without records", _smoke_records_only,
+     r"no records of table3 for profile 'paper'.*records exist for profile smoke \(pass --profile smoke\)"),
+    ("--seeds and --seed-list", ["run", "--table", "3", "--profile", "smoke", "--seeds", "2", "--seed-list", "42"],
+     r"pass --seeds \(a count from 42\) or --seed-list \(the seeds\), not both"),
+    ("malformed --seed-list", ["plan", "--table", "3", "--seed-list", "42,x"],
+     r"'--seed-list': expects seeds like 42,43"),
+    ("repeated seed in --seed-list", ["plan", "--table", "3", "--seed-list", "42,42"],
+     r"--seed-list needs distinct seeds"),
+    ("too many seeds", ["run", "--table", "3", "--seeds", "100000", "--dry-run"],
+     r"'--seeds': 100000 is not in the range"),
+    ("--executor slurm without SLURM",
+     ["run", "--table", "3", "--profile", "smoke", "--method", "okdph", "--executor", "slurm",
+      "--slurm", "slurm_partition=gpu"], r"needs SLURM, but 'sbatch' is not on PATH", {"PATH": "{tmp}/no-bin"}),
 ]
 
 
@@ -149,10 +270,12 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("case,args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_touches_nothing(case, args, message, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case,args,message,env", [(*c, {})[:4] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_touches_nothing(case, args, message, env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default folders (runs/, results/) land in the temp dir
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
     args = args(tmp_path) if callable(args) else args
     before = _snapshot(tmp_path)
     result = CliRunner().invoke(main, args)
@@ -184,3 +307,108 @@ def test_preempted_is_its_own_exit_code(tmp_path, monkeypatch):
     assert result.stderr.strip().splitlines() == [
         "preempted: run-x: stopped by SIGTERM after epoch 0; rerun the same command to resume"]
     assert os.listdir(tmp_path) == []
+
+
+TINY = ["--epochs", "1", "--train-samples", "64", "--width", "0.125"]
+
+
+def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
+    """Not a bad input: the damaged file is named, kept as <name>.corrupt, and the run trains again;
+    the same command once more says the record exists and trains nothing, unless --force."""
+    cfg = RunConfig(method="dml", profile="smoke", epochs=1, train_samples=64, width=0.125,
+                    out_dir=str(tmp_path / "runs"))
+    path = cfg.record_path()
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema": 1, "run_id": ')
+    args = [*DML, *TINY, "--out", str(tmp_path / "runs")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"warning: record '{path}' is unreadable" in result.stderr and f"{path.name}.corrupt" in result.stderr
+    assert Path(f"{path}.corrupt").read_text() == '{"schema": 1, "run_id": '  # kept, never deleted
+    from okdph.engine.record import read_record
+
+    first = read_record(path, cfg.run_id())
+    assert first["status"] == "complete"
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and again.stdout.startswith(f"recorded: {path} exists, nothing to do (--force")
+    assert read_record(path)["created"] == first["created"] and read_record(path)["timing"] == first["timing"]
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0 and forced.stdout.startswith("complete: ")
+    assert read_record(path)["timing"] != first["timing"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, f"{path.name}.corrupt"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "acc high", "history null", "not a record"])
+def test_a_damaged_record_is_not_done(tmp_path, damage):
+    from okdph.engine.run import is_done
+
+    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp_path))
+    path = smoke_record(tmp_path)  # a valid record of another run, edited into this run's
+    record = json.loads(path.read_text())
+    record.update(run_id=cfg.run_id(), **cfg.identity())
+    cfg.record_path().write_text(json.dumps(record))
+    assert is_done(cfg)
+    if damage == "truncated":
+        cfg.record_path().write_text(json.dumps(record)[:50])
+    elif damage == "acc high":
+        record["metrics"]["paper"]["acc"] = "high"
+    elif damage == "history null":
+        record["history"] = None
+    else:
+        record = [record]
+    if damage != "truncated":
+        cfg.record_path().write_text(json.dumps(record))
+    assert not is_done(cfg)
+
+
+@pytest.mark.parametrize("command", ["run", "table", "report"])
+def test_a_read_only_results_folder_is_one_line(command, tmp_path, monkeypatch):
+    """chmod 555 where the tests run as a user; as root (who writes anyway) the probe file the
+    commands write to prove the folder takes files is refused as a read-only mount refuses it."""
+    results = tmp_path / "results"
+    smoke_record(results / "runs")
+    if os.geteuid() == 0:
+        import tempfile
+
+        def read_only(*args, dir=None, **kwargs):
+            raise PermissionError(13, "Permission denied", str(dir))
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    else:
+        for folder in (results / "runs", results):
+            folder.chmod(0o555)
+        monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as on a read-only mount: only a write tells
+    args = {"run": ["run", "--table", "3", "--profile", "smoke", "--method", "dml"],
+            "table": ["table", "3", "--profile", "smoke"], "report": ["report"]}[command]
+    before = _snapshot(tmp_path)
+    try:
+        result = CliRunner().invoke(main, [*args, "--results", str(results)])
+    finally:
+        for folder in (results, results / "runs"):
+            folder.chmod(0o755)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"^error: results folder '.*results(/runs|/tables)?' is not writable: "
+                                         r"Permission denied$", lines[0]), lines
+    assert _snapshot(tmp_path) == before
+
+
+def test_bare_command_prints_the_help_and_exits_0():
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 0 and result.stdout.startswith("Usage: ") and "Commands:" in result.stdout
+    assert result.stderr == ""
+
+
+def test_a_file_system_error_mid_command_is_one_line(tmp_path, monkeypatch):
+    """What no check can foresee (a folder turning read-only, a full disk) is still one line."""
+    def refused(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "results" / "tables" / "table3-smoke.md"))
+
+    monkeypatch.setattr("okdph.bench.runner.render_table", refused)
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path / "results")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: No space left on device ({tmp_path}/results/tables/table3-smoke.md); --debug shows where"]
+    debug = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path), "--debug"])
+    assert isinstance(debug.exception, OSError)

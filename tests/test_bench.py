@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from okdph.bench import executors, runner
 from okdph.bench.experiments import (FIRST_SEED, cell_config, expand, get_table, list_tables, okdph_preset,
                                      unique_configs)
-from okdph.bench.render import collect, markdown_table, output_stem
+from okdph.bench.render import collect, markdown, markdown_table, output_stem
 from okdph.bench.report import write_report
 from okdph.bench.store import ResultStore
 from okdph.cli import main
@@ -216,6 +216,64 @@ def test_lower_is_better_and_pacbayes_values(tmp_path):
     assert "**97.10 (n=1)**" in text and "**97.26**" in text  # paper: Ours is the lowest bound too
 
 
+def test_a_bound_whose_search_did_not_converge_is_marked(tmp_path):
+    store = ResultStore(tmp_path)
+    table = get_table("5")
+    row = {c.method: c for c in _cells(table, dataset="cifar10", backbone="resnet110")}
+    for method, converged in (("kdcl", False), ("dml", True)):
+        record = fake_record(cell_config(row[method], profile="smoke", out_dir=str(store.runs_dir)), 50.0)
+        record["metrics"]["pacbayes"] = 50668534497.28 if not converged else 97.9
+        record["pacbayes"] = {"converged": converged, "value": record["metrics"]["pacbayes"]}
+        atomic_write_json(store.runs_dir / f"{record['run_id']}.json", record)
+    results = collect(table, store, profile="smoke")
+    text = markdown(table, results, profile="smoke", fidelity="official", metric="paper", runs_dir=store.runs_dir)
+    assert "50668534497.28 (n=1), 1 not converged" in text and "97.90 (n=1) |" in text.replace("**", "")
+    assert "\"not converged\": the σ search" in text
+
+
+def _damage(path, how: str) -> None:
+    if how == "truncated":
+        path.write_text(path.read_text()[:40])
+    else:
+        record = json.loads(path.read_text())
+        if how == "acc high":
+            record["metrics"]["paper"]["acc"] = "high"
+        else:
+            record["history"] = None
+        path.write_text(json.dumps(record))
+
+
+def test_damaged_records_are_named_not_counted_and_trained_again(tmp_path, monkeypatch):
+    """A truncated record, one with "acc": "high" and one with history null: each is reported by
+    name, its cell says it has an unreadable record, and `run` does not count it as recorded."""
+    table = get_table("3")
+    cells = [c for c in table.cells if c.method == "dml" and c.dataset == "cifar10"][:4]
+    store = ResultStore(tmp_path)
+    paths = []
+    for cell in cells:
+        record = fake_record(cell_config(cell, profile="smoke", out_dir=str(store.runs_dir)), 40.0)
+        paths.append(store.runs_dir / f"{record['run_id']}.json")
+    for path, how in zip(paths, ("truncated", "acc high", "history null")):
+        _damage(path, how)
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3 and all(any(p.name in w for w in warnings) for p in paths[:3])
+    for problem in ("is unreadable", "metrics.paper is", "history is null"):
+        assert any(problem in w for w in warnings), problem
+    # in the smoke profile a CIFAR-10 cell and its CIFAR-100 twin share their run: six cells
+    assert result.stdout.count("(1 unreadable)") == 6 and "40.00 (n=1)" in result.stdout
+    assert "are not counted (\"unreadable\": the command named them)" in result.stdout
+    assert json.loads((tmp_path / "tables" / "table3-smoke.json").read_text())["cells"][0]["unreadable"] == 1
+
+    trained = []
+    monkeypatch.setattr(executors, "train_run", lambda cfg, **_: trained.append(cfg.run_id()) or fake_record(cfg, 50.0))
+    summary = runner.run_table("3", profile="smoke", methods=["dml"], results=tmp_path, progress=False)
+    assert summary.recorded == 1 and len(trained) == summary.runs - 1
+    assert {p.stem for p in paths[:3]} <= set(trained) and paths[3].stem not in trained
+    assert sorted(summary.damaged) == sorted(map(str, paths[:3]))
+
+
 def test_cells_never_mix_engines(tmp_path):
     store = ResultStore(tmp_path)
     table = get_table("3")
@@ -311,6 +369,29 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     assert all(error == "RuntimeError: out of memory" for _, error in summary.failed)
 
 
+def test_a_table_whose_every_run_failed_is_not_written(tmp_path, monkeypatch):
+    def broken(cfg, progress=False, **_):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(executors, "train_run", broken)
+    summary = runner.run_table("3", profile="smoke", methods=["dml"], results=tmp_path, progress=False)
+    assert summary.trained == 0 and len(summary.failed) == 6
+    assert summary.outputs == {} and summary.markdown == "" and not (tmp_path / "tables").exists()
+
+
+def test_table_without_profile_renders_the_one_with_records(tmp_path):
+    store = ResultStore(tmp_path)
+    fake_record(cell_config(get_table("3").cells[0], profile="smoke", out_dir=str(store.runs_dir)), 40.0)
+    assert runner.default_profile("3", results=tmp_path) == "smoke"
+    result = CliRunner().invoke(main, ["table", "3", "--metric", "final", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "profile smoke: the first with records" in result.stderr
+    assert "39.00 (n=1)" in result.stdout and (tmp_path / "tables" / "table3-smoke-final.md").exists()
+    assert runner.default_profile("4", results=tmp_path) == "paper"  # no records anywhere: paper, and
+    result = CliRunner().invoke(main, ["table", "4", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and "train some with okdph-bench run --table 4" in result.stderr
+
+
 @pytest.mark.slow
 def test_plan_prints_runnable_commands(tmp_path):
     commands = runner.plan_table("3", profile="smoke", methods=["dml"], results=tmp_path)
@@ -371,5 +452,7 @@ def test_cli_dry_run_plan_and_table(tmp_path):
                     "--results", str(tmp_path))
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("# 168 runs") and len(lines) == 1 + 84 * 2
-    result = invoke("table", "3", "--profile", "smoke", "--results", str(tmp_path))
-    assert result.exit_code == 0 and "| ours" in result.output and "table3-smoke.md" in result.output
+    # nothing recorded: no table of empty cells, but one line saying so
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and "no records of table3 for profile 'smoke'" in result.stderr
+    assert not (tmp_path / "tables").exists()

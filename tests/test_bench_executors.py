@@ -200,3 +200,21 @@ def test_a_job_packs_a_cells_seeds_only_when_asked(tmp_path):
     cell = base[0].backbone
     assert packed == [[(cell, 42), (cell, 43)], [(base[1].backbone, base[1].seed)]]
     assert groups == [[(cell, 42)], [(cell, 43)], [(base[1].backbone, base[1].seed)]]
+
+
+def test_slurm_is_asked_for_by_name_never_picked_by_submitit(tmp_path, monkeypatch):
+    """Without SLURM, submitit's automatic choice would be local processes: refused instead; a
+    backend named by a test (local) stays available; with sbatch on PATH the backend is slurm."""
+    from okdph.errors import ConfigError
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="'sbatch' is not on PATH"):
+        slurm.check_available(None)
+    with pytest.raises(ConfigError, match="'sbatch' is not on PATH"):
+        slurm.submit([], folder=tmp_path / "slurm")
+    assert not (tmp_path / "slurm").exists()
+    assert slurm.check_available("local") == "local"
+    sbatch = tmp_path / "sbatch"
+    sbatch.write_text("#!/bin/sh\nexit 1\n")
+    sbatch.chmod(0o755)
+    assert slurm.check_available(None) == "slurm"

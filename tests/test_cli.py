@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,20 @@ def test_list_names_everything():
     assert result.exit_code == 0
     for word in ("okdph", "dml", "kdcl", "base", "resnet32", "densenet40_12", "digits", "cutout", "limited10"):
         assert word in result.output
+
+
+def test_list_shows_the_tables_and_list_methods_the_hyper_parameters():
+    result = invoke("list")
+    assert "  table3 (3, S3): " in result.output and "  main-imagenet (imagenet): " in result.output
+    assert "(hyper-parameters: list --methods)" in result.output
+    methods = invoke("list", "--methods")
+    assert methods.exit_code == 0
+    lines = {line.split(" ", 1)[0]: line for line in methods.output.splitlines()}
+    assert set(names.strategy_names()) <= set(lines)
+    from okdph.okdph import OKDPHConfig
+
+    assert lines["okdph"].startswith("okdph (OKDPH): omega=" + str(OKDPHConfig().omega) + ", ")
+    assert "interval=" in lines["okdph"] and "temperature=" in lines["dml"]
 
 
 def test_train_smoke_writes_a_complete_record(tmp_path):
@@ -100,8 +115,8 @@ def _env(*first: Path) -> dict:
 
 
 def test_the_group_has_every_command():
-    assert COMMANDS == ["compare", "landscape", "list", "pacbayes", "plan", "regress", "report", "run", "table",
-                        "train"]
+    assert COMMANDS == ["compare", "landscape", "list", "pacbayes", "plan", "regress", "report", "run", "runs",
+                        "table", "train"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -285,3 +300,103 @@ def test_third_party_strategy_trains_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = (tmp_path / "runs").glob("fakeokd-*.json")
     assert json.loads(record.read_text())["method"] == "fakeokd"
+
+
+# ---- where results go: one folder for every command, ignored by git
+
+
+def test_train_then_table_shows_the_run(tmp_path, monkeypatch):
+    """train's default --out is the runs/ of the results folder that table reads."""
+    monkeypatch.chdir(tmp_path)
+    trained = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "smoke", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert len(list((tmp_path / "results" / "runs").glob("dml-*.json"))) == 1
+    shown = CliRunner().invoke(main, ["table", "3"])
+    assert shown.exit_code == 0, shown.output
+    assert "(n=1)" in shown.stdout and "profile smoke: the first with records" in shown.stderr
+    assert (tmp_path / "results" / "tables" / "table3-smoke.md").exists()
+
+
+def test_what_the_commands_write_is_ignored_by_git_and_the_committed_results_are_not():
+    from okdph.bench.store import ResultStore
+
+    store = ResultStore("results")
+    assert [o.default for o in main.commands["train"].params if o.name == "out_dir"] == [str(store.runs_dir)]
+    written = [store.runs_dir / "dml-x.json", store.runs_dir / "dml-x.ckpt.pt", store.runs_dir / "dml-x.traj" / "e.pt",
+               store.tables_dir / "table3-smoke.md", store.figures_dir / "table3-smoke" / "cell.png",
+               store.analysis_dir / "pacbayes-resnet32-digits.png", store.root / "REPORT.md",
+               store.root / "slurm" / "123" / "log.out"]
+    try:
+        done = subprocess.run(["git", "check-ignore", "--no-index", *map(str, written)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+        tracked = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no git checkout ({exc})")
+    assert done.stdout.split() == list(map(str, written)), done.stderr
+    assert "results/reference/tables/table3-smoke.md" in tracked and "results/regression/expected.json" in tracked
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *tracked], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout == "", "committed results lie where the commands write"
+
+
+def test_output_cut_short_by_a_closed_pipe_is_no_error(tmp_path):
+    """`okdph-bench plan ... | head -1`: the pipe closes early; no traceback, no error line."""
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m okdph.cli plan --table 3 --seeds 30 --results "
+                          f"{shlex.quote(str(tmp_path))} | head -1", shell=True, env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("# 2520 runs of table 3 (paper)") and done.stderr == ""
+
+
+# ---- small things users expect: runs, table --out, --seed-list
+
+
+def test_runs_lists_records_damaged_and_interrupted_runs(tmp_path):
+    from test_bad_input import smoke_record
+
+    runs = tmp_path / "runs"
+    first = smoke_record(runs, "dml")
+    smoke_record(runs, "kdcl")
+    damaged = runs / "okdph-resnet32-digits-standard-n2-official-smoke-seed43-0123abcd.json"
+    damaged.write_text('{"schema": 1, "run_id": ')
+    (runs / "pcl-resnet32-digits-standard-n2-official-smoke-seed44-89abcdef.ckpt.pt").write_bytes(b"")
+    result = CliRunner().invoke(main, ["runs", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["method", "cell", "seed", "status", "paper", "final", "age"]
+    dml = next(line for line in lines if line.startswith("dml "))
+    assert dml.split()[1:8] == ["resnet32", "digits", "standard", "n2", "official", "smoke", "42"]
+    assert dml.split()[8:11] == ["complete", "11.00", "10.00"] and dml.endswith(" d")  # made 2026-01-01
+    assert any(line.startswith("okdph ") and " 43 " in line and "damaged" in line for line in lines)
+    assert any(line.startswith("pcl ") and " 44 " in line and "interrupted" in line for line in lines)
+    assert lines[-1] == f"4 runs in {runs}: 2 complete, 1 damaged, 1 interrupted"
+    assert f"warning: record '{damaged}' is unreadable" in result.stderr
+    smokeless = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "paper"])
+    assert smokeless.stdout.strip() == f"0 runs in {runs}"
+    interrupted = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "smoke",
+                                            "--method", "pcl"])
+    assert interrupted.stdout.splitlines()[-1] == f"1 runs in {runs}: 1 interrupted"
+    only = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--method", "dml", "--ids"])
+    assert first.stem in only.stdout and "kdcl" not in only.stdout and only.stdout.splitlines()[-1].endswith(
+        "1 runs in " + str(runs) + ": 1 complete")
+
+
+def test_table_out_writes_where_asked(tmp_path):
+    from test_bad_input import smoke_record
+
+    smoke_record(tmp_path / "results" / "runs")
+    out = tmp_path / "elsewhere"
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path / "results"),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["table3-smoke.csv", "table3-smoke.json", "table3-smoke.md"]
+    assert not (tmp_path / "results" / "tables").exists()
+
+
+def test_seed_list_runs_exactly_those_seeds(tmp_path):
+    result = invoke("run", "--table", "3", "--profile", "smoke", "--method", "dml", "--seed-list", "42,50",
+                    "--dry-run", "--results", str(tmp_path))
+    seeds = sorted({line.split("-seed")[1].split("-")[0] for line in result.output.splitlines()[1:]})
+    assert seeds == ["42", "50"] and result.output.startswith("table3 (smoke): 12 cells, 12 runs")
+    planned = invoke("plan", "--table", "3", "--profile", "smoke", "--method", "dml", "--seed-list", "7",
+                     "--results", str(tmp_path))
+    assert all("--seed 7 " in line for line in planned.output.splitlines()[1:]) and planned.output.count("\n") == 7

@@ -119,6 +119,63 @@ def test_preemption_hands_the_signal_to_the_previous_handler(tmp_path, monkeypat
     assert seen == [(signal.SIGUSR1, True)]
 
 
+def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resume_says_from_where(tmp_path, monkeypatch, capsys,
+                                                                             uninterrupted):
+    """Ctrl-C (SIGINT) stops after the step like SIGTERM: checkpoint written, Preempted (exit 75 at
+    the command line) with how to resume; the rerun says it resumes, from which checkpoint and
+    step, and ends as an uninterrupted run."""
+    cfg = tiny("dml", "reference", out_dir=str(tmp_path))
+    with monkeypatch.context() as patch:
+        stop_at(patch, 2, signal.SIGINT)
+        with pytest.raises(Preempted, match=r"stopped by SIGINT at epoch 0, step 2; rerun the same command to "
+                                            r"resume from .*\.ckpt\.pt"):
+            train_run(cfg, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C is Python's again"
+    capsys.readouterr()
+    record = train_run(cfg, progress=False)
+    assert f"resuming {cfg.run_id()} from {cfg.checkpoint_path()}: epoch 0, step 2" in capsys.readouterr().err
+    assert outcome(record) == uninterrupted(cfg)
+
+
+def test_ctrl_c_at_the_command_line_exits_75_with_how_to_resume(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from okdph.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runmod, "train_run", interrupted)
+    result = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "smoke", "--out", str(tmp_path)],
+                                standalone_mode=True)
+    assert result.exit_code == PREEMPTED_EXIT
+    assert result.stderr.strip().splitlines()[-1].startswith("interrupted: rerun the same command to continue")
+
+
+def test_the_progress_bar_shows_each_step(tmp_path, monkeypatch):
+    """Not only each epoch: a long epoch shows its steps (at most once a second; here every step)."""
+    shown = []
+
+    class Bar:
+        def __init__(self, iterable, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix_str(self, text):
+            shown.append(text)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runmod, "tqdm", Bar)
+    monkeypatch.setattr(runmod, "PROGRESS_EVERY_S", 0.0)
+    train_run(tiny("dml", "reference", out_dir=str(tmp_path), epochs=1), progress=True)
+    assert [t for t in shown if t.startswith("step ")] == ["step 1", "step 2", "step 3"]
+    assert shown[-1].startswith("epoch 1 done, acc ")
+
+
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     a = tiny("dml", "reference", out_dir=str(tmp_path), checkpoint_every=1)
     b = replace(a, seed=43)
@@ -233,6 +290,7 @@ def test_sigterm_to_the_command_checkpoints_exits_75_and_resumes(tmp_path, unint
     assert cfg.checkpoint_path().exists() and not cfg.record_path().exists()
     done = subprocess.run(_train_command(cfg), env=_env(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
+    assert f"resuming {cfg.run_id()} from {cfg.checkpoint_path()}: epoch " in done.stderr.decode()
     record = json.loads(cfg.record_path().read_text())
     assert len(record["resumes"]) == 1
     assert outcome(record) == uninterrupted(cfg)

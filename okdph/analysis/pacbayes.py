@@ -230,8 +230,6 @@ def run_bounds(record_path, *, variant: str = DEFAULT_VARIANT, per_epoch: bool =
                batch_size: int | None = None, progress: bool = True) -> tuple[dict, list[PointBound]]:
     """The bound of a run's deployed student at its last saved epoch (every saved epoch with
     `per_epoch`); returns the record and the bounds in epoch order."""
-    import json
-
     from okdph.analysis.evaluate import (
         DEFAULT_BATCH_SIZE,
         build_network,
@@ -244,11 +242,13 @@ def run_bounds(record_path, *, variant: str = DEFAULT_VARIANT, per_epoch: bool =
         unflatten,
     )
 
+    from okdph.engine.record import load_record
+
     check_variant(variant)
     device = torch.device(device)
     record_path = Path(record_path)
     points = load_run_trajectory(record_path)
-    record = json.loads(record_path.read_text())
+    record = load_record(record_path)  # a damaged record is one line naming it, before any work
     student = deployed_student(record)
     meta = points[0].meta
     if student >= len(points[0].students):

@@ -108,9 +108,13 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
     from a shared queue. One progress bar counts the runs across all workers. With `pack_size` > 1,
     up to that many seeds of a cell train as one pack on the fast engine (`group_packs`).
 
-    A CPU worker (this process included) runs one thread: smoke-size models are bound by per-op
-    dispatch, where intra-op threads gain little, and OpenMP threads that wait for a core taken by
-    another process spin (measured on 2 shared cores: 3-7x slower with 2 threads than with 1)."""
+    A CPU worker (this process included) runs `okdph.threads.default_threads(workers)` threads:
+    OMP_NUM_THREADS when set, else the free cores shared among the workers, at least one. More
+    threads than free cores collapse: OpenMP threads that wait for a core taken by another process
+    spin (measured on 2 shared cores: 3-7x slower with 2 threads than with 1)."""
+    from okdph.threads import default_threads
+
+    cpu_threads = default_threads(len(devices))
     outcomes: list[Outcome] = []
     bar = tqdm(total=len(configs), desc=desc, unit="run", disable=not progress or not configs, dynamic_ncols=True)
 
@@ -127,7 +131,7 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
 
         threads = torch.get_num_threads()
         if devices[0] == "cpu":
-            torch.set_num_threads(1)
+            torch.set_num_threads(cpu_threads)
         try:
             for group in group_packs(configs, pack_size):
                 bar.set_postfix_str(f"now {group[0].run_id()[:40]}" + (f" +{len(group) - 1}" if len(group) > 1 else ""))
@@ -143,7 +147,8 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
     tasks, results = ctx.Queue(), ctx.Queue()
     for group in group_packs(configs, pack_size):
         tasks.put(group)
-    workers = [ctx.Process(target=_worker, args=(device, tasks, results), daemon=True) for device in devices]
+    workers = [ctx.Process(target=_worker, args=(device, tasks, results, cpu_threads), daemon=True)
+               for device in devices]
     for w in workers:
         tasks.put(None)  # one stop sign per worker
         w.start()
@@ -163,12 +168,12 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
     return outcomes
 
 
-def _worker(device: str, tasks, results) -> None:
+def _worker(device: str, tasks, results, cpu_threads: int = 1) -> None:
     """A worker process: train groups of runs on `device` until the stop sign."""
     import torch
 
     if device == "cpu":
-        torch.set_num_threads(1)  # CPU workers share the cores: one thread each, no oversubscription
+        torch.set_num_threads(cpu_threads)  # CPU workers share the cores: no oversubscription
     while True:
         group = tasks.get()
         if group is None:

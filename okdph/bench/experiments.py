@@ -148,7 +148,13 @@ def okdph_preset(dataset: str, backbone: str, students: int, setting: str = "sta
 # Expansion
 
 
-def resolve_seeds(profile: str, seeds: int | None) -> list[int]:
+def resolve_seeds(profile: str, seeds) -> list[int]:
+    """The seeds of each cell: `seeds` runs from 42 (None: the profile's count), or, given a list
+    (`--seed-list 42,43`), exactly those seeds."""
+    if isinstance(seeds, (list, tuple)):
+        if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= s < 2 ** 32 for s in seeds):
+            raise ConfigError(f"--seed-list needs distinct seeds in [0, 2**32 - 1], got {list(seeds)}")
+        return list(seeds)
     count = DEFAULT_SEEDS.get(profile, 1) if seeds is None else seeds
     if count < 1:
         raise ConfigError(f"seeds must be >= 1, got {count}")

@@ -69,6 +69,8 @@ class CellResult:
     run_ids: list[str] = field(default_factory=list)
     engine: str | None = None
     not_complete: int = 0        # records that diverged (status other than complete)
+    unreadable: int = 0          # damaged records of the cell (ResultStore.damaged_for), not counted
+    not_converged: int = 0       # PAC-Bayes bounds whose σ search did not converge (counted, marked)
     best: bool = False
     records: list[dict] = field(default_factory=list, repr=False)  # every matching record
     std_convention: str = DEFAULT_STD   # which std `std` is: the table's --std
@@ -163,7 +165,9 @@ def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "
             raise ConfigError(f"{table.id} cell {cell.slug()} has records from engines {', '.join(engines)}; "
                               f"pass --engine with one of them")
         result = CellResult(cell, engine=engines[0] if engines else None, records=records, std_convention=std,
-                            paper_data=config.dataset == cell.dataset)
+                            paper_data=config.dataset == cell.dataset,
+                            unreadable=len(store.damaged_for(cell_config(cell, profile=profile, fidelity=fidelity),
+                                                             engine)))
         for record in records:
             value = record_value(record, table.metric, metric)
             if record.get("status") != "complete":
@@ -172,6 +176,8 @@ def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "
                 result.values.append(value)
                 result.seeds.append(record.get("seed"))
                 result.run_ids.append(record["run_id"])
+                if table.metric == "pacbayes" and (record.get("pacbayes") or {}).get("converged") is False:
+                    result.not_converged += 1
         results.append(result)
     _mark_best(table, results)
     return results
@@ -230,13 +236,15 @@ def _paper_best(table: Table, row: list[CellResult]) -> float | None:
 
 
 def format_ours(result: CellResult) -> str:
-    """'94.12 ± 0.20 (n=5)'; one seed has no std; '' when nothing is recorded yet."""
+    """'94.12 ± 0.20 (n=5)'; one seed has no std; '' when nothing is recorded yet. Runs that are
+    not in the mean are counted after it (diverged, unreadable records); bounds whose search did
+    not converge are in it, marked."""
+    notes = [f"{k} {what}" for k, what in ((result.not_converged, "not converged"),
+                                           (result.not_complete, "diverged"), (result.unreadable, "unreadable")) if k]
     if result.n == 0:
-        return f"({result.not_complete} diverged)" if result.not_complete else ""
+        return f"({', '.join(notes)})" if notes else ""
     text = f"{result.mean:.2f}" + (f" ± {result.std:.2f}" if result.std is not None else "") + f" (n={result.n})"
-    if result.not_complete:
-        text += f", {result.not_complete} diverged"
-    return text
+    return ", ".join([text, *notes])
 
 
 def format_delta(result: CellResult) -> str:
@@ -329,6 +337,12 @@ def describe(table: Table, results: list[CellResult], *, profile: str, fidelity:
                      f"Welch's two-sided t-test gives p < {stats.TABLE_ALPHA} (exact p in the CSV/JSON; uncorrected "
                      "for the number of rows); n < 2: a side has fewer than two runs, nothing is claimed.")
     lines.append(f"{filled} of {len(results)} cells have records in `{runs_dir}`. Paper values: {table.source}.")
+    if any(r.unreadable for r in results):
+        lines.append(f"Damaged records in `{runs_dir}` are not counted (\"unreadable\": the command named them); "
+                     "running the table again trains their runs again.")
+    if any(r.not_converged for r in results):
+        lines.append("\"not converged\": the σ search of that many bounds stopped before the loss increase "
+                     "reached ε within the tolerance; the value is the closest scale's, not the bound at ε.")
     provenance = sorted({_machine(rec) for r in results for rec in r.records})
     if provenance:
         lines.append("Runs made on: " + "; ".join(provenance) + ".")
@@ -388,7 +402,8 @@ def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fi
             "best_baseline": test.baseline if test else None, "best_baseline_mean": test.baseline_mean if test else None,
             "okdph_better": test.okdph_better if test else None, "welch_p": test.p if test else None,
             "test_note": test.note if test else None,
-            "diverged": r.not_complete, "values": r.values, "seeds": r.seeds,
+            "diverged": r.not_complete, "unreadable": r.unreadable, "not_converged": r.not_converged,
+            "values": r.values, "seeds": r.seeds,
             "run_ids": r.run_ids, "engine": r.engine, "profile": profile, "fidelity": fidelity,
             "metric": table.metric if table.metric != "accuracy" else metric,
         })

@@ -160,7 +160,8 @@ def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT
     """Render every table for every (profile, fidelity) that has records, as Markdown and as a figure;
     returns REPORT.md's path. `std`: the std convention of the tables and their error bars."""
     check_std(std)
-    store = ResultStore(results)
+    store = ResultStore.of(results)
+    store.check_writable(store.root, store.tables_dir, store.figures_dir)  # before any figure is drawn
     records = store.records()
     combos = sorted({(r.get("profile"), r.get("fidelity")) for r in records},
                     key=lambda pf: (PROFILES.index(pf[0]) if pf[0] in PROFILES else 99, str(pf[1])))

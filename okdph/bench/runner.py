@@ -45,6 +45,7 @@ class RunSummary:
     analysed: int = 0                            # records that got their analysed metric (Table 5)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run id, one-line error)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (run id, why): another worker had it
+    damaged: list[str] = field(default_factory=list)   # damaged records found: not counted, trained again
     jobs: list[str] = field(default_factory=list)      # SLURM job ids
     outputs: dict[str, Path] = field(default_factory=dict)
     markdown: str = ""
@@ -54,7 +55,7 @@ class RunSummary:
 def _plan(table_name: str, *, profile: str, seeds, methods, fidelity: str, engine: str, results,
           data_root: str, download: bool) -> tuple[Table, list, list[RunConfig], ResultStore]:
     table = get_table(table_name)
-    store = ResultStore(results)
+    store = ResultStore.of(results)
     runs = expand(table, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
                   data_root=data_root, download=download, out_dir=str(store.runs_dir))
     configs = unique_configs(runs)
@@ -114,7 +115,18 @@ def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: s
     return done, failed
 
 
-def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
+def check_before_run(store: ResultStore, configs: list[RunConfig], *, slurm: bool = False) -> None:
+    """What every run of a table needs, checked once before the first one trains: the results
+    folder takes records and tables (and SLURM's logs), and the data of `configs` is there. One
+    ConfigError/DataError line otherwise, and nothing written; not once per run, after minutes."""
+    from okdph.data import check_files
+
+    store.check_writable(store.runs_dir, store.tables_dir, *([store.root / "slurm"] if slurm else []))
+    for dataset, root, download in sorted({(c.resolved_dataset(), str(c.data_root), c.download) for c in configs}):
+        check_files(dataset, root, download)
+
+
+def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
               fidelity: str = "official", engine: str = "auto", executor: str = "local",
               gpus: str | None = None, jobs: int = 1, dry_run: bool = False, metric: str = "paper", results="results",
               data_root: str = "data", download: bool = False, progress: bool = True,
@@ -134,15 +146,23 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
         raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
     if pack_size is not None and pack_size < 1:
         raise ConfigError(f"--pack must be >= 1 run, got {pack_size}")
+    if executor == "slurm" and not dry_run:  # SLURM reachable, or one line before any work
+        from okdph.bench import slurm
+
+        slurm.check_available(slurm_cluster)
     table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
                                         fidelity=fidelity, engine=engine, results=results,
                                         data_root=data_root, download=download)
     pending = [cfg for cfg in configs if _must_train(cfg, store, table.metric)]
     summary = RunSummary(table.id, profile, len({r.cell for r in runs}), len(configs),
-                         len(configs) - len(pending), pending=[c.run_id() for c in pending])
+                         len(configs) - len(pending), pending=[c.run_id() for c in pending],
+                         damaged=[str(path) for path in store.damaged])
     if dry_run:
         summary.seconds = time.perf_counter() - started
         return summary
+    analysed = [cfg for cfg in configs if table.metric in ANALYSED_METRICS and cfg not in pending
+                and _needs_analysis(cfg, table.metric)]
+    check_before_run(store, pending + analysed, slurm=executor == "slurm")
 
     if executor == "local":
         import torch
@@ -184,30 +204,66 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | None = No
             summary.failed += failed
 
     store.refresh()
-    summary.outputs, summary.markdown = _render(table, store, profile=profile, fidelity=fidelity, metric=metric,
-                                                std=std)
+    cells = collect(table, store, profile=profile, fidelity=fidelity, metric=metric, std=std)
+    if any(r.recorded for r in cells):  # every run failed: no table of empty cells
+        summary.outputs, summary.markdown = _write(table, store, cells, profile=profile, fidelity=fidelity,
+                                                   metric=metric)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _render(table: Table, store: ResultStore, *, profile: str, fidelity: str, metric: str,
-            engine: str | None = None, std: str = DEFAULT_STD) -> tuple[dict[str, Path], str]:
-    results = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric, std=std)
-    paths = write_table(table, results, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
-                        runs_dir=store.runs_dir)
+def _write(table: Table, store: ResultStore, results, *, profile: str, fidelity: str,
+           metric: str, out_dir=None) -> tuple[dict[str, Path], str]:
+    paths = write_table(table, results, out_dir or store.tables_dir, profile=profile, fidelity=fidelity,
+                        metric=metric, runs_dir=store.runs_dir)
     return paths, paths["md"].read_text()
 
 
+def profiles_with_records(table: Table, store: ResultStore, fidelity: str = "official") -> list[str]:
+    """The profiles (in PROFILES order) under which some cell of `table` has a record."""
+    from okdph.names import PROFILES
+
+    return [p for p in PROFILES if p in table.profiles
+            and any(r.recorded for r in collect_any_engine(table, store, profile=p, fidelity=fidelity))]
+
+
+def collect_any_engine(table: Table, store: ResultStore, **options) -> list:
+    """`collect`, or for a table whose cells mix engines, every engine's records (only counted)."""
+    try:
+        return collect(table, store, **options)
+    except ConfigError:
+        return [r for engine in sorted({r.get("engine") for r in store.records()})
+                for r in collect(table, store, engine=engine, **options)]
+
+
+def default_profile(table_name: str, *, fidelity: str = "official", results="results") -> str:
+    """The profile `okdph-bench table` renders when none is given: paper if it has records, else
+    the first profile (quick, smoke) that has; paper when none has (render_table then says so)."""
+    recorded = profiles_with_records(get_table(table_name), ResultStore.of(results), fidelity)
+    return recorded[0] if recorded else "paper"
+
+
 def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "official", metric: str = "paper",
-                 engine: str | None = None, results="results", std: str = DEFAULT_STD
+                 engine: str | None = None, results="results", out_dir=None, std: str = DEFAULT_STD
                  ) -> tuple[dict[str, Path], str]:
-    """Re-render a table from the records, training nothing; returns the paths and the Markdown."""
-    store = ResultStore(results)
-    return _render(get_table(table_name), store, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
-                   std=std)
+    """Re-render a table from the records, training nothing, into `out_dir` (default: the results
+    folder's tables/); returns the paths and the Markdown. No records for the profile:
+    ConfigError naming the profiles that have some, nothing written."""
+    store = ResultStore.of(results)
+    table = get_table(table_name)
+    out_dir = Path(out_dir) if out_dir is not None else store.tables_dir
+    store.check_writable(out_dir)
+    results_ = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric, std=std)
+    if not any(r.recorded for r in results_):
+        recorded = profiles_with_records(table, store, fidelity)
+        where = (f"records exist for profile {', '.join(recorded)} (pass --profile {recorded[0]})" if recorded
+                 else f"train some with okdph-bench run --table {table.aliases[0] if table.aliases else table.id}")
+        raise ConfigError(f"no records of {table.id} for profile '{profile}', fidelity '{fidelity}' in "
+                          f"{store.runs_dir}; {where}")
+    return _write(table, store, results_, profile=profile, fidelity=fidelity, metric=metric, out_dir=out_dir)
 
 
-def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = None, methods=None,
+def plan_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
                fidelity: str = "official", engine: str = "auto", results="results", data_root: str = "data",
                download: bool = False, ddp_procs: int | None = None, include_recorded: bool = False) -> list[str]:
     """One self-contained `okdph-bench train` command per run not yet recorded (all with
@@ -219,4 +275,4 @@ def plan_table(table_name: str, *, profile: str = "paper", seeds: int | None = N
             if include_recorded or not store.is_recorded(cfg)]
 
 
-__all__ = ["EXECUTORS", "RunSummary", "plan_table", "render_table", "run_table"]
+__all__ = ["EXECUTORS", "RunSummary", "default_profile", "plan_table", "render_table", "run_table"]

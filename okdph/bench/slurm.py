@@ -3,10 +3,13 @@
 A job trains its runs one after another and skips those whose record exists, so a requeued job
 (after preemption or a timeout, submitit calls `checkpoint`) goes on with the runs not yet done.
 Jobs of one submission go out as one array job. Tests use submitit's `local` backend, which runs
-the same job objects as local processes.
+the same job objects as local processes; they ask for it by name (`cluster="local"`). Without a name
+the backend is SLURM or nothing: submitit's automatic choice would fall back to local processes on
+a machine without SLURM, which trains detached on the user's machine after the command returned.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from okdph.bench.executors import Outcome, group_packs, train_group
@@ -48,14 +51,34 @@ def pack(configs: list[RunConfig], size: int) -> list[list[RunConfig]]:
     return [configs[i:i + size] for i in range(0, len(configs), size)]
 
 
+def check_available(cluster: str | None = None) -> str:
+    """The submitit backend to submit to: `cluster` when named ("slurm", or "local"/"debug" for
+    tests), else "slurm" once SLURM is reachable (`sbatch` on PATH); ConfigError otherwise.
+    Called before any work, so a machine without SLURM is one line and nothing is written."""
+    from okdph.errors import ConfigError
+
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise ConfigError("--executor slurm needs submitit, which is not installed; use --executor local "
+                          "or `okdph-bench plan`") from None
+    if cluster is not None:
+        return cluster
+    if shutil.which("sbatch") is None:
+        raise ConfigError("--executor slurm needs SLURM, but 'sbatch' is not on PATH; run it on a SLURM "
+                          "login node, or use --executor local or `okdph-bench plan` for another scheduler")
+    return "slurm"
+
+
 def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, packed: bool = False,
            parameters: dict | None = None, cluster: str | None = None) -> list:
     """Submit one job per group; returns the submitit jobs. `parameters` go to
     `AutoExecutor.update_parameters` (e.g. slurm_partition, timeout_min, gpus_per_node); `cluster`
-    picks a submitit backend ("slurm", or "local"/"debug" for tests), None lets submitit choose."""
+    picks a submitit backend ("slurm", or "local"/"debug" for tests); None is SLURM, which must be
+    reachable (`check_available`)."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=check_available(cluster))
     params = {"timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8, "name": "okdph-bench"}
     params.update(parameters or {})
     if executor.cluster != "slurm":  # local/debug take only the generic parameters

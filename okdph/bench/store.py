@@ -5,36 +5,95 @@
     results/figures/analysis/      PAC-Bayes-per-epoch and loss-landscape figures (okdph.analysis)
     results/REPORT.md              every rendered table with its figures
 
+`results/` is every command's default (`train --out results/runs`), and git ignores what the
+commands write there (.gitignore); committed outputs live in results/reference/, where no command writes.
+
 A run is recorded once its record exists: the runner skips it. A cell's records are those whose
 cell fields (RunConfig's fields marked "cell": method, backbone, dataset, setting, students,
 overrides, fidelity, profile, epochs, width, precision, …) equal the cell configuration's, and whose
 run id is the one that configuration gets with the record's seed and engine. Seeds added later
 simply raise the cell's n, and a cell never mixes profiles or fidelities (nor engines: the renderer
 checks that).
+
+A damaged record (unparseable, or a field of the wrong type: okdph.engine.record.record_problem) is
+never silently dropped: it is not counted as recorded (`run` trains the run again, which sets the
+file aside as `<name>.corrupt`), the store reports it by name once (`report`, a callable taking one
+line; the CLI prints it), and the tables count a cell's damaged records (`damaged_for`).
 """
 from __future__ import annotations
 
-import json
-import warnings
+import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from okdph.engine.recipe import SMOKE_WIDTH
+from okdph.engine.record import read_record
 from okdph.engine.run import RunConfig, cell_key
+from okdph.errors import ConfigError, DamagedRecord
+
+_SEED = re.compile(r"-seed(\d+)-[0-9a-f]{8}$")  # the seed in a run id (RunConfig.run_id)
+RESOLVED_ENGINES = ("reference", "fast")  # what a record's engine field holds
 
 
 class ResultStore:
-    """Records under `root/runs`, read once and indexed by their main fields."""
+    """Records under `root/runs`, read once and indexed by their main fields. `report` gets one
+    line per damaged record, once each (by default nothing is printed: the tables count them)."""
 
-    def __init__(self, root="results"):
+    def __init__(self, root="results", *, report: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.runs_dir = self.root / "runs"
         self.tables_dir = self.root / "tables"
         self.figures_dir = self.root / "figures"
         self.analysis_dir = self.figures_dir / "analysis"  # `pacbayes --per-epoch`, `landscape` (+ data)
+        self.report = report
+        self.damaged: dict[Path, str] = {}  # damaged record -> why, as found so far
         self._index: dict[str, list[dict]] | None = None
 
+    @classmethod
+    def of(cls, results) -> ResultStore:
+        """`results` itself when it is a store (the CLI passes one that reports), else a store on it."""
+        return results if isinstance(results, ResultStore) else cls(results)
+
+    def check_folder(self) -> None:
+        """A results folder whose runs/ (or the folder itself, or a folder above it) is a file holds
+        no records, and a run cannot write one there: one ConfigError line, not an empty table."""
+        existing = self.runs_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise ConfigError(f"results folder '{self.runs_dir}' is not a folder: '{existing}' is a file; "
+                              "move it away or pass another --results")
+
+    def check_writable(self, *folders: Path) -> None:
+        """Each of `folders` (default: runs/ and tables/) takes a file; nothing is created."""
+        from okdph.engine.run import check_writable
+
+        self.check_folder()
+        for folder in folders or (self.runs_dir, self.tables_dir):
+            check_writable(folder, create=False)
+
+    def _damaged(self, path: Path, exc: ConfigError) -> None:
+        if path not in self.damaged:
+            self.damaged[path] = str(exc)
+            if self.report:
+                self.report(f"{exc}; not counted as recorded" + (
+                    f" (`okdph-bench run` or `train` trains the run again and sets the file aside as "
+                    f"{path.name}.corrupt)" if isinstance(exc, DamagedRecord) else ""))
+
     def is_recorded(self, cfg: RunConfig) -> bool:
-        return cfg.record_path().exists()
+        """The run's record exists and is usable; a damaged one is reported and is not a record. A
+        record of another run under this run's name is refused (ConfigError), never overwritten."""
+        self.check_folder()
+        path = cfg.record_path()
+        if not path.exists():
+            return False
+        try:
+            read_record(path, cfg.run_id())
+        except DamagedRecord as exc:
+            self._damaged(path, exc)
+            return False
+        return True
 
     def refresh(self) -> None:
         self._index = None
@@ -44,14 +103,13 @@ class ResultStore:
 
     def _build(self) -> dict[str, list[dict]]:
         if self._index is None:
+            self.check_folder()
             self._index = {}
             for path in sorted(self.runs_dir.glob("*.json")):
                 try:
-                    record = json.loads(path.read_text())
-                except (OSError, json.JSONDecodeError) as exc:  # records are written atomically:
-                    warnings.warn(f"skipping unreadable record {path}: {exc}", stacklevel=2)  # a foreign file
-                    continue
-                if not isinstance(record, dict) or "run_id" not in record:
+                    record = read_record(path)
+                except ConfigError as exc:  # damaged, or another run's record under this name
+                    self._damaged(path, exc)
                     continue
                 self._index.setdefault(cell_key(record), []).append(record)
         return self._index
@@ -62,3 +120,68 @@ class ResultStore:
         found = [r for r in candidates if (engine is None or r.get("engine") == engine)
                  and r["run_id"] == replace(cfg, seed=r.get("seed"), engine=r.get("engine")).run_id()]
         return sorted(found, key=lambda r: (r.get("seed", 0), r.get("created", "")))
+
+    def damaged_for(self, cfg: RunConfig, engine: str | None = None) -> list[Path]:
+        """The damaged records of `cfg`'s cell (of `engine` only, when given): those whose file name
+        is the run id of a seed of the cell (their content cannot be trusted to say so)."""
+        self._build()
+        found = []
+        for path in self.damaged:
+            seed = _SEED.search(path.stem)
+            if path.parent == self.runs_dir and seed and any(
+                    path.stem == replace(cfg, seed=int(seed.group(1)), engine=e).run_id()
+                    for e in ((engine,) if engine else RESOLVED_ENGINES)):
+                found.append(path)
+        return sorted(found)
+
+    def listing(self) -> list[dict]:
+        """Every run of runs/, oldest first: one row per record (method, cell, seed, status, the
+        metrics, when it was made), per damaged record (status "damaged") and per run interrupted
+        before its record was written (a resume checkpoint alone: status "interrupted")."""
+        rows = []
+        for record in self.records():
+            metrics = record.get("metrics", {})
+            bound = metrics.get("pacbayes")
+            rows.append({"run_id": record["run_id"], "method": record.get("method", "?"), "cell": cell_name(record),
+                         "profile": record.get("profile"),
+                         "seed": record.get("seed"), "status": record.get("status", "?"),
+                         "paper": metrics.get("paper", {}).get("acc"), "final": metrics.get("final", {}).get("acc"),
+                         "pacbayes": bound.get("value") if isinstance(bound, dict) else bound,
+                         "converged": (record.get("pacbayes") or {}).get("converged"),
+                         "created": record.get("created") or _mtime(self.runs_dir / f"{record['run_id']}.json")})
+        others = [(path, "damaged") for path in self.damaged if path.parent == self.runs_dir]
+        others += [(path, "interrupted") for path in self.runs_dir.glob("*.ckpt.pt")
+                   if not path.with_name(path.name[:-len(".ckpt.pt")] + ".json").exists()]
+        for path, status in others:
+            run_id = path.name.split(".")[0]
+            seed = _SEED.search(run_id)
+            rows.append({"run_id": run_id, "method": run_id.split("-")[0], "cell": run_id,
+                         "profile": run_id[:seed.start()].rsplit("-", 1)[-1] if seed else None,
+                         "seed": int(seed.group(1)) if seed else None, "status": status, "paper": None,
+                         "final": None, "pacbayes": None, "converged": None, "created": _mtime(path)})
+        return sorted(rows, key=lambda r: str(r["created"]))
+
+
+def cell_name(record: dict) -> str:
+    """A record's cell in a few words: backbone, dataset, setting, students, fidelity, profile and
+    whatever else is not the default (epochs, width, train_samples, precision, hyper-parameters)."""
+    parts = [str(record.get(k)) for k in ("backbone", "dataset", "setting")]
+    parts += [f"n{record.get('students')}", str(record.get("fidelity")), str(record.get("profile"))]
+    parts += [f"{k}={record[k]}" for k in ("epochs", "train_samples") if record.get(k) is not None]
+    if record.get("width") not in (None, SMOKE_WIDTH if record.get("profile") == "smoke" else 1.0):
+        parts.append(f"width={record['width']}")
+    if record.get("precision", "fp32") != "fp32":
+        parts.append(str(record["precision"]))
+    overrides = record.get("overrides")
+    if isinstance(overrides, dict):
+        parts += [f"{k}={v}" for k, v in overrides.items()]
+    return " ".join(parts)
+
+
+def _mtime(path: Path) -> str:
+    from datetime import datetime, timezone
+
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    except OSError:
+        return ""

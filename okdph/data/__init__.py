@@ -2,8 +2,8 @@
 and the noisy / limited-data settings. See docs/methods.md#data."""
 
 from .datasets import (
-    SETTINGS, ArrayDataset, MultiView, NoisyDataset, build_test_set, build_train_set, limited_indices,
-    load_arrays,
+    SETTINGS, ArrayDataset, MultiView, NoisyDataset, build_test_set, build_train_set, check_files,
+    limited_indices, load_arrays,
 )
 from .info import DATASETS, DataError, DatasetInfo, get_info
 from .synthetic import make_synthetic
@@ -11,6 +11,6 @@ from .transforms import VIEWS, Cutout, build_test_transform, build_train_transfo
 
 __all__ = [
     "DATASETS", "SETTINGS", "VIEWS", "ArrayDataset", "Cutout", "DataError", "DatasetInfo", "MultiView",
-    "NoisyDataset", "build_test_set", "build_test_transform", "build_train_set", "build_train_transform",
+    "NoisyDataset", "build_test_set", "build_test_transform", "build_train_set", "check_files", "build_train_transform",
     "get_info", "limited_indices", "load_arrays", "make_synthetic",
 ]

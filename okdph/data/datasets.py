@@ -25,7 +25,7 @@ from .transforms import build_test_transform, build_train_transform
 
 __all__ = [
     "SETTINGS", "ArrayDataset", "MultiView", "NoisyDataset",
-    "build_test_set", "build_train_set", "limited_indices", "load_arrays",
+    "build_test_set", "build_train_set", "check_files", "limited_indices", "load_arrays",
 ]
 
 _LIMITED_PERCENT = {"limited10": 10, "limited1": 1}
@@ -62,6 +62,41 @@ def _cifar_arrays(name: str, root, train: bool, download: bool) -> tuple[np.ndar
         raise DataError(f"could not download {title} to {os.fspath(root)}: {detail}; "
                         "check the network or fetch it by hand and pass --data-root") from err
     return np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+
+
+def check_files(name: str, root, download: bool = False) -> None:
+    """Check that a dataset's files are where a run will read them, reading no images: CIFAR's
+    batch files (md5-checked, as torchvision does) unless `download`, ImageNet's train/ and val/
+    folders. DataError (one line, saying what to do) otherwise. `okdph-bench run` calls it once
+    per dataset before any run trains; a run that loads its data checks again anyway."""
+    if name in _CIFAR_TITLE:
+        if download:  # fetched by the first run that needs it
+            return
+        from torchvision import datasets
+        from torchvision.datasets.utils import check_integrity
+
+        title = _CIFAR_TITLE[name]
+        if root is None:
+            raise DataError(f"{title} needs a data root; pass --data-root (add --download to fetch it there)")
+        cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+        folder = os.path.join(os.fspath(root), cls.base_folder)
+        files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+        for filename, md5 in files:
+            path = os.path.join(folder, filename)
+            if not os.path.isfile(path):
+                raise DataError(f"{title} not found under {os.fspath(root)} (no {path}); "
+                                "pass --download to fetch it or --data-root to point at it")
+            if not check_integrity(path, md5):
+                raise DataError(f"{title} under {os.fspath(root)} is corrupted ({path} fails its md5 check); "
+                                "delete it and pass --download, or point --data-root at a good copy")
+    elif name == "imagenet":
+        if root is None:
+            raise DataError("imagenet needs a data root; pass --data-root pointing at a folder with train/ and val/")
+        for split in ("train", "val"):
+            path = os.path.join(os.fspath(root), split)
+            if not os.path.isdir(path):
+                raise DataError(f"ImageNet folder {path} not found (expected an ImageFolder root with train/ and "
+                                "val/); pass --data-root to point at it")
 
 
 def _digits_arrays(train: bool) -> tuple[np.ndarray, np.ndarray]:

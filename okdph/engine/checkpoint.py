@@ -31,19 +31,39 @@ def atomic_torch_save(path: Path, obj) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
+# What each kind of file is, and what to do when it cannot be read (the user sees one line).
+_REMEDY = {
+    "resume checkpoint": "it is the resume checkpoint of an interrupted run, not a result: delete it to start "
+                         "the run over",
+    "trajectory point": "it is a trajectory point (weights kept by --save-every for the analyses): delete the "
+                        "run's .traj folder and train the run again with --save-every",
+}
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load failed, in a few words: torch's messages run to paragraphs (and the
+    weights-only one suggests loading the file unsafely, which this suite never does)."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Weights only load failed"):
+        return "it holds objects other than tensors and plain data, which are never loaded (they could run code)"
+    first = text.split(". ")[0].rstrip(".") or type(exc).__name__
+    return first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."  # whole words only
+
+
 def safe_load(path: Path, *, kind: str, map_location="cpu") -> dict:
-    """torch.load with weights_only=True; any failure is one CheckpointError line naming the file."""
+    """torch.load with weights_only=True; any failure is one CheckpointError line naming the file,
+    what it is and what to do."""
     path = Path(path)
+    remedy = _REMEDY.get(kind, "delete it")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{kind} '{path}' does not exist") from None
     except Exception as exc:  # truncated zip, pickle of arbitrary objects, not a torch file at all
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{kind} '{path}' is unreadable (truncated or not an okdph-bench file): "
-                              f"{reason}") from None
+        raise CheckpointError(f"{kind} '{path}' is unreadable (truncated or not an okdph-bench file: "
+                              f"{_load_failure(exc)}); {remedy}") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
-        raise CheckpointError(f"'{path}' is not an okdph-bench {kind}")
+        raise CheckpointError(f"'{path}' is not an okdph-bench {kind}; {remedy}")
     return data
 
 
@@ -161,14 +181,16 @@ def load_resume_checkpoint(path: Path, cfgs) -> dict:
 # Preemption
 
 class StopRequest:
-    """SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's pre-timeout signals) ask the run to stop after the step.
+    """SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's pre-timeout signals) and SIGINT (Ctrl-C) ask the run
+    to stop after the step.
 
     Callable: True once a signal arrived. `hand_over` is called after the checkpoint is on disk:
     it gives the signal to the handler that was installed before (submitit's, which requeues the
-    job), and otherwise raises Preempted.
+    job), and otherwise raises Preempted: Ctrl-C ends like SIGTERM, with the checkpoint written and
+    how to resume. A second Ctrl-C before the step ends interrupts at once (KeyboardInterrupt).
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # SLURM --signal: USR1 by habit, USR2 under submitit
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # SLURM --signal: USR1 by habit, USR2 under submitit
 
     def __init__(self):
         self.signum: int | None = None
@@ -183,6 +205,8 @@ class StopRequest:
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.signum = signum
 
     def __call__(self) -> bool:
@@ -200,6 +224,7 @@ class StopRequest:
     def hand_over(self, message: str):
         previous = self.previous.get(self.signum)
         self.restore()
-        if callable(previous):
+        # Python's own SIGINT handler would raise KeyboardInterrupt: the message would not say how to resume
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
         raise Preempted(message)

@@ -13,17 +13,34 @@ from pathlib import Path
 import torch
 
 import okdph
+from okdph.errors import DamagedRecord
 
 SCHEMA_VERSION = 1
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write, *, binary: bool = False) -> None:
     """Call `write(handle)` on a temporary file in the same folder, fsync, then rename over `path`:
-    a reader sees the old file or the new one, never a truncated one."""
+    a reader sees the old file or the new one, never a truncated one. The file gets the mode any
+    new file gets (0666 less the umask): mkstemp creates 0600, which would keep colleagues out of
+    a shared results folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()
@@ -42,23 +59,84 @@ def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write(path, write)
 
 
-def read_record(path: Path, run_id: str | None = None) -> dict:
-    """A record file, checked: JSON, an okdph-bench record, and the run `run_id` when given (the
-    file name says which run it must be). One ConfigError line otherwise."""
-    from okdph.strategy import ConfigError
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+# The type of each top-level field a record may hold (docs/protocol.md#run-records); checked when present.
+_FIELD_TYPES = {"schema": int, "run_id": str, "status": str, "method": str, "seed": int, "created": str,
+                "hparams": dict, "history": dict, "metrics": dict, "timing": dict, "provenance": dict,
+                "resumes": list, "pacbayes": dict}
+
+
+def record_problem(record) -> str | None:
+    """Why a parsed record cannot be used (a field of the wrong type: "acc": "high", history null,
+    ...), or None. Checks what the tables, report and analyses read; a field that is absent is not
+    a problem (older and minimal records lack some)."""
+    if not isinstance(record, dict) or "run_id" not in record or "schema" not in record:
+        return "not an okdph-bench run record (no run_id and schema)"
+    for key, kind in _FIELD_TYPES.items():
+        value = record.get(key, kind())
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{key} is {_shown(value)}, not {'a number' if kind is int else 'a ' + kind.__name__}"
+    metrics = record.get("metrics", {})
+    for name in ("paper", "final"):
+        if name in metrics and not (isinstance(metrics[name], dict) and _is_number(metrics[name].get("acc"))):
+            return f"metrics.{name} is {_shown(metrics[name])}, not an accuracy"
+    bound = metrics.get("pacbayes")
+    if bound is not None and not (_is_number(bound) or isinstance(bound, dict) and _is_number(bound.get("value"))):
+        return f"metrics.pacbayes is {_shown(bound)}, not a number"
+    curves = record.get("history", {}).get("test_acc", {})
+    if not isinstance(curves, dict) or not all(isinstance(c, list) and all(map(_is_number, c))
+                                               for c in curves.values()):
+        return f"history.test_acc is {_shown(curves)}, not lists of accuracies per head"
+    return None
+
+
+def load_record(path: Path) -> dict:
+    """A record file, parsed and checked (`record_problem`); DamagedRecord (one line naming the
+    file and what is wrong with it) otherwise."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"record '{path}' is unreadable: {exc}") from None
-    if not isinstance(record, dict) or "run_id" not in record or "schema" not in record:
-        raise ConfigError(f"'{path}' is not an okdph-bench run record")
+        raise DamagedRecord(f"record '{path}' is unreadable: {exc}") from None
+    problem = record_problem(record)
+    if problem:
+        raise DamagedRecord(f"record '{path}' is damaged: {problem}")
+    return record
+
+
+def read_record(path: Path, run_id: str | None = None) -> dict:
+    """A record file, checked: readable, an okdph-bench record with fields of the right types
+    (else DamagedRecord), and the run `run_id` when given (the file name says which run it must
+    be; else ConfigError: a record of another run is never set aside nor overwritten)."""
+    from okdph.errors import ConfigError
+
+    path = Path(path)
+    record = load_record(path)
     expected = run_id or path.stem
     if record["run_id"] != expected:
         raise ConfigError(f"record '{path}' is of run '{record['run_id']}', not '{expected}' "
                           "(a record from another configuration); move it away")
     return record
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged record to `<name>.corrupt` (`.corrupt1`, ... if taken) beside it: kept for
+    inspection, never deleted, and out of the records (`*.json`). Returns the new path."""
+    path = Path(path)
+    target, n = path.with_name(path.name + ".corrupt"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt{n}")
+    os.replace(path, target)
+    return target
 
 
 # What differs between two executions of the same run by necessity: clocks, machine, resumes.

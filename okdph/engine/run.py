@@ -11,12 +11,14 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restor
 from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
-                                 summarise)
+                                 set_aside, summarise)
+from okdph.errors import DamagedRecord
 from okdph.models import image_size as backbone_image_size
 from okdph.models import list_backbones
 from okdph.names import ENGINES, PRECISIONS
@@ -46,6 +49,9 @@ from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, c
 # cell index (okdph.bench.store) all derive from these marks. Unmarked fields say where and how a run
 # executes and never change its result. `resolve`: the method that fills in a profile default.
 CELL, SEED, ENGINE = {"identity": "cell"}, {"identity": "seed"}, {"identity": "engine"}
+
+
+PROGRESS_EVERY_S = 1.0  # the progress bar shows the step in flight at most this often (and at least, per step)
 
 
 def _mark(role: dict, default=dataclasses.MISSING, **extra):
@@ -75,7 +81,7 @@ class RunConfig:
     download: bool = False
     workers: int | None = None       # DataLoader workers; None: 0 for in-process small data, else 8
     train_samples: int | None = _mark(CELL, None, omit_if_none=True)  # the first N training images; None: the profile's
-    out_dir: str = "runs"
+    out_dir: str = "results/runs"   # the runs/ of the results folder every command reads
     ddp: bool = False                # one process of a torchrun job (engine/distributed.py)
     save_every: int | None = None    # keep the students' weights every E epochs (trajectory)
     checkpoint_every: int = 1        # resume checkpoint every E epochs, 0: never
@@ -176,8 +182,13 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"students must be >= 1, got {cfg.students}")
     if cfg.train_samples is not None and cfg.train_samples < 1:
         raise ConfigError(f"train_samples must be >= 1, got {cfg.train_samples}")
-    if cfg.resolved_width() <= 0:
-        raise ConfigError(f"width must be > 0, got {cfg.width}")
+    if not math.isfinite(cfg.resolved_width()) or cfg.resolved_width() <= 0:
+        raise ConfigError(f"width must be > 0 and finite, got {cfg.width}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    if not 0 <= cfg.seed < 2 ** 32:  # numpy's seed range
+        raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
+    resolve_device(cfg.device)
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must be >= 0 epochs (0: never), got {cfg.checkpoint_every}")
     if cfg.save_every is not None and cfg.save_every < 1:
@@ -186,12 +197,24 @@ def validate(cfg: RunConfig):
     return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
 
 
+DEVICE_HELP = "auto, cpu, cuda, cuda:N"
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N) stands for on this machine; ConfigError for
+    anything else (torch knows device types this suite does not run on) or a GPU that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device '{name}'; valid: {DEVICE_HELP}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' is not available; this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -241,11 +264,22 @@ def build_data(cfg: RunConfig, views: list[str], recipe) -> tuple:
     return _first(train_set, train_cap), _first(test_set, recipe.test_samples)
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` and prove it takes a file (os.access says yes to root on a read-only mount)."""
+def check_writable(folder: Path, *, create: bool = True) -> None:
+    """Prove `folder` takes a file (os.access says yes to root on a read-only mount): create it and
+    write a probe there; with `create=False`, create nothing and probe it, or the nearest folder
+    above it that exists (the commands that check before working leave no trace when they refuse)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under a file, '{existing}'"
+        raise ConfigError(f"results folder '{folder}' is not writable: it {where}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-")
         probe.close()
     except OSError as exc:
         raise ConfigError(f"results folder '{folder}' is not writable: {exc.strerror or exc}") from None
@@ -333,10 +367,15 @@ class AlreadyRecorded(Exception):
 
 def is_done(cfg: RunConfig) -> bool:
     """Recorded, with the trajectory points when the configuration asks for them. A file at the
-    record's path that is not this run's record is refused (ConfigError), never overwritten."""
+    record's path that is not this run's record is refused (ConfigError), never overwritten; a
+    damaged one (unreadable, wrong types) is not a record: the run trains again and the file is
+    set aside as `<name>.corrupt` when the new record is written."""
     if not cfg.record_path().exists():
         return False
-    read_record(cfg.record_path(), cfg.run_id())
+    try:
+        read_record(cfg.record_path(), cfg.run_id())
+    except DamagedRecord:
+        return False
     return cfg.save_every is None or trajectory_dir(cfg.record_path()).is_dir()
 
 
@@ -474,6 +513,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
                                      "cpu_threads": torch.get_num_threads(),  # results depend on it on CPU
                                      **({"packed": True} if len(cfgs) > 1 else {})})
         restore_rng(saved["rng"], device)
+        tqdm.write(f"resuming {name} from {resume_path}: epoch {states[0]['epoch']}, step {engine_step(engine)}",
+                   file=sys.stderr)  # a resumed run says so, even with --quiet
     elif trajectories:
         for (folder, meta), strategy in zip(trajectories, strategies):
             save_trajectory_point(folder, 0, strategy, meta)
@@ -490,13 +531,23 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
     stop.install()
     bar = tqdm(range(states[0]["epoch"], recipe.epochs), desc=name[:48], unit="ep", disable=not progress,
                leave=False)
+    shown = {"at": time.monotonic(), "acc": ""}
+
+    def step_done() -> bool:
+        """Asked by the engine after every step: stop? Also redraws the bar every second, so a long
+        epoch shows its step (tqdm alone redraws per epoch)."""
+        if progress and time.monotonic() - shown["at"] >= PROGRESS_EVERY_S:
+            shown["at"] = time.monotonic()
+            bar.set_postfix_str(f"step {engine_step(engine)}{shown['acc']}")
+        return stop()
+
     try:
         for epoch in bar:
             t0 = time.perf_counter()
             for p in live:
                 if len(histories[p]["lr"]) == epoch:  # not when resuming mid-epoch
                     histories[p]["lr"].append(engine.current_lr())
-            trained = engine.train_epoch(epoch, should_stop=stop)
+            trained = engine.train_epoch(epoch, should_stop=step_done)
             if trained is None:  # stopped mid-epoch: keep the position and leave
                 for p in live:
                     states[p]["train_s"] += time.perf_counter() - t0
@@ -510,7 +561,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
             for p in live:
                 log_epoch(histories[p], states[p], epoch, trained[p], tested[p], train_s=t1 - t0, eval_s=t2 - t1,
                           epoch_s=time.perf_counter() - t0)
-            bar.set_postfix(acc=f"{max(tested[0].values()):.2f}", loss=f"{sum(trained[0]['loss'].values()):.3f}")
+            shown["acc"] = f", acc {max(tested[0].values()):.2f}, loss {sum(trained[0]['loss'].values()):.3f}"
+            bar.set_postfix_str(f"epoch {epoch + 1} done{shown['acc']}")
             live = [p for p in live if states[p]["status"] == "complete"]  # a diverged run's record ends here
             if not live:
                 break
@@ -539,6 +591,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
         distributed.teardown()
     if writes:
         for cfg in cfgs:
+            if cfg.record_path().exists() and not is_done(replace(cfg, save_every=None)):
+                set_aside(cfg.record_path())  # a damaged record: kept beside the new one, never lost
             atomic_write_json(cfg.record_path(), records[cfg.run_id()])
         resume_path.unlink(missing_ok=True)  # after the records: a kill in between only re-writes them
     return records

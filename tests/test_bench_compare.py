@@ -19,7 +19,6 @@ from okdph.cli import main
 # five values with mean 0 and sample std exactly 1: "mean m, std s over 5 seeds" is m + s * UNIT
 UNIT = [v / math.sqrt(2.5) for v in (-2.0, -1.0, 0.0, 1.0, 2.0)]
 ROW = {"dataset": "cifar10", "backbone": "resnet32", "setting": "standard"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def seeds(mean: float, std: float, order=UNIT) -> list[float]:

@@ -125,12 +125,13 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resume_says_from_where(tm
     the command line) with how to resume; the rerun says it resumes, from which checkpoint and
     step, and ends as an uninterrupted run."""
     cfg = tiny("dml", "reference", out_dir=str(tmp_path))
+    before = signal.getsignal(signal.SIGINT)  # Python's handler; SIG_IGN in a process started in the background
     with monkeypatch.context() as patch:
         stop_at(patch, 2, signal.SIGINT)
         with pytest.raises(Preempted, match=r"stopped by SIGINT at epoch 0, step 2; rerun the same command to "
                                             r"resume from .*\.ckpt\.pt"):
             train_run(cfg, progress=False)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C is Python's again"
+    assert signal.getsignal(signal.SIGINT) == before, "Ctrl-C has its handler back"
     capsys.readouterr()
     record = train_run(cfg, progress=False)
     assert f"resuming {cfg.run_id()} from {cfg.checkpoint_path()}: epoch 0, step 2" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Per-run lock files, so that concurrent workers on one results folder run each run once (docs/verification.md#concurrency-divergence-and-bad-input).
+"""Per-run lock files, so that concurrent workers on one results folder run each run once
+(docs/verification.md#concurrency-divergence-and-bad-input).
 
 A worker holds `<out_dir>/<run_id>.lock` while it trains that run. The lock is a small JSON file
 ({host, node, pid, started, token}) created with O_CREAT|O_EXCL, which is atomic on local file systems

@@ -2,7 +2,8 @@
 
 Networks run one after another in eager fp32 (or fp64, for checks that must not depend on the CPU's
 float32 kernels) on batches from a CPU DataLoader with torchvision PIL transforms. It is the
-baseline that the fast GPU path is checked and timed against. Nothing here knows which method it trains: the strategy supplies the losses, hooks and heads.
+baseline that the fast GPU path is checked and timed against. Nothing here knows which method it
+trains: the strategy supplies the losses, hooks and heads.
 """
 from __future__ import annotations
 

@@ -236,12 +236,6 @@ def build_strategy(strategy_cls, config, cfg: RunConfig, info):
                         width=cfg.resolved_width())
 
 
-def engine_step(engine) -> int:
-    """The next step of the epoch an engine has in flight (0 between epochs)."""
-    progress = getattr(engine, "progress", None)
-    return progress.step if progress is not None else getattr(engine, "step", 0)
-
-
 def _first(dataset, count: int | None):
     """The first `count` items of an in-memory dataset, as a copy of the same type with the same
     attributes (the smoke profile's short epochs); the dataset itself when `count` is None."""
@@ -490,8 +484,10 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
         strategies.append(strategy)
     train_set, test_set = build_data(first, strategies[0].views(), recipe)
     size = info.image_size  # a blank probe: no data read, no random number drawn
-    check_heads(strategies[0], torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(strategies[0])))
-    workers = first.workers if first.workers is not None else (8 if dataset in ("cifar10", "cifar100", "imagenet") else 0)
+    probe = torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(strategies[0]))
+    check_heads(strategies[0], probe)
+    small = dataset not in ("cifar10", "cifar100", "imagenet")  # digits, synthetic: workers would cost more
+    workers = first.workers if first.workers is not None else (0 if small else 8)
     engine = build_engine(cfgs, strategies, train_set, test_set, recipe, device, workers)
 
     runs = range(len(cfgs))
@@ -513,7 +509,7 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
                                      "cpu_threads": torch.get_num_threads(),  # results depend on it on CPU
                                      **({"packed": True} if len(cfgs) > 1 else {})})
         restore_rng(saved["rng"], device)
-        tqdm.write(f"resuming {name} from {resume_path}: epoch {states[0]['epoch']}, step {engine_step(engine)}",
+        tqdm.write(f"resuming {name} from {resume_path}: epoch {states[0]['epoch']}, step {engine.step}",
                    file=sys.stderr)  # a resumed run says so, even with --quiet
     elif trajectories:
         for (folder, meta), strategy in zip(trajectories, strategies):
@@ -538,7 +534,7 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
         epoch shows its step (tqdm alone redraws per epoch)."""
         if progress and time.monotonic() - shown["at"] >= PROGRESS_EVERY_S:
             shown["at"] = time.monotonic()
-            bar.set_postfix_str(f"step {engine_step(engine)}{shown['acc']}")
+            bar.set_postfix_str(f"step {engine.step}{shown['acc']}")
         return stop()
 
     try:
@@ -570,7 +566,8 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
             if trajectories and (done % first.save_every == 0 or done == recipe.epochs):
                 engine.write_back()
                 for p in live:
-                    save_trajectory_point(*trajectories[p][:1], done, strategies[p], trajectories[p][1])
+                    folder, meta = trajectories[p]
+                    save_trajectory_point(folder, done, strategies[p], meta)
             if first.checkpoint_every and done % first.checkpoint_every == 0 and done < recipe.epochs:
                 checkpoint()
             if stop():  # preempted at an epoch boundary (or under DDP, which finishes its epoch)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -48,6 +49,17 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class RandomImages:
+    """A minimal in-memory dataset, what the fast engine reads: n random 32x32 RGB uint8 images with
+    targets in 0..9, drawn from `seed`, and the dataset's constants `info`."""
+
+    def __init__(self, n, info, seed):
+        rng = np.random.default_rng(seed)
+        self.images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.targets = rng.integers(0, 10, n)
+        self.info = info
 
 
 def stop_at(monkeypatch, call: int, signum=signal.SIGTERM):

@@ -15,6 +15,8 @@ from okdph.engine.run import RunConfig, train_run
 from okdph.okdph import OKDPH
 from okdph.strategy import build_config
 
+from conftest import RandomImages
+
 ALL_DIGITS = 100_000  # a cap above the 1,442 digits training images: the whole set
 
 
@@ -37,16 +39,6 @@ def test_device_lr_sgd_matches_torch_sgd():
             assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
 
 
-class _Arrays:
-    """A minimal in-memory dataset: what the fast engine reads."""
-
-    def __init__(self, n, info, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-        self.targets = torch.randint(0, 10, (n,), generator=g).numpy()
-        self.info = info
-
-
 def test_fast_step_equals_reference_step_on_the_same_batch():
     torch.manual_seed(0)
     info = get_info("cifar10")
@@ -55,7 +47,7 @@ def test_fast_step_equals_reference_step_on_the_same_batch():
                       width=0.125).double()
     fast_strategy = copy.deepcopy(reference)
     recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
-    engine = FastEngine(fast_strategy, _Arrays(8, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0, graphs=False, fuse=True)
+    engine = FastEngine(fast_strategy, RandomImages(8, info, 0), RandomImages(8, info, 1), recipe, "cpu", seed=0, graphs=False, fuse=True)
     assert engine.fused == ["students"]
     engine.train_epoch(0)  # one step: 8 images, batch size 128
     views, targets = engine.epoch_views, engine.epoch_targets  # the epoch's augmented views, in its order
@@ -74,7 +66,7 @@ def test_epoch_buffers_keep_their_address_for_captured_graphs():
     strategy = OKDPH(config=build_config(OKDPH.Config), backbone="resnet32", num_classes=10, num_models=2,
                      dataset=info, width=0.125)
     recipe = resolve_recipe("paper", "cifar10")
-    engine = FastEngine(strategy, _Arrays(64, info, 0), _Arrays(8, info, 1), recipe, "cpu", seed=0)
+    engine = FastEngine(strategy, RandomImages(64, info, 0), RandomImages(8, info, 1), recipe, "cpu", seed=0)
     engine.train_epoch(0)
     address, first = engine.epoch_views.data_ptr(), engine.epoch_views.clone()
     engine.train_epoch(1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,16 +26,10 @@ from okdph.engine.recipe import resolve_recipe
 from okdph.okdph import OKDPH
 from okdph.strategy import build_config, get_strategy, list_strategies
 
+from conftest import RandomImages
+
 BATCH = 4
 IMAGES = 4 * BATCH + 2  # four full batches and a partial one of two images (BatchNorm needs two): steps 0-4
-
-
-class _Images:
-    def __init__(self, n, info, seed):
-        rng = np.random.default_rng(seed)
-        self.images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        self.targets = rng.integers(0, 10, n)
-        self.info = info
 
 
 class RecordingGraph:
@@ -134,7 +127,7 @@ def test_batch_level_fusion_alternates_keys_and_the_partial_batch_gets_its_own()
     # OKDPH fusing every 2 batches: the key is (fusion step?, batch size), alternating True/False.
     strategy = build("okdph", {"interval": "2b"})
     info = get_info("cifar10")
-    engine = record_graphs(FastEngine(strategy, _Images(IMAGES, info, 0), _Images(4, info, 1), recipe(), "cpu",
+    engine = record_graphs(FastEngine(strategy, RandomImages(IMAGES, info, 0), RandomImages(4, info, 1), recipe(), "cpu",
                                       seed=0, fuse=True))
     assert (engine.full_batches, engine.remainder) == (4, 2)
     assert train(engine, 3) == [
@@ -148,8 +141,8 @@ def test_batch_level_fusion_alternates_keys_and_the_partial_batch_gets_its_own()
 
 
 def test_a_step_that_never_changes_has_one_graph_per_batch_size():
-    engine = record_graphs(FastEngine(build("dml"), _Images(IMAGES, get_info("cifar10"), 0),
-                                      _Images(4, get_info("cifar10"), 1), recipe(), "cpu", seed=0, fuse=True))
+    engine = record_graphs(FastEngine(build("dml"), RandomImages(IMAGES, get_info("cifar10"), 0),
+                                      RandomImages(4, get_info("cifar10"), 1), recipe(), "cpu", seed=0, fuse=True))
     assert train(engine, 2) == [
         ["eager", "capture", "replay 1", "replay 1", "eager"],
         ["replay 1", "replay 1", "replay 1", "replay 1", "capture"],
@@ -159,8 +152,8 @@ def test_a_step_that_never_changes_has_one_graph_per_batch_size():
 
 def test_an_epoch_keyed_step_is_captured_again_every_epoch():
     # ONE's distillation weight ramps up by epoch: the default key ("epoch", epoch).
-    engine = record_graphs(FastEngine(build("one"), _Images(IMAGES, get_info("cifar10"), 0),
-                                      _Images(4, get_info("cifar10"), 1), recipe(), "cpu", seed=0, fuse=True))
+    engine = record_graphs(FastEngine(build("one"), RandomImages(IMAGES, get_info("cifar10"), 0),
+                                      RandomImages(4, get_info("cifar10"), 1), recipe(), "cpu", seed=0, fuse=True))
     first_epoch = ["eager", "capture", "replay 1", "replay 1", "eager"]
     assert train(engine, 2) == [first_epoch, first_epoch]
     # the partial batch's key is met once per epoch, so it is never captured
@@ -187,7 +180,7 @@ def single(method, overrides=None, fidelity="official"):
     def make():
         info = get_info("cifar10")
         strategy = build(method, overrides, fidelity=fidelity)
-        engine = FastEngine(strategy, _Images(IMAGES, info, 0), _Images(4, info, 1), recipe(), "cpu", seed=0,
+        engine = FastEngine(strategy, RandomImages(IMAGES, info, 0), RandomImages(4, info, 1), recipe(), "cpu", seed=0,
                             fuse=True, graphs=False)
         return engine, [strategy]
     return make
@@ -244,15 +237,15 @@ def test_a_pack_on_the_device_layout_replays_each_runs_own_data_and_steps():
 
     def pack():
         strategies = [build("okdph", {"interval": "2b"}, seed=s) for s in SEEDS]
-        engine = PackedFastEngine(strategies, _Images(IMAGES, info, 0), _Images(4, info, 1), recipe(), "cpu",
+        engine = PackedFastEngine(strategies, RandomImages(IMAGES, info, 0), RandomImages(4, info, 1), recipe(), "cpu",
                                   seeds=SEEDS, fuse=True, graphs=False)
         return engine, strategies
 
     # Eagerly, beside the second seed trained alone: in every epoch, each run's views are those of
     # its seed alone (the pack's per-run generators advance as a single run's does).
     eager, strategies = pack()
-    alone = FastEngine(build("okdph", {"interval": "2b"}, seed=SEEDS[1]), _Images(IMAGES, info, 0),
-                       _Images(4, info, 1), recipe(), "cpu", seed=SEEDS[1], fuse=True, graphs=False)
+    alone = FastEngine(build("okdph", {"interval": "2b"}, seed=SEEDS[1]), RandomImages(IMAGES, info, 0),
+                       RandomImages(4, info, 1), recipe(), "cpu", seed=SEEDS[1], fuse=True, graphs=False)
     assert [g.device for g in eager.generators] == [eager.device] * len(SEEDS)
     for epoch in range(2):
         eager.train_epoch(epoch)

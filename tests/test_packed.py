@@ -5,7 +5,6 @@ import copy
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from okdph.engine.record import outcome
 from okdph.engine.run import RunConfig, checkpoint_path, train_packed, train_run
 from okdph.strategy import ConfigError, build_config, get_strategy
 
-from conftest import stop_at
+from conftest import RandomImages, stop_at
 
 SEEDS = (42, 43, 44)
 CASES = [  # (method, overrides, fidelity, fused)
@@ -36,14 +35,6 @@ CASES = [  # (method, overrides, fidelity, fused)
     ("pcl", {}, "paper", False),  # the temporal-mean EMA hook
     ("pcl", {}, "paper", True),   # ... over fused branches
 ]
-
-
-class _Images:
-    def __init__(self, n, info, seed):
-        rng = np.random.default_rng(seed)
-        self.images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        self.targets = rng.integers(0, 10, n)
-        self.info = info
 
 
 def build(method, overrides, fidelity, seed):
@@ -70,7 +61,7 @@ def test_packed_noisy_runs_draw_their_own_noise_as_alone():
 def compare_packed_with_alone(method, overrides, fidelity, fused, noise=None):
     info = get_info("cifar10")
     recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
-    train, test = _Images(20, info, 0), _Images(12, info, 1)
+    train, test = RandomImages(20, info, 0), RandomImages(12, info, 1)
     kw = dict(graphs=False, fuse=fused, noise=noise)
 
     alone = []
@@ -116,10 +107,10 @@ def compare_packed_with_alone(method, overrides, fidelity, fused, noise=None):
 def test_packed_runs_draw_their_own_data_order():
     info = get_info("cifar10")
     strategies = [build("dml", {}, "official", s) for s in SEEDS]
-    packed = PackedFastEngine(strategies, _Images(20, info, 0), _Images(4, info, 1),
+    packed = PackedFastEngine(strategies, RandomImages(20, info, 0), RandomImages(4, info, 1),
                               resolve_recipe("paper", "cifar10"), "cpu", seeds=SEEDS, graphs=False)
     packed.train_epoch(0)  # the epoch's views stay in the engine's buffers
-    single = FastEngine(build("dml", {}, "official", 43), _Images(20, info, 0), _Images(4, info, 1),
+    single = FastEngine(build("dml", {}, "official", 43), RandomImages(20, info, 0), RandomImages(4, info, 1),
                         resolve_recipe("paper", "cifar10"), "cpu", seed=43, graphs=False)
     single.train_epoch(0)
     assert torch.equal(packed.epoch_views[1], single.epoch_views)

@@ -582,7 +582,8 @@ def _bounds(text: str | None):
 @main.command()
 @click.argument("records", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="RUN_RECORD...")
 @click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True,
-              help="magnitude: σ_i = α|w_i| (reproduces Table 5's scale); init: ‖w − w0‖²/(4σ²); orig: ‖w‖²/(4σ²).")
+              help="magnitude: σ_i = α|w_i| (reproduces Table 5's scale); init: ‖w − w0‖²/(4σ²); "
+                   "orig: ‖w‖²/(4σ²).")
 @click.option("--samples", type=AT_LEAST_ONE, default=DEFAULT_SAMPLES, show_default=True,
               help="Monte-Carlo perturbations.")
 @click.option("--epsilon", type=POSITIVE, default=DEFAULT_EPSILON, show_default=True,
@@ -676,7 +677,8 @@ def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, 
         land = ls.Landscape.load(path)
         finite = land.loss[land.done]
         click.echo(f"{path.name}: {land.loss.shape[1]} × {land.loss.shape[0]} points, step {land.info['step']:.4g}, "
-                   f"loss {finite.min():.3f}-{finite.max():.3f}, PCA {json.dumps([round(e, 3) for e in land.info['explained']])}"
+                   f"loss {finite.min():.3f}-{finite.max():.3f}, "
+                   f"PCA {json.dumps([round(e, 3) for e in land.info['explained']])}"
                    + "".join(f"; {n}" for n in land.info.get("notes", [])))
     click.echo(f"wrote {png} (+ {', '.join(p.name for p in data_paths)}) in {time.perf_counter() - started:.1f} s")
 

@@ -139,6 +139,16 @@ def _expectations(tmp: Path, text: str) -> list[str]:
     return ["regress", "--expected", str(tmp / "expected.json")]
 
 
+def _regress_update_under_a_file(tmp: Path) -> list[str]:
+    (tmp / "a-file").write_text("not a folder")
+    return ["regress", "--update", "--method", "dml", "--expected", str(tmp / "a-file" / "expected.json")]
+
+
+def _landscape_damaged_other(tmp: Path) -> list[str]:
+    (tmp / "other.json").write_text('{"schema": 1, "run_id": ')
+    return ["landscape", "--ours", "ours.json", "--other", "other.json", "--out", "landscape.png"]
+
+
 def _smoke_records_only(tmp: Path) -> list[str]:
     smoke_record(tmp / "results" / "runs")
     return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
@@ -236,6 +246,11 @@ CASES = [
     ("expectations of the wrong shape", lambda tmp: _expectations(tmp, json.dumps(
         {"tolerance": {"loss_rel": 1e-6, "acc_abs": 0.5}, "methods": ["dml"]})),
      r"expected.json is not a readable expectations file \(AttributeError: "),
+    ("regress --update into a folder under a file", _regress_update_under_a_file,
+     r"results folder '.*a-file' is not writable: it is a file"),
+    ("landscape with a damaged record", _landscape_damaged_other, r"record 'other.json' is unreadable"),
+    ("ONE with a last batch of one image", [*SMOKE, "--method", "one", "--train-samples", "33"],
+     r"33 training images in batches of 32 leave a last batch of one image, which one's BatchNorm1d"),
     ("--slurm without =", ["run", "--table", "3", "--profile", "smoke", "--executor", "slurm", "--slurm", "partition"],
      r"--slurm expects key=value, got 'partition'"),
     ("run without the table's data", lambda tmp: _run_missing_cifar(tmp, corrupt=False),

@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from okdph.data.info import display_name as data_display_name
+from okdph.engine.record import load_record
 from okdph.errors import ConfigError
 from okdph.models import display_name as backbone_display_name
 from okdph.strategy import display_name as strategy_display_name
@@ -380,7 +381,8 @@ def landscape(ours_record, other_records, out_png, *, progress: bool = True, **o
         raise ConfigError(f"--out must name a .png file, got '{out_png}'")
     lands, data_paths = [], []
     for other in other_records:
-        method = json.loads(Path(other).read_text()).get("method", "other") if Path(other).exists() else "other"
+        # a damaged record is one line naming it (DamagedRecord); a missing one is named below
+        method = load_record(Path(other))["method"] if Path(other).exists() else "other"
         path = data_path_for(out_png, method)
         if path in data_paths:
             path = path.with_name(f"{path.stem}-{len(data_paths)}.npz")

@@ -239,7 +239,8 @@ def compare(baseline, candidate, *, table: str | None = None, metric: str = "pap
         better = before.better.get(key.table, "higher")
         p = stats.welch_p(a, b)
         delta = statistics.fmean(b) - statistics.fmean(a)
-        cells.append(CellComparison(key, a, b, better, p, verdict(delta, p, better, alpha=alpha, min_effect=min_effect)))
+        outcome = verdict(delta, p, better, alpha=alpha, min_effect=min_effect)
+        cells.append(CellComparison(key, a, b, better, p, outcome))
     return Comparison(str(baseline), str(candidate), metric, alpha, min_effect, cells,
                       only_baseline=sorted(in_before - in_after, key=_table_order),
                       only_candidate=sorted(in_after - in_before, key=_table_order))

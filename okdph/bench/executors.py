@@ -34,7 +34,8 @@ def _error_line(exc: BaseException) -> str:
 
 def train_one(cfg: RunConfig, progress: bool = False) -> Outcome:
     """Train one run of a sweep (skipped if recorded meanwhile); a failure becomes a one-line error,
-    a run another worker holds or has recorded meanwhile is reported as skipped. Preemption propagates: the worker must stop."""
+    a run another worker holds or has recorded meanwhile is reported as skipped. Preemption
+    propagates: the worker must stop."""
     try:
         train_run(cfg, progress=progress, skip_recorded=True)
         return Outcome(cfg.run_id())

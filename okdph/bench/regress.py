@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from okdph.engine.record import atomic_write_json
-from okdph.engine.run import RunConfig, train_run
+from okdph.engine.run import RunConfig, check_writable, train_run
 from okdph.errors import ConfigError
 from okdph.strategy import get_strategy, list_strategies
 
@@ -128,13 +128,15 @@ def compare(expected: dict, measured: dict, tolerance: dict) -> list[str]:
             moved[name] = (got, loss)
     if moved:
         worst = max(relative_move(*pair) for pair in moved.values())
-        problems.append(f"losses moved up to {worst:.1e} relative (tolerance {tolerance['loss_rel']:.0e}): " + ", ".join(
-            f"{name} {got:.6g} vs {loss:.6g} ({(got - loss) / max(abs(loss), 1e-300):+.1e})" for name, (got, loss) in moved.items()))
+        each = ", ".join(f"{name} {got:.6g} vs {loss:.6g} ({(got - loss) / max(abs(loss), 1e-300):+.1e})"
+                         for name, (got, loss) in moved.items())
+        problems.append(f"losses moved up to {worst:.1e} relative (tolerance {tolerance['loss_rel']:.0e}): {each}")
     extra = sorted(set(measured["train_loss"]) - set(expected["train_loss"]))
     if extra:
         problems.append(f"new losses {', '.join(extra)}")
     accuracies = [(key, measured[key], expected[key]) for key in ("paper_acc", "final_acc")]
-    accuracies += [(f"test_acc[{head}]", measured["test_acc"].get(head), acc) for head, acc in expected["test_acc"].items()]
+    accuracies += [(f"test_acc[{head}]", measured["test_acc"].get(head), acc)
+                   for head, acc in expected["test_acc"].items()]
     for key, got, want in accuracies:
         if got is None or abs(got - want) > tolerance["acc_abs"]:
             problems.append(f"{key} {got if got is None else f'{got:.2f}'} vs expected {want:.2f}")
@@ -174,6 +176,9 @@ def regress(expected_path="results/regression/expected.json", *, update: bool = 
     if unknown:
         raise ConfigError(f"unknown method {', '.join(unknown)}; valid: {', '.join(list_strategies())}")
     if update:
+        if path.is_dir():
+            raise ConfigError(f"expectations file '{path}' is a folder; pass a file with --expected")
+        check_writable(path.parent, create=False)  # refused now, not after every method has trained
         partial = methods != list_strategies() and path.exists()
         old = read_expectations(path)["methods"] if partial else {}
         measured = measure_all(methods)

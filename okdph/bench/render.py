@@ -223,7 +223,8 @@ def okdph_vs_best_baseline(table: Table, row: dict[str, CellResult]) -> RowTest 
     if ours.n < 2 or best.n < 2:
         return RowTest(best.cell.method, ours.mean, best.mean, okdph_better=None, p=None, note="n < 2")
     better = ours.mean > best.mean if higher else ours.mean < best.mean
-    return RowTest(best.cell.method, ours.mean, best.mean, okdph_better=better, p=stats.welch_p(ours.values, best.values))
+    return RowTest(best.cell.method, ours.mean, best.mean, okdph_better=better,
+                   p=stats.welch_p(ours.values, best.values))
 
 
 def _paper_best(table: Table, row: list[CellResult]) -> float | None:
@@ -399,7 +400,8 @@ def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fi
             "std_convention": r.std_convention, "std_sample": r.std_sample, "std_population": r.std_population,
             "n": r.n, "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
             "delta": r.delta, "best": r.best,
-            "best_baseline": test.baseline if test else None, "best_baseline_mean": test.baseline_mean if test else None,
+            "best_baseline": test.baseline if test else None,
+            "best_baseline_mean": test.baseline_mean if test else None,
             "okdph_better": test.okdph_better if test else None, "welch_p": test.p if test else None,
             "test_note": test.note if test else None,
             "diverged": r.not_complete, "unreadable": r.unreadable, "not_converged": r.not_converged,

@@ -469,7 +469,8 @@ def sample_params(view: str, n: int, height: int = _SIZE, width: int = _SIZE,
     if view in ("hflip", "hflip+rot", "cutout"):
         p["flip"] = torch.rand(n, **g) < 0.5
     if view == "hflip+rot":
-        p["angle"] = torch.empty(n, dtype=torch.float32, device=device).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES, generator=generator)
+        p["angle"] = torch.empty(n, dtype=torch.float32, device=device).uniform_(
+            -ROTATION_DEGREES, ROTATION_DEGREES, generator=generator)
     elif view == "cutout":
         p["cy"] = torch.randint(0, height, (n,), **g)
         p["cx"] = torch.randint(0, width, (n,), **g)

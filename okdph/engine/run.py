@@ -258,6 +258,16 @@ def build_data(cfg: RunConfig, views: list[str], recipe) -> tuple:
     return _first(train_set, train_cap), _first(test_set, recipe.test_samples)
 
 
+def check_last_batch(strategy, method: str, images: int, batch_size: int) -> None:
+    """A last training batch of one image cannot pass a BatchNorm1d in training mode (the gates of
+    ONE and OKDDip): one ConfigError line before the first step, not a crash at the end of the first
+    epoch. The official loaders keep the last batch too; CIFAR's 50,000 images never leave one."""
+    if images % batch_size == 1 and any(isinstance(m, torch.nn.BatchNorm1d) for m in strategy.modules()):
+        raise ConfigError(f"{images} training images in batches of {batch_size} leave a last batch of one image, "
+                          f"which {method}'s BatchNorm1d cannot normalise in training; choose --train-samples so "
+                          f"that the count is not one more than a multiple of {batch_size}")
+
+
 def check_writable(folder: Path, *, create: bool = True) -> None:
     """Prove `folder` takes a file (os.access says yes to root on a read-only mount): create it and
     write a probe there; with `create=False`, create nothing and probe it, or the nearest folder
@@ -483,6 +493,7 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
             strategy.double()
         strategies.append(strategy)
     train_set, test_set = build_data(first, strategies[0].views(), recipe)
+    check_last_batch(strategies[0], first.method, len(train_set), recipe.batch_size)
     size = info.image_size  # a blank probe: no data read, no random number drawn
     probe = torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(strategies[0]))
     check_heads(strategies[0], probe)

@@ -54,3 +54,16 @@ def test_fp64_runs_train_and_record_in_fp64(tmp_path):
     assert record["precision"] == "fp64" and record["status"] == "complete"
     losses = [values[-1] for values in record["history"]["train_loss"].values()]
     assert all(float(np.float32(loss)) != loss for loss in losses), losses
+
+
+def test_the_one_image_batch_trial_leaves_the_run_unchanged(tmp_path, monkeypatch):
+    """With 33 images in batches of 32 the driver first tries a one-image batch on a copy of the
+    strategy (okdph.engine.run.check_last_batch). OKDDip's VGG branches draw dropout masks, so a
+    trial that consumed random numbers or touched the strategy would change the run."""
+    cfg = RunConfig(method="okddip", backbone="vgg16", profile="smoke", epochs=1, width=0.125, train_samples=33,
+                    precision="fp64", device="cpu", deterministic=True, out_dir=str(tmp_path / "tried"))
+    tried = train_run(cfg, progress=False)
+    monkeypatch.setattr("okdph.engine.run.check_last_batch", lambda *args: None)
+    untried = train_run(RunConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "untried")}), progress=False)
+    assert tried["history"]["train_loss"] == untried["history"]["train_loss"]
+    assert tried["history"]["test_acc"] == untried["history"]["test_acc"]

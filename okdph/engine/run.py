@@ -258,14 +258,27 @@ def build_data(cfg: RunConfig, views: list[str], recipe) -> tuple:
     return _first(train_set, train_cap), _first(test_set, recipe.test_samples)
 
 
-def check_last_batch(strategy, method: str, images: int, batch_size: int) -> None:
-    """A last training batch of one image cannot pass a BatchNorm1d in training mode (the gates of
-    ONE and OKDDip): one ConfigError line before the first step, not a crash at the end of the first
-    epoch. The official loaders keep the last batch too; CIFAR's 50,000 images never leave one."""
-    if images % batch_size == 1 and any(isinstance(m, torch.nn.BatchNorm1d) for m in strategy.modules()):
+def check_last_batch(strategy, method: str, images: int, batch_size: int, probe_shape, device) -> None:
+    """Some networks cannot train on a batch of one image: a normalisation layer in training mode
+    needs more than one value per channel (ONE's BatchNorm1d gate, FFL's fusion BN on VGG's 1x1
+    maps). When the last batch would be one image, a copy of the strategy tries one, with the random
+    state restored afterwards: one ConfigError line before the first step instead of a crash at the
+    end of the first epoch. The official loaders keep such a batch too; CIFAR never leaves one."""
+    if images % batch_size != 1:
+        return
+    trial = copy.deepcopy(strategy).train()
+    views = [torch.zeros(1, *probe_shape, device=device, dtype=reference.network_dtype(strategy))
+             for _ in strategy.views()]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            trial.forward_train(views, torch.zeros(1, dtype=torch.long, device=device), epoch=0, step=0)
+    except ValueError as exc:
+        if "more than 1 value per channel" not in str(exc):
+            raise
         raise ConfigError(f"{images} training images in batches of {batch_size} leave a last batch of one image, "
-                          f"which {method}'s BatchNorm1d cannot normalise in training; choose --train-samples so "
-                          f"that the count is not one more than a multiple of {batch_size}")
+                          f"which {method} cannot train on (a normalisation layer needs more than one value per "
+                          f"channel); choose --train-samples so that the count is not one more than a multiple "
+                          f"of {batch_size}") from None
 
 
 def check_writable(folder: Path, *, create: bool = True) -> None:
@@ -493,10 +506,10 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
             strategy.double()
         strategies.append(strategy)
     train_set, test_set = build_data(first, strategies[0].views(), recipe)
-    check_last_batch(strategies[0], first.method, len(train_set), recipe.batch_size)
     size = info.image_size  # a blank probe: no data read, no random number drawn
     probe = torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(strategies[0]))
     check_heads(strategies[0], probe)
+    check_last_batch(strategies[0], first.method, len(train_set), recipe.batch_size, probe.shape[1:], device)
     small = dataset not in ("cifar10", "cifar100", "imagenet")  # digits, synthetic: workers would cost more
     workers = first.workers if first.workers is not None else (0 if small else 8)
     engine = build_engine(cfgs, strategies, train_set, test_set, recipe, device, workers)

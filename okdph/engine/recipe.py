@@ -49,7 +49,7 @@ SMOKE_BATCH_SIZE = 32  # small batches: more steps in a short epoch
 SMOKE_WIDTH = 0.25
 SMOKE_DATASET = "digits"
 # A smoke epoch is short so that a whole table runs in minutes on 2 CPU cores (Table 3's 47 distinct
-# runs in 83 s on an idle machine): the first 192 of digits' 1,442 training images (6 steps) and the
+# runs in 62-83 s on an idle machine): the first 192 of digits' 1,442 training images (6 steps) and the
 # first 180 of its 355 test images. It checks the pipeline and leaves most cells at chance; a recipe
 # that learns in most cells costs about 30 times as much (benchmarks/smoke_calibration.py,
 # docs/verification.md#known-open-items).

@@ -51,7 +51,7 @@ SMOKE_DATASET = "digits"
 # A smoke epoch is short so that a whole table runs in minutes on 2 CPU cores (Table 3's 47 distinct
 # runs in 62-83 s on an idle machine): the first 192 of digits' 1,442 training images (6 steps) and the
 # first 180 of its 355 test images. It checks the pipeline and leaves most cells at chance; a recipe
-# that learns in most cells costs about 30 times as much (benchmarks/smoke_calibration.py,
+# that learns in most cells costs 30-40 times as much (benchmarks/smoke_calibration.py,
 # docs/verification.md#known-open-items).
 SMOKE_TRAIN_SAMPLES = 192
 SMOKE_TEST_SAMPLES = 180

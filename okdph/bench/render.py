@@ -26,7 +26,7 @@ from okdph.bench import stats
 from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_profile
 from okdph.bench.store import ResultStore
 from okdph.data.info import display_name as data_display_name
-from okdph.engine.recipe import SMOKE_BATCH_SIZE, SMOKE_DATASET, SMOKE_TRAIN_SAMPLES
+from okdph.engine.recipe import SMOKE_DATASET, SMOKE_STEPS, SMOKE_TRAIN_SAMPLES
 from okdph.engine.record import atomic_write_json
 from okdph.errors import ConfigError
 from okdph.models import display_name as backbone_display_name
@@ -37,7 +37,6 @@ METRIC_TEXT = {"paper": "best epoch of the max over all heads, as the paper repo
                "final": "the deployed head at the last epoch"}
 HEADERS = {"dataset": "Dataset", "backbone": "Backbone", "setting": "Setting", "students": "#S/B"}
 ROW_TEST_HEADER = "OKDPH vs best baseline"
-SMOKE_STEPS = -(-SMOKE_TRAIN_SAMPLES // SMOKE_BATCH_SIZE)  # a smoke run's one epoch
 # One line per profile above its table: what its numbers can and cannot show (the long form is
 # docs/protocol.md#what-each-profile-can-and-cannot-tell)
 PROFILE_SCOPE = {

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from okdph.engine.recipe import SMOKE_WIDTH
+from okdph.engine.recipe import default_width
 from okdph.engine.record import read_record
 from okdph.engine.run import RunConfig, cell_key
 from okdph.errors import ConfigError, DamagedRecord
@@ -168,7 +168,7 @@ def cell_name(record: dict) -> str:
     parts = [str(record.get(k)) for k in ("backbone", "dataset", "setting")]
     parts += [f"n{record.get('students')}", str(record.get("fidelity")), str(record.get("profile"))]
     parts += [f"{k}={record[k]}" for k in ("epochs", "train_samples") if record.get(k) is not None]
-    if record.get("width") not in (None, SMOKE_WIDTH if record.get("profile") == "smoke" else 1.0):
+    if record.get("width") not in (None, default_width(record.get("profile"))):
         parts.append(f"width={record['width']}")
     if record.get("precision", "fp32") != "fp32":
         parts.append(str(record["precision"]))

@@ -55,6 +55,12 @@ SMOKE_DATASET = "digits"
 # docs/verification.md#known-open-items).
 SMOKE_TRAIN_SAMPLES = 192
 SMOKE_TEST_SAMPLES = 180
+SMOKE_STEPS = -(-SMOKE_TRAIN_SAMPLES // SMOKE_BATCH_SIZE)  # a smoke run's one epoch
+
+
+def default_width(profile: str) -> float:
+    """The channel multiplier a run of `profile` gets unless it sets one."""
+    return SMOKE_WIDTH if profile == "smoke" else 1.0
 
 
 def resolve_recipe(profile: str, dataset: str, epochs: int | None = None) -> Recipe:

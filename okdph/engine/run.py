@@ -31,7 +31,7 @@ from okdph.engine import distributed, reference
 from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
                                      save_trajectory_point, trajectory_dir)
 from okdph.engine.lock import RunLock, RunLocked
-from okdph.engine.recipe import SMOKE_DATASET, SMOKE_WIDTH, resolve_recipe
+from okdph.engine.recipe import SMOKE_DATASET, default_width, resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
                                  set_aside, summarise)
 from okdph.errors import DamagedRecord
@@ -97,7 +97,7 @@ class RunConfig:
     def resolved_width(self) -> float:
         if self.width is not None:
             return self.width
-        return SMOKE_WIDTH if self.profile == "smoke" else 1.0
+        return default_width(self.profile)
 
     def resolved_engine(self) -> str:
         if self.engine != "auto":

@@ -20,23 +20,45 @@ from conftest import RandomImages
 ALL_DIGITS = 100_000  # a cap above the 1,442 digits training images: the whole set
 
 
-def test_device_lr_sgd_matches_torch_sgd():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_lr_sgd_rounds_as_torch_sgd(dtype):
+    # The update p - lr·buf is rounded once, as torch's add_(buf, alpha=-lr), with the lr in the
+    # weights' type: bit for bit, not only close (a multiply then an add rounds twice).
     torch.manual_seed(0)
-    a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    a = [torch.randn(50, 30, dtype=dtype, requires_grad=True), torch.randn(70, dtype=dtype, requires_grad=True)]
     b = [p.detach().clone().requires_grad_() for p in a]
     ours = SGD(a, lr=0.1, momentum=0.9, weight_decay=5e-4, device="cpu")
     theirs = torch.optim.SGD(b, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for step in range(4):
-        if step == 2:
-            ours.lr.fill_(0.01)
-            theirs.param_groups[0]["lr"] = 0.01
-        grads = [torch.randn_like(p) for p in a]
-        for p, q, g in zip(a, b, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+    for step in range(6):
+        if step == 3:
+            ours.lr.fill_(0.1 * 0.1)
+            theirs.param_groups[0]["lr"] = 0.1 * 0.1
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
         ours.step()
         theirs.step()
         for p, q in zip(a, b):
-            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+            assert torch.equal(p, q)
+
+
+def test_unfused_fast_step_equals_reference_step_bit_for_bit_in_float64():
+    torch.manual_seed(0)
+    info = get_info("cifar10")
+    config = build_config(OKDPH.Config, {"interval": "1b", "gamma": "0.5"})
+    reference = OKDPH(config=config, backbone="resnet32", num_classes=10, num_models=2, dataset=info,
+                      width=0.125).double()
+    fast_strategy = copy.deepcopy(reference)
+    recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
+    engine = FastEngine(fast_strategy, RandomImages(8, info, 0), RandomImages(8, info, 1), recipe, "cpu", seed=0,
+                        graphs=False, fuse=False)
+    engine.train_epoch(0)
+    views, targets = engine.epoch_views, engine.epoch_targets
+    optimizers = [torch.optim.SGD(g.params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+                  for g in reference.optimizer_groups()]
+    train_one_epoch(reference, [(views.transpose(0, 1), targets)], optimizers, epoch=0, device="cpu")
+    for ours, theirs in zip(fast_strategy.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs)
 
 
 def test_fast_step_equals_reference_step_on_the_same_batch():
@@ -85,7 +107,7 @@ def test_fast_and_reference_engines_reach_the_same_accuracy_on_digits(tmp_path, 
     accs = {}
     for engine in ("reference", "fast"):
         accs[engine] = [
-            train_run(RunConfig(method="dml", profile="smoke", epochs=3, train_samples=ALL_DIGITS, seed=seed,
+            train_run(RunConfig(method="dml", profile="pipeline", epochs=3, train_samples=ALL_DIGITS, seed=seed,
                                 engine=engine, out_dir=str(tmp_path / engine)),
                       progress=False)["metrics"]["paper"]["acc"]
             for seed in (42, 43, 44)

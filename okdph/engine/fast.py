@@ -69,7 +69,10 @@ class SGD:
         grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         torch._foreach_mul_(bufs, self.momentum)
         torch._foreach_add_(bufs, grads)
-        torch._foreach_add_(params, torch._foreach_mul(bufs, -self.lr))
+        # p - lr·buf rounded once, as torch.optim.SGD's add_(buf, alpha=-lr); a separate multiply
+        # and add would round twice and drift from the reference engine.
+        lr = self.lr.to(params[0].dtype)  # torch.optim.SGD casts its float lr to the weights' type
+        torch._foreach_addcmul_(params, bufs, [lr] * len(params), value=-1)
 
 
 class FastEngine(Engine):

@@ -48,8 +48,9 @@ from okdph.strategy import Interval, Strategy, check_positive, check_unit_range,
 def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -> dict[str, Tensor]:
     """Eq. (4) over whole state dicts: Σ_j r_j·state_j for every entry, BN buffers included.
 
-    Integer entries (BN's num_batches_tracked) are mixed as floats and truncated back, as
-    `load_state_dict` does with the official code's float result (docs/methods.md#hybrid-weight-model). The sum runs
+    Integer entries (BN's num_batches_tracked) are mixed in float32 and truncated back, as
+    `load_state_dict` does with the official code's float32 result (docs/methods.md#hybrid-weight-model):
+    with 3 students, counters of 7 give 7 there, where float64 would give 6.999... and 6. The sum runs
     in student order, which reproduces the official accumulation bit for bit, with multi-tensor
     kernels (okdph.multi_tensor) over the floating entries.
     """
@@ -59,11 +60,12 @@ def hybrid_state(states: Sequence[Mapping[str, Tensor]], coefficients: Tensor) -
     for j in range(1, len(states)):
         acc = multi_tensor.add(multi_tensor.mul([states[j][k] for k in floats], coefficients[j]), acc)
     out = dict(zip(floats, acc))
+    weights = coefficients.float()  # the official int64 * Python float is float32, in fp64 runs too
     for key in keys:
         if key not in out:
-            mixed = states[0][key].float() * coefficients[0]
+            mixed = states[0][key].float() * weights[0]
             for j in range(1, len(states)):
-                mixed = states[j][key].float() * coefficients[j] + mixed
+                mixed = states[j][key].float() * weights[j] + mixed
             out[key] = mixed.to(states[0][key].dtype)
     return {key: out[key] for key in keys}
 

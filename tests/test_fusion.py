@@ -77,6 +77,25 @@ def test_hybrid_with_two_students_matches_official_accumulation_bitwise():
         assert torch.equal(mixed[key], b[key] * 0.5 + a[key] * 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counters_mix_in_float32_as_the_official_code_does(dtype):
+    # The official update_hwm multiplies each int64 counter by the Python float 1/N and sums: float32
+    # arithmetic, whatever the networks' type; three counters of 7 give 7.0000005 there, and 7 once
+    # truncated. In float64 the same sum is 6.999... and truncates to 6.
+    gen = torch.Generator().manual_seed(0)
+    states = [random_state(gen) for _ in range(3)]
+    for state in states:
+        state["bn.num_batches_tracked"] = torch.tensor(7)
+    official = None
+    for state in states:
+        term = state["bn.num_batches_tracked"] * (1.0 / 3)
+        official = term if official is None else term + official
+    assert official.dtype == torch.float32 and int(official) == 7
+    mixed = hybrid_state(states, torch.full((3,), 1.0 / 3, dtype=dtype))
+    assert mixed["bn.num_batches_tracked"].dtype == torch.int64
+    assert int(mixed["bn.num_batches_tracked"]) == 7
+
+
 @settings(max_examples=60, deadline=None)
 @given(gamma=st.floats(0.0, 1.0), seed=seeds)
 def test_fusion_is_identity_copy_or_convex_combination(gamma, seed):

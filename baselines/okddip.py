@@ -115,7 +115,7 @@ class OKDDip(Strategy):
         self.net = okddip_network(self.backbone, self.num_classes, self.num_models, width=self.width,
                                   fidelity=self.fidelity)
         self.attention = PeerAttention(self.net.feature_dim, self.config.attention_reduction)
-        init_linear_like_(self.attention, self.net.family)
+        init_linear_like_(self.attention, self.net.family, self.width)
         self.kd = kd_loss_eps if official else kd_loss
         # Official quirk (densenet_okddip.py, DefangChen): the peer loop runs over all m branches and
         # the leader output is recomputed without the final BN/ReLU (see `_forward`).

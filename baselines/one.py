@@ -100,7 +100,7 @@ class ONE(Strategy):
         self.net = one_network(self.backbone, self.num_classes, self.num_models, width=self.width,
                                fidelity=self.fidelity)
         self.gate = Gate(self.net.trunk_channels, self.num_models)
-        init_linear_like_(self.gate, self.net.family)
+        init_linear_like_(self.gate, self.net.family, self.width)
         self.kd = kd_loss_eps if official else kd_loss
         self.detach_teacher = not official
         self.evaluate_gate = not official

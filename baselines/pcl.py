@@ -105,11 +105,11 @@ class PeerNetwork(nn.Module):
     """PCL's student (or temporal mean): `net`, one trunk and m branches, plus the peer-ensemble head
     `ensemble` = Linear(m·d -> C) on the concatenated pooled branch features."""
 
-    def __init__(self, net: MultiBranchNet, num_classes: int) -> None:
+    def __init__(self, net: MultiBranchNet, num_classes: int, width: float) -> None:
         super().__init__()
         self.net = net
         self.ensemble = nn.Linear(net.feature_dim * len(net.branches), num_classes)
-        init_linear_like_(self.ensemble, net.family)
+        init_linear_like_(self.ensemble, net.family, width)
 
     def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Branch b on views[b], the trunk run once per view: logits (m, B, C) and z_en (B, C)."""
@@ -146,7 +146,7 @@ class PCL(Strategy):
         def build() -> PeerNetwork:
             net = pcl_network(self.backbone, self.num_classes, self.num_models, width=self.width,
                               fidelity=self.fidelity)
-            return PeerNetwork(net, self.num_classes)
+            return PeerNetwork(net, self.num_classes, self.width)
 
         self.student = build()
         # Initialised independently (06_PCL.py builds a second instance); no optimizer, no gradient.

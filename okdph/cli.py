@@ -330,9 +330,9 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
-@click.option("--jobs", type=int, default=1, show_default=True,
+@click.option("--jobs", type=int, default=None,
               help="local, CPU: worker processes (1: in this process), each with the free cores / N threads "
-                   "(OMP_NUM_THREADS sets them instead).")
+                   "(OMP_NUM_THREADS sets them instead) [default: one per free core, one thread each].")
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)

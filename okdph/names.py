@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 STRATEGY_GROUP = "okdph.strategies"  # entry-point group of every strategy, built-in or third-party
 
-PROFILES = ("paper", "quick", "smoke")           # recipe families (okdph.engine.recipe)
+PROFILES = ("paper", "quick", "smoke", "pipeline")  # recipe families (okdph.engine.recipe)
 FIDELITIES = ("official", "paper")               # where the official code and the paper differ
 ENGINES = ("auto", "reference", "fast")          # auto: fast on CUDA, reference on CPU
 PRECISIONS = ("fp32", "bf16", "fp64")            # bf16: fast engine; fp64: reference engine

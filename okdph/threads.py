@@ -16,11 +16,9 @@ from __future__ import annotations
 import os
 
 
-def default_threads(jobs: int = 1) -> int:
-    """CPU threads for each of `jobs` training processes of this command (see the module docstring)."""
-    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if chosen.isdigit() and int(chosen) > 0:
-        return int(chosen)
+def free_cores() -> int:
+    """The cores this process may run on (its CPU affinity) less those other processes keep busy
+    (the 1-minute load average, rounded); at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -29,4 +27,21 @@ def default_threads(jobs: int = 1) -> int:
         busy = int(os.getloadavg()[0] + 0.5)
     except (AttributeError, OSError):
         busy = 0
-    return max(1, max(1, cores - busy) // max(1, jobs))
+    return max(1, cores - busy)
+
+
+def default_threads(jobs: int = 1) -> int:
+    """CPU threads for each of `jobs` training processes of this command (see the module docstring)."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    return max(1, free_cores() // max(1, jobs))
+
+
+def default_jobs() -> int:
+    """CPU worker processes of `okdph-bench run` unless `--jobs` says: one per free core, each on one
+    thread. Small CPU runs use a core better as a process of their own than as a second thread of
+    another (docs/verification.md#cpu-speed). With OMP_NUM_THREADS set, the free cores divided by it."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    per_job = int(chosen) if chosen.isdigit() and int(chosen) > 0 else 1
+    return max(1, free_cores() // per_job)

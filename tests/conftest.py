@@ -51,6 +51,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_cpu_worker(monkeypatch):
+    # `okdph-bench run` starts one worker process per free core by default; under the test suite's
+    # own workers the free cores, and so the processes a test starts, would depend on the load.
+    # Tests of the default itself undo this (tests/test_threads.py).
+    monkeypatch.setattr("okdph.threads.default_jobs", lambda: 1)
+
+
 class RandomImages:
     """A minimal in-memory dataset, what the fast engine reads: n random 32x32 RGB uint8 images with
     targets in 0..9, drawn from `seed`, and the dataset's constants `info`."""

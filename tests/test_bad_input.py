@@ -16,24 +16,24 @@ from okdph.cli import main
 from okdph.engine.checkpoint import CHECKPOINT_FORMAT
 from okdph.engine.run import RunConfig
 
-SMOKE = ["train", "--profile", "smoke", "--quiet"]
+SMOKE = ["train", "--profile", "pipeline", "--quiet"]
 DML = [*SMOKE, "--method", "dml"]
 
 
 def _existing_record(tmp: Path, *, foreign: bool) -> list[str]:
-    """A file where the smoke DML run's record goes: another run's record, or garbage."""
-    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp / "runs"))
+    """A file where the pipeline DML run's record goes: another run's record, or garbage."""
+    cfg = RunConfig(method="dml", profile="pipeline", out_dir=str(tmp / "runs"))
     cfg.record_path().parent.mkdir(parents=True)
-    other = {"schema": 1, "run_id": "okdph-resnet32-digits-standard-n2-official-smoke-seed42-00000000"}
+    other = {"schema": 1, "run_id": "okdph-resnet32-digits-standard-n2-official-pipeline-seed42-00000000"}
     cfg.record_path().write_text(json.dumps(other) if foreign else '{"schema": 1, "run_id": ')
     return [*DML, "--out", str(tmp / "runs")]
 
 
 def _checkpoint(tmp: Path, content: bytes | None, version: int = CHECKPOINT_FORMAT) -> list[str]:
-    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp / "runs"))
+    cfg = RunConfig(method="dml", profile="pipeline", out_dir=str(tmp / "runs"))
     cfg.checkpoint_path().parent.mkdir(parents=True)
     if content is None:  # a valid checkpoint of another configuration (seed 43) under this run's name
-        other = RunConfig(method="dml", profile="smoke", seed=43, out_dir=str(tmp / "runs"))
+        other = RunConfig(method="dml", profile="pipeline", seed=43, out_dir=str(tmp / "runs"))
         torch.save({"kind": "resume checkpoint", "format": version, "run_ids": [cfg.run_id()],
                     "identities": [other.identity()]}, cfg.checkpoint_path())
     else:
@@ -97,25 +97,25 @@ def _runs_is_a_file(tmp: Path, command: str) -> list[str]:
     (tmp / "results").mkdir()
     (tmp / "results" / "runs").write_text("not a folder")
     if command == "table":
-        return ["table", "3", "--profile", "smoke", "--results", str(tmp / "results")]
-    return [*_table_run(tmp)[:-2], "--profile", "smoke", "--results", str(tmp / "results")]
+        return ["table", "3", "--profile", "pipeline", "--results", str(tmp / "results")]
+    return [*_table_run(tmp)[:-2], "--profile", "pipeline", "--results", str(tmp / "results")]
 
 
 def _results_under_a_file(tmp: Path, command: str) -> list[str]:
     (tmp / "a-file").write_text("a file where the results folder should be")
     results = str(tmp / "a-file" / "results")
-    return {"run": ["run", "--table", "3", "--profile", "smoke", "--method", "dml", "--results", results],
-            "table": ["table", "3", "--profile", "smoke", "--results", results],
+    return {"run": ["run", "--table", "3", "--profile", "pipeline", "--method", "dml", "--results", results],
+            "table": ["table", "3", "--profile", "pipeline", "--results", results],
             "report": ["report", "--results", results]}[command]
 
 
-def smoke_record(runs: Path, method: str = "dml") -> Path:
-    """A record of table 3's first `method` cell in the smoke profile, as train_run writes one
+def pipeline_record(runs: Path, method: str = "dml") -> Path:
+    """A record of table 3's first `method` cell in the pipeline profile, as train_run writes one
     (only the fields the tables read)."""
     from okdph.bench.experiments import cell_config, get_table
 
     cell = next(c for c in get_table("3").cells if c.method == method)
-    cfg = cell_config(cell, profile="smoke", out_dir=str(runs))
+    cfg = cell_config(cell, profile="pipeline", out_dir=str(runs))
     record = {"schema": 1, "run_id": cfg.run_id(), "status": "complete", **cfg.identity(),
               "history": {"test_acc": {"student0": [10.0], "student1": [11.0]}},
               "metrics": {"paper": {"acc": 11.0, "epoch": 0, "head": "student1"},
@@ -127,7 +127,7 @@ def smoke_record(runs: Path, method: str = "dml") -> Path:
 
 
 def _hand_edited(tmp: Path) -> list[str]:
-    path = smoke_record(tmp / "runs")
+    path = pipeline_record(tmp / "runs")
     record = json.loads(path.read_text())
     record["metrics"]["paper"]["acc"] = "high"
     path.write_text(json.dumps(record))
@@ -149,8 +149,8 @@ def _landscape_damaged_other(tmp: Path) -> list[str]:
     return ["landscape", "--ours", "ours.json", "--other", "other.json", "--out", "landscape.png"]
 
 
-def _smoke_records_only(tmp: Path) -> list[str]:
-    smoke_record(tmp / "results" / "runs")
+def _pipeline_records_only(tmp: Path) -> list[str]:
+    pipeline_record(tmp / "results" / "runs")
     return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
 
 
@@ -165,9 +165,9 @@ CASES = [
     ("unknown fidelity", [*DML, "--fidelity", "exact"], r"'exact' is not one of 'official', 'paper'"),
     ("unknown engine", [*DML, "--engine", "turbo"], r"'turbo' is not one of 'auto', 'reference', 'fast'"),
     ("unknown precision", [*DML, "--precision", "fp8"], r"'fp8' is not one of 'fp32', 'bf16', 'fp64'"),
-    ("unknown table", ["run", "--table", "9", "--profile", "smoke"], r"'9' is not one of .*'table3', '3', 's3'"),
+    ("unknown table", ["run", "--table", "9", "--profile", "pipeline"], r"'9' is not one of .*'table3', '3', 's3'"),
     ("unknown command", ["trian"], r"No such command 'trian'"),
-    ("missing required option", ["train", "--profile", "smoke"], r"Missing option '--method'"),
+    ("missing required option", ["train", "--profile", "pipeline"], r"Missing option '--method'"),
     ("mistyped hyper-parameter", [*SMOKE, "--method", "okdph", "--set", "omega=high"], r"omega expects a float, got 'high'"),
     ("out-of-range hyper-parameter", [*SMOKE, "--method", "okdph", "--set", "gamma=1.5"], r"gamma must be in \[0, 1\], got 1.5"),
     ("non-positive temperature", [*SMOKE, "--method", "pcl", "--set", "temperature=0"], r"temperature must be > 0"),
@@ -188,10 +188,10 @@ CASES = [
     ("CUDA requested without CUDA", [*DML, "--device", "cuda"], r"CUDA is not available"),
     ("zero save interval", [*DML, "--save-every", "0"], r"--save-every must be >= 1"),
     ("negative checkpoint interval", [*DML, "--checkpoint-every", "-1"], r"--checkpoint-every must be >= 0"),
-    ("unknown table metric", ["table", "3", "--profile", "smoke", "--metric", "best"],
+    ("unknown table metric", ["table", "3", "--profile", "pipeline", "--metric", "best"],
      r"'best' is not one of 'paper', 'final'"),
-    ("no CPU workers", ["run", "--table", "3", "--profile", "smoke", "--jobs", "0"], r"jobs must be >= 1"),
-    ("bad GPU list", ["run", "--table", "3", "--profile", "smoke", "--gpus", "a,b"], r"--gpus expects GPU indices"),
+    ("no CPU workers", ["run", "--table", "3", "--profile", "pipeline", "--jobs", "0"], r"jobs must be >= 1"),
+    ("bad GPU list", ["run", "--table", "3", "--profile", "pipeline", "--gpus", "a,b"], r"--gpus expects GPU indices"),
     ("missing dataset files", lambda tmp: _cifar(tmp, corrupt=False), r"(not found|missing).*--download"),
     ("corrupted dataset files", lambda tmp: _cifar(tmp, corrupt=True), r"(corrupt|md5|checksum|integrity)"),
     ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"),
@@ -211,7 +211,7 @@ CASES = [
     ("hand-edited record given to pacbayes", lambda tmp: _hand_edited(tmp),
      r"record '.*dml-.*\.json' is damaged: metrics.paper is \{\"acc\": \"high\".*not an accuracy"),
     ("results folder not writable", _not_writable, r"results folder .* is not writable"),
-    ("unknown std", ["table", "3", "--profile", "smoke", "--std", "n-1"], r"'n-1' is not one of 'sample', 'population'"),
+    ("unknown std", ["table", "3", "--profile", "pipeline", "--std", "n-1"], r"'n-1' is not one of 'sample', 'population'"),
     ("compare: missing side", lambda tmp: _compare(tmp, "missing"), r"other does not exist \(expected a results folder"),
     ("compare: unreadable JSON", lambda tmp: _compare(tmp, "truncated JSON"), r"tonight.json is not readable JSON"),
     ("compare: JSON that is no table", lambda tmp: _compare(tmp, "not a table"), r"record.json is not a table JSON"),
@@ -254,7 +254,7 @@ CASES = [
     ("FFL on VGG16 with a last batch of one image",
      [*SMOKE, "--method", "ffl", "--backbone", "vgg16", "--width", "0.125", "--train-samples", "65"],
      r"65 training images in batches of 32 leave a last batch of one image, which ffl cannot train on"),
-    ("--slurm without =", ["run", "--table", "3", "--profile", "smoke", "--executor", "slurm", "--slurm", "partition"],
+    ("--slurm without =", ["run", "--table", "3", "--profile", "pipeline", "--executor", "slurm", "--slurm", "partition"],
      r"--slurm expects key=value, got 'partition'"),
     ("run without the table's data", lambda tmp: _run_missing_cifar(tmp, corrupt=False),
      r"CIFAR-10 not found under .*data .*pass --download"),
@@ -268,9 +268,9 @@ CASES = [
      r"is not a folder: '.*a-file' is a file"),
     ("report with the results folder under a file", lambda tmp: _results_under_a_file(tmp, "report"),
      r"is not a folder: '.*a-file' is a file"),
-    ("table of a profile without records", _smoke_records_only,
-     r"no records of table3 for profile 'paper'.*records exist for profile smoke \(pass --profile smoke\)"),
-    ("--seeds and --seed-list", ["run", "--table", "3", "--profile", "smoke", "--seeds", "2", "--seed-list", "42"],
+    ("table of a profile without records", _pipeline_records_only,
+     r"no records of table3 for profile 'paper'.*records exist for profile pipeline \(pass --profile pipeline\)"),
+    ("--seeds and --seed-list", ["run", "--table", "3", "--profile", "pipeline", "--seeds", "2", "--seed-list", "42"],
      r"pass --seeds \(a count from 42\) or --seed-list \(the seeds\), not both"),
     ("malformed --seed-list", ["plan", "--table", "3", "--seed-list", "42,x"],
      r"'--seed-list': expects seeds like 42,43"),
@@ -279,7 +279,7 @@ CASES = [
     ("too many seeds", ["run", "--table", "3", "--seeds", "100000", "--dry-run"],
      r"'--seeds': 100000 is not in the range"),
     ("--executor slurm without SLURM",
-     ["run", "--table", "3", "--profile", "smoke", "--method", "okdph", "--executor", "slurm",
+     ["run", "--table", "3", "--profile", "pipeline", "--method", "okdph", "--executor", "slurm",
       "--slurm", "slurm_partition=gpu"], r"needs SLURM, but 'sbatch' is not on PATH", {"PATH": "{tmp}/no-bin"}),
 ]
 
@@ -333,7 +333,7 @@ TINY = ["--epochs", "1", "--train-samples", "64", "--width", "0.125"]
 def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
     """Not a bad input: the damaged file is named, kept as <name>.corrupt, and the run trains again;
     the same command once more says the record exists and trains nothing, unless --force."""
-    cfg = RunConfig(method="dml", profile="smoke", epochs=1, train_samples=64, width=0.125,
+    cfg = RunConfig(method="dml", profile="pipeline", epochs=1, train_samples=64, width=0.125,
                     out_dir=str(tmp_path / "runs"))
     path = cfg.record_path()
     path.parent.mkdir(parents=True)
@@ -361,8 +361,8 @@ def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
 def test_a_damaged_record_is_not_done(tmp_path, damage):
     from okdph.engine.run import is_done
 
-    cfg = RunConfig(method="dml", profile="smoke", out_dir=str(tmp_path))
-    path = smoke_record(tmp_path)  # a valid record of another run, edited into this run's
+    cfg = RunConfig(method="dml", profile="pipeline", out_dir=str(tmp_path))
+    path = pipeline_record(tmp_path)  # a valid record of another run, edited into this run's
     record = json.loads(path.read_text())
     record.update(run_id=cfg.run_id(), **cfg.identity())
     cfg.record_path().write_text(json.dumps(record))
@@ -385,7 +385,7 @@ def test_a_read_only_results_folder_is_one_line(command, tmp_path, monkeypatch):
     """chmod 555 where the tests run as a user; as root (who writes anyway) the probe file the
     commands write to prove the folder takes files is refused as a read-only mount refuses it."""
     results = tmp_path / "results"
-    smoke_record(results / "runs")
+    pipeline_record(results / "runs")
     if os.geteuid() == 0:
         import tempfile
 
@@ -397,8 +397,8 @@ def test_a_read_only_results_folder_is_one_line(command, tmp_path, monkeypatch):
         for folder in (results / "runs", results):
             folder.chmod(0o555)
         monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as on a read-only mount: only a write tells
-    args = {"run": ["run", "--table", "3", "--profile", "smoke", "--method", "dml"],
-            "table": ["table", "3", "--profile", "smoke"], "report": ["report"]}[command]
+    args = {"run": ["run", "--table", "3", "--profile", "pipeline", "--method", "dml"],
+            "table": ["table", "3", "--profile", "pipeline"], "report": ["report"]}[command]
     before = _snapshot(tmp_path)
     try:
         result = CliRunner().invoke(main, [*args, "--results", str(results)])
@@ -421,12 +421,12 @@ def test_bare_command_prints_the_help_and_exits_0():
 def test_a_file_system_error_mid_command_is_one_line(tmp_path, monkeypatch):
     """What no check can foresee (a folder turning read-only, a full disk) is still one line."""
     def refused(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(tmp_path / "results" / "tables" / "table3-smoke.md"))
+        raise OSError(28, "No space left on device", str(tmp_path / "results" / "tables" / "table3-pipeline.md"))
 
     monkeypatch.setattr("okdph.bench.runner.render_table", refused)
-    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path / "results")])
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path / "results")])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: No space left on device ({tmp_path}/results/tables/table3-smoke.md); --debug shows where"]
-    debug = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path), "--debug"])
+        f"error: No space left on device ({tmp_path}/results/tables/table3-pipeline.md); --debug shows where"]
+    debug = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path), "--debug"])
     assert isinstance(debug.exception, OSError)

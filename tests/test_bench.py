@@ -119,27 +119,27 @@ def test_expansion_seeds_and_profiles(tmp_path):
     assert sorted({r.config.seed for r in runs}) == [FIRST_SEED + r for r in range(5)] == [42, 43, 44, 45, 46]
     assert {r.config.dataset for r in runs} == {"cifar10", "cifar100"}
     assert len(expand(table, profile="quick", seeds=3)) == 84 * 3
-    smoke = expand(table, profile="smoke")
-    assert len(smoke) == 84 and {r.config.seed for r in smoke} == {42}
-    assert {r.config.dataset for r in smoke} == {"digits"}
-    # smoke cells that differ only in their dataset are one run; OKDPH's presets keep theirs apart
-    distinct = unique_configs(smoke)
+    pipeline_runs = expand(table, profile="pipeline")
+    assert len(pipeline_runs) == 84 and {r.config.seed for r in pipeline_runs} == {42}
+    assert {r.config.dataset for r in pipeline_runs} == {"digits"}
+    # pipeline cells that differ only in their dataset are one run; OKDPH's presets keep theirs apart
+    distinct = unique_configs(pipeline_runs)
     assert len(distinct) < 84
     assert sum(c.method == "okdph" for c in distinct) > 6
     okdph = next(r for r in runs if r.cell.method == "okdph" and r.cell.backbone == "vgg16"
                  and r.cell.students == 3 and r.cell.dataset == "cifar100")
     assert dict(okdph.config.overrides) == {"omega": "0.3", "beta": "0.3", "gamma": "1.0", "interval": "3e"}
     assert okdph.config.students == 3 and okdph.config.profile == "paper"
-    only = expand(table, profile="smoke", methods=["okdph", "dml"])
+    only = expand(table, profile="pipeline", methods=["okdph", "dml"])
     assert {r.cell.method for r in only} == {"okdph", "dml"} and len(only) == 24
 
 
 @pytest.mark.parametrize("call,message", [
     (lambda: get_table("7"), "unknown table '7'; valid: 3, 4, 5, main-cifar, main-imagenet, main-noisy-limited"),
-    (lambda: expand(get_table("3"), profile="fast"), "unknown profile 'fast'; valid: paper, quick, smoke"),
-    (lambda: expand(get_table("main-imagenet"), profile="smoke"), "valid: paper, quick"),
-    (lambda: expand(get_table("3"), profile="smoke", seeds=0), "seeds must be >= 1"),
-    (lambda: expand(get_table("3"), profile="smoke", methods=["base"]), "method 'base' is not in table3; valid:"),
+    (lambda: expand(get_table("3"), profile="fast"), "unknown profile 'fast'; valid: paper, quick, smoke, pipeline"),
+    (lambda: expand(get_table("main-imagenet"), profile="pipeline"), "valid: paper, quick"),
+    (lambda: expand(get_table("3"), profile="pipeline", seeds=0), "seeds must be >= 1"),
+    (lambda: expand(get_table("3"), profile="pipeline", methods=["base"]), "method 'base' is not in table3; valid:"),
 ])
 def test_expansion_errors_name_the_valid_choices(call, message):
     with pytest.raises(ConfigError, match=None) as err:
@@ -165,7 +165,7 @@ def test_rendering_mean_std_n_delta_bold_and_missing_paper(tmp_path):
     fake_record(cell_config(by_method["dml"], profile="quick", out_dir=str(store.runs_dir)), 90.5)  # n=1
     fake_record(cell_config(by_method["base"], profile="quick", out_dir=str(store.runs_dir)), 91.25)  # no paper
     # another profile's and another fidelity's records never enter these cells
-    fake_record(cell_config(by_method["dml"], profile="smoke", out_dir=str(store.runs_dir)), 10.0)
+    fake_record(cell_config(by_method["dml"], profile="pipeline", out_dir=str(store.runs_dir)), 10.0)
     fake_record(cell_config(by_method["dml"], profile="quick", fidelity="paper", out_dir=str(store.runs_dir)), 99.0)
 
     everything = collect(table, store, profile="quick")
@@ -206,11 +206,11 @@ def test_lower_is_better_and_pacbayes_values(tmp_path):
     table = get_table("5")
     row = {c.method: c for c in _cells(table, dataset="cifar10", backbone="resnet32")}
     for method, bound in (("dml", 97.9), ("okdph", 97.1)):
-        record = fake_record(cell_config(row[method], profile="smoke", out_dir=str(store.runs_dir)), 50.0)
+        record = fake_record(cell_config(row[method], profile="pipeline", out_dir=str(store.runs_dir)), 50.0)
         record["metrics"]["pacbayes"] = bound
         atomic_write_json(store.runs_dir / f"{record['run_id']}.json", record)
-    fake_record(cell_config(row["kdcl"], profile="smoke", out_dir=str(store.runs_dir)), 50.0)  # no bound yet
-    results = {r.cell.method: r for r in collect(table, store, profile="smoke") if r.cell in row.values()}
+    fake_record(cell_config(row["kdcl"], profile="pipeline", out_dir=str(store.runs_dir)), 50.0)  # no bound yet
+    results = {r.cell.method: r for r in collect(table, store, profile="pipeline") if r.cell in row.values()}
     assert results["okdph"].best and not results["dml"].best and results["kdcl"].n == 0
     text = markdown_table(table, list(results.values()))
     assert "**97.10 (n=1)**" in text and "**97.26**" in text  # paper: Ours is the lowest bound too
@@ -221,12 +221,12 @@ def test_a_bound_whose_search_did_not_converge_is_marked(tmp_path):
     table = get_table("5")
     row = {c.method: c for c in _cells(table, dataset="cifar10", backbone="resnet110")}
     for method, converged in (("kdcl", False), ("dml", True)):
-        record = fake_record(cell_config(row[method], profile="smoke", out_dir=str(store.runs_dir)), 50.0)
+        record = fake_record(cell_config(row[method], profile="pipeline", out_dir=str(store.runs_dir)), 50.0)
         record["metrics"]["pacbayes"] = 50668534497.28 if not converged else 97.9
         record["pacbayes"] = {"converged": converged, "value": record["metrics"]["pacbayes"]}
         atomic_write_json(store.runs_dir / f"{record['run_id']}.json", record)
-    results = collect(table, store, profile="smoke")
-    text = markdown(table, results, profile="smoke", fidelity="official", metric="paper", runs_dir=store.runs_dir)
+    results = collect(table, store, profile="pipeline")
+    text = markdown(table, results, profile="pipeline", fidelity="official", metric="paper", runs_dir=store.runs_dir)
     assert "50668534497.28 (n=1), 1 not converged" in text and "97.90 (n=1) |" in text.replace("**", "")
     assert "\"not converged\": the σ search" in text
 
@@ -251,24 +251,24 @@ def test_damaged_records_are_named_not_counted_and_trained_again(tmp_path, monke
     store = ResultStore(tmp_path)
     paths = []
     for cell in cells:
-        record = fake_record(cell_config(cell, profile="smoke", out_dir=str(store.runs_dir)), 40.0)
+        record = fake_record(cell_config(cell, profile="pipeline", out_dir=str(store.runs_dir)), 40.0)
         paths.append(store.runs_dir / f"{record['run_id']}.json")
     for path, how in zip(paths, ("truncated", "acc high", "history null")):
         _damage(path, how)
-    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path)])
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3 and all(any(p.name in w for w in warnings) for p in paths[:3])
     for problem in ("is unreadable", "metrics.paper is", "history is null"):
         assert any(problem in w for w in warnings), problem
-    # in the smoke profile a CIFAR-10 cell and its CIFAR-100 twin share their run: six cells
+    # in the pipeline profile a CIFAR-10 cell and its CIFAR-100 twin share their run: six cells
     assert result.stdout.count("(1 unreadable)") == 6 and "40.00 (n=1)" in result.stdout
     assert "are not counted (\"unreadable\": the command named them)" in result.stdout
-    assert json.loads((tmp_path / "tables" / "table3-smoke.json").read_text())["cells"][0]["unreadable"] == 1
+    assert json.loads((tmp_path / "tables" / "table3-pipeline.json").read_text())["cells"][0]["unreadable"] == 1
 
     trained = []
     monkeypatch.setattr(executors, "train_run", lambda cfg, **_: trained.append(cfg.run_id()) or fake_record(cfg, 50.0))
-    summary = runner.run_table("3", profile="smoke", methods=["dml"], results=tmp_path, progress=False)
+    summary = runner.run_table("3", profile="pipeline", methods=["dml"], results=tmp_path, progress=False)
     assert summary.recorded == 1 and len(trained) == summary.runs - 1
     assert {p.stem for p in paths[:3]} <= set(trained) and paths[3].stem not in trained
     assert sorted(summary.damaged) == sorted(map(str, paths[:3]))
@@ -278,11 +278,11 @@ def test_cells_never_mix_engines(tmp_path):
     store = ResultStore(tmp_path)
     table = get_table("3")
     cell = table.cells[0]
-    fake_record(cell_config(cell, profile="smoke", seed=42, out_dir=str(store.runs_dir)), 20.0, engine="fast")
-    fake_record(cell_config(cell, profile="smoke", seed=43, out_dir=str(store.runs_dir)), 30.0)
+    fake_record(cell_config(cell, profile="pipeline", seed=42, out_dir=str(store.runs_dir)), 20.0, engine="fast")
+    fake_record(cell_config(cell, profile="pipeline", seed=43, out_dir=str(store.runs_dir)), 30.0, engine="reference")
     with pytest.raises(ConfigError, match="has records from engines fast, reference; pass --engine"):
-        collect(table, store, profile="smoke")
-    by_engine = collect(table, store, profile="smoke", engine="reference")
+        collect(table, store, profile="pipeline")
+    by_engine = collect(table, store, profile="pipeline", engine="reference")
     assert by_engine[0].values == [30.0]
 
 
@@ -300,18 +300,18 @@ def test_runs_of_another_configuration_stay_out_of_a_cell(tmp_path):
 def test_written_table_files_and_stems(tmp_path):
     table = get_table("3")
     assert output_stem(table, "paper", "official", "paper") == "table3"
-    assert output_stem(table, "smoke", "official", "paper") == "table3-smoke"
+    assert output_stem(table, "pipeline", "official", "paper") == "table3-pipeline"
     assert output_stem(table, "quick", "paper", "final") == "table3-quick-paper-final"
     store = ResultStore(tmp_path)
-    fake_record(cell_config(table.cells[0], profile="smoke", out_dir=str(store.runs_dir)), 40.0)
-    paths, text = runner.render_table("3", profile="smoke", results=tmp_path)
-    assert paths["md"].name == "table3-smoke.md" and text.startswith("# table3: ")
-    # in the smoke profile the CIFAR-100 twin of the cell is the same run on digits
-    assert "2 of 84 cells have records" in text and "Smoke profile" in text
+    fake_record(cell_config(table.cells[0], profile="pipeline", out_dir=str(store.runs_dir)), 40.0)
+    paths, text = runner.render_table("3", profile="pipeline", results=tmp_path)
+    assert paths["md"].name == "table3-pipeline.md" and text.startswith("# table3: ")
+    # in the pipeline profile the CIFAR-100 twin of the cell is the same run on digits
+    assert "2 of 84 cells have records" in text and "Pipeline profile" in text
     rows = list(csv.DictReader(paths["csv"].open()))
     assert len(rows) == 84 and rows[0]["mean"] == "40.0" and rows[0]["n"] == "1" and rows[0]["paper"] == "94.27"
     data = json.loads(paths["json"].read_text())
-    assert data["profile"] == "smoke" and data["cells"][0]["run_ids"] and data["cells"][1]["n"] == 0
+    assert data["profile"] == "pipeline" and data["cells"][0]["run_ids"] and data["cells"][1]["n"] == 0
 
 
 def test_report_links_a_learning_curve_per_cell(tmp_path):
@@ -341,18 +341,18 @@ def test_resume_trains_only_the_runs_without_a_record(tmp_path, monkeypatch):
         return fake_record(cfg, 50.0)
 
     monkeypatch.setattr(executors, "train_run", fake_train)
-    first = runner.run_table("3", profile="smoke", methods=["dml", "kdcl"], results=tmp_path, progress=False)
+    first = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl"], results=tmp_path, progress=False)
     assert first.trained == first.runs == 12 and first.recorded == 0 and not first.failed
     # more of the table: the twelve recorded runs are skipped
     trained.clear()
-    second = runner.run_table("3", profile="smoke", methods=["dml", "kdcl", "okdph"], results=tmp_path,
+    second = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl", "okdph"], results=tmp_path,
                               progress=False)
     assert second.recorded == 12 and second.trained == len(trained) == second.runs - 12
     assert not any(run_id.startswith(("dml", "kdcl")) for run_id in trained)
     assert "(n=1)" in second.markdown
     # everything recorded: nothing to do
     trained.clear()
-    third = runner.run_table("3", profile="smoke", methods=["dml", "kdcl", "okdph"], results=tmp_path,
+    third = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl", "okdph"], results=tmp_path,
                              progress=False)
     assert third.trained == 0 and trained == [] and third.recorded == third.runs
 
@@ -364,7 +364,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
         return fake_record(cfg, 50.0)
 
     monkeypatch.setattr(executors, "train_run", flaky)
-    summary = runner.run_table("3", profile="smoke", methods=["dml", "kdcl"], results=tmp_path, progress=False)
+    summary = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl"], results=tmp_path, progress=False)
     assert summary.trained == 6 and len(summary.failed) == 6
     assert all(error == "RuntimeError: out of memory" for _, error in summary.failed)
 
@@ -374,19 +374,19 @@ def test_a_table_whose_every_run_failed_is_not_written(tmp_path, monkeypatch):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(executors, "train_run", broken)
-    summary = runner.run_table("3", profile="smoke", methods=["dml"], results=tmp_path, progress=False)
+    summary = runner.run_table("3", profile="pipeline", methods=["dml"], results=tmp_path, progress=False)
     assert summary.trained == 0 and len(summary.failed) == 6
     assert summary.outputs == {} and summary.markdown == "" and not (tmp_path / "tables").exists()
 
 
 def test_table_without_profile_renders_the_one_with_records(tmp_path):
     store = ResultStore(tmp_path)
-    fake_record(cell_config(get_table("3").cells[0], profile="smoke", out_dir=str(store.runs_dir)), 40.0)
-    assert runner.default_profile("3", results=tmp_path) == "smoke"
+    fake_record(cell_config(get_table("3").cells[0], profile="pipeline", out_dir=str(store.runs_dir)), 40.0)
+    assert runner.default_profile("3", results=tmp_path) == "pipeline"
     result = CliRunner().invoke(main, ["table", "3", "--metric", "final", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "profile smoke: the first with records" in result.stderr
-    assert "39.00 (n=1)" in result.stdout and (tmp_path / "tables" / "table3-smoke-final.md").exists()
+    assert "profile pipeline: the first with records" in result.stderr
+    assert "39.00 (n=1)" in result.stdout and (tmp_path / "tables" / "table3-pipeline-final.md").exists()
     assert runner.default_profile("4", results=tmp_path) == "paper"  # no records anywhere: paper, and
     result = CliRunner().invoke(main, ["table", "4", "--results", str(tmp_path)])
     assert result.exit_code == 2 and "train some with okdph-bench run --table 4" in result.stderr
@@ -394,7 +394,7 @@ def test_table_without_profile_renders_the_one_with_records(tmp_path):
 
 @pytest.mark.slow
 def test_plan_prints_runnable_commands(tmp_path):
-    commands = runner.plan_table("3", profile="smoke", methods=["dml"], results=tmp_path)
+    commands = runner.plan_table("3", profile="pipeline", methods=["dml"], results=tmp_path)
     assert len(commands) == 6 and all(c.startswith("okdph-bench train --method dml ") for c in commands)
     assert all("--skip-recorded" in c and "--seed 42" in c and f"--out {tmp_path}/runs" in c for c in commands)
     okdph = runner.plan_table("3", profile="paper", methods=["okdph"], results=tmp_path)
@@ -412,8 +412,8 @@ def test_plan_prints_runnable_commands(tmp_path):
     store = ResultStore(tmp_path)
     (record_path,) = store.runs_dir.glob("*.json")
     record = json.loads(record_path.read_text())
-    assert record["method"] == "dml" and record["profile"] == "smoke" and record["status"] == "complete"
-    assert len(runner.plan_table("3", profile="smoke", methods=["dml"], results=tmp_path)) == 5
+    assert record["method"] == "dml" and record["profile"] == "pipeline" and record["status"] == "complete"
+    assert len(runner.plan_table("3", profile="pipeline", methods=["dml"], results=tmp_path)) == 5
     again = subprocess.run([sys.executable, "-m", "okdph.cli", *argv[1:]], capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.startswith("recorded: ")
@@ -427,12 +427,12 @@ def invoke(*args):
     # click.Choice names the value and every valid one (tables by id and alias, compared in lower case)
     (["run", "--table", "7"], "'7' is not one of 'main-cifar', 'main-imagenet', 'imagenet', 'main-noisy-limited', "
                               "'noisy-limited', 'table3', '3', 's3', 'table4', '4', 's4', 'table5', '5', 's5'"),
-    (["run", "--table", "3", "--profile", "fast"], "'fast' is not one of 'paper', 'quick', 'smoke'"),
-    (["run", "--table", "main-imagenet", "--profile", "smoke"], "valid: paper, quick"),
+    (["run", "--table", "3", "--profile", "fast"], "'fast' is not one of 'paper', 'quick', 'smoke', 'pipeline'"),
+    (["run", "--table", "main-imagenet", "--profile", "pipeline"], "valid: paper, quick"),
     (["run", "--table", "3", "--metric", "best"], "'best' is not one of 'paper', 'final'"),
     (["run", "--table", "3", "--executor", "k8s"], "'k8s' is not one of 'local', 'slurm'"),
     (["table", "S9"], "'S9' is not one of 'main-cifar', "),
-    (["table", "3", "--profile", "slow"], "'slow' is not one of 'paper', 'quick', 'smoke'"),
+    (["table", "3", "--profile", "slow"], "'slow' is not one of 'paper', 'quick', 'smoke', 'pipeline'"),
     (["plan", "--table", "x"], "'x' is not one of 'main-cifar', "),
 ])
 def test_bad_table_or_profile_is_one_line_and_exit_2(tmp_path, args, message):
@@ -443,16 +443,16 @@ def test_bad_table_or_profile_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_cli_dry_run_plan_and_table(tmp_path):
-    result = invoke("run", "--table", "4", "--profile", "smoke", "--dry-run", "--results", str(tmp_path))
+    result = invoke("run", "--table", "4", "--profile", "pipeline", "--dry-run", "--results", str(tmp_path))
     assert result.exit_code == 0
     first = result.output.splitlines()[0]
-    assert first.startswith("table4 (smoke): 42 cells, ") and "0 already recorded" in first
+    assert first.startswith("table4 (pipeline): 42 cells, ") and "0 already recorded" in first
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
     result = invoke("plan", "--table", "main-noisy-limited", "--profile", "quick", "--seeds", "2",
                     "--results", str(tmp_path))
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("# 168 runs") and len(lines) == 1 + 84 * 2
     # nothing recorded: no table of empty cells, but one line saying so
-    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path)])
-    assert result.exit_code == 2 and "no records of table3 for profile 'smoke'" in result.stderr
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and "no records of table3 for profile 'pipeline'" in result.stderr
     assert not (tmp_path / "tables").exists()

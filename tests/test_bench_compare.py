@@ -135,32 +135,32 @@ def test_a_results_folder_against_its_own_table_json_and_against_a_drop(tmp_path
     code, output = run_compare(paths["json"], nightly)      # the committed table vs the same records
     assert code == 0 and "2 cells compared: 0 regressed, 0 improved, 2 unchanged" in output
     # another profile in the folder is outside the table JSON's scope: not listed as missing
-    fake_record(cell_config(cells[0], profile="smoke", out_dir=str(ResultStore(nightly).runs_dir)), 50.0)
+    fake_record(cell_config(cells[0], profile="pipeline", out_dir=str(ResultStore(nightly).runs_dir)), 50.0)
     assert "0 cells in one side only" in run_compare(paths["json"], nightly)[1]
-    # folder against folder: a drop of OKDPH by 2 points is flagged, the smoke cells are listed
+    # folder against folder: a drop of OKDPH by 2 points is flagged, the pipeline cells are listed
     broken = sweep(tmp_path / "broken", 93.0)
     code, output = run_compare(nightly, broken, "--table", "3")
     assert code == 1 and "1 regressed" in output
-    assert "- only in the baseline: table3-smoke · CIFAR-10, ResNet32, #S/B 2 · DML" in output
+    assert "- only in the baseline: table3-pipeline · CIFAR-10, ResNet32, #S/B 2 · DML" in output
     # the final metric reads the records' other number (acc − 1 in fake_record): still no regression
     assert run_compare(nightly, nightly, "--metric", "final")[0] == 0
 
 
 PREVIOUS_FORMAT = {  # a table JSON as `run`/`table` wrote it before the statistics columns existed
-    "table": "table3", "title": "Supplement Table 3", "source": "OKDPH supplement, Table 3", "profile": "smoke",
+    "table": "table3", "title": "Supplement Table 3", "source": "OKDPH supplement, Table 3", "profile": "pipeline",
     "fidelity": "official", "metric": "paper", "better": "higher", "runs_dir": "results/runs", "notes": {},
     "generated": "2026-11-26T12:50:46+00:00",
     "cells": [{"table": "table3", "dataset": "cifar10", "backbone": "resnet32", "setting": "standard",
                "students": 2, "method": method, "overrides": {}, "preset": None, "paper": 94.27, "paper_note": "",
                "mean": 10.0, "std": None, "n": 1, "delta": -84.27, "best": False, "diverged": 0, "values": [10.0],
-               "seeds": [42], "run_ids": [f"{method}-resnet32-digits-standard-n2-official-smoke-seed42-0"],
-               "engine": "reference", "profile": "smoke", "fidelity": "official", "metric": "paper"}
+               "seeds": [42], "run_ids": [f"{method}-resnet32-digits-standard-n2-official-pipeline-seed42-0"],
+               "engine": "reference", "profile": "pipeline", "fidelity": "official", "metric": "paper"}
               for method in ("dml", "okdph")],
 }
 
 
 def test_a_table_json_of_the_previous_format_still_compares(tmp_path):
-    committed = tmp_path / "table3-smoke.json"
+    committed = tmp_path / "table3-pipeline.json"
     committed.write_text(json.dumps(PREVIOUS_FORMAT))
     result = compare(committed, committed)
     assert len(result.cells) == 2 and all(c.verdict == "n < 2" for c in result.cells)   # one seed per cell

@@ -16,16 +16,16 @@ from okdph.bench.store import ResultStore
 from okdph.engine.run import RunConfig
 
 
-def _smoke_configs(store, methods=("dml",), count=2):
+def _pipeline_configs(store, methods=("dml",), count=2):
     table = get_table("3")
     cells = [c for c in table.cells if c.method in methods and c.dataset == "cifar10"][:count]
-    return [cell_config(c, profile="smoke", out_dir=str(store.runs_dir)) for c in cells]
+    return [cell_config(c, profile="pipeline", out_dir=str(store.runs_dir)) for c in cells]
 
 
 @pytest.mark.slow
 def test_local_cpu_workers_share_one_queue(tmp_path):
     store = ResultStore(tmp_path)
-    configs = _smoke_configs(store, count=2)
+    configs = _pipeline_configs(store, count=2)
     outcomes = executors.run_local(configs, ["cpu", "cpu"], progress=False)
     assert sorted(o.run_id for o in outcomes) == sorted(c.run_id() for c in configs)
     assert all(o.error is None for o in outcomes)
@@ -45,19 +45,19 @@ def test_parse_gpus():
 def test_slurm_executor_through_submitit_local_backend(tmp_path, monkeypatch):
     """One job per packed group; each job writes its runs' records; the table renders after --wait."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local jobs share this machine's cores
-    summary = runner.run_table("3", profile="smoke", methods=["dml"], executor="slurm", pack_size=3,
+    summary = runner.run_table("3", profile="pipeline", methods=["dml"], executor="slurm", pack_size=3,
                                slurm_cluster="local", wait=True, results=tmp_path, progress=False,
                                slurm_parameters={"timeout_min": 20, "slurm_partition": "ignored-locally"})
     assert summary.runs == 6 and len(summary.jobs) == 2          # 6 runs packed 3 per job
     assert summary.trained == 6 and not summary.failed
     assert len(list((tmp_path / "runs").glob("*.json"))) == 6
-    assert "(n=1)" in summary.markdown and (tmp_path / "tables" / "table3-smoke.md").exists()
+    assert "(n=1)" in summary.markdown and (tmp_path / "tables" / "table3-pipeline.md").exists()
     assert (tmp_path / "slurm").is_dir()  # submitit's logs and pickles
 
 
 def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
     store = ResultStore(tmp_path)
-    configs = _smoke_configs(store, count=2)
+    configs = _pipeline_configs(store, count=2)
     job = slurm.PackedJob(configs)
     # the first run finished before the preemption
     configs[0].record_path().parent.mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_a_preempted_slurm_job_checkpoints_requeues_and_resumes(tmp_path, monkey
     from okdph.engine.run import train_run
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = RunConfig(method="okdph", overrides=(("interval", "2b"),), profile="smoke", epochs=4, train_samples=96,
+    cfg = RunConfig(method="okdph", overrides=(("interval", "2b"),), profile="pipeline", epochs=4, train_samples=96,
                     deterministic=True, device="cpu", out_dir=str(tmp_path / "runs"))
     executor = submitit.AutoExecutor(folder=tmp_path / "slurm" / "%j", cluster="local")
     executor.update_parameters(timeout_min=20, gpus_per_node=0)
@@ -141,7 +141,7 @@ def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     set counted over both shards and the global batch split over the processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "okdph.cli", "train", "--ddp", "--method", "dml", "--profile", "smoke", "--device", "cpu",
+           "-m", "okdph.cli", "train", "--ddp", "--method", "dml", "--profile", "pipeline", "--device", "cpu",
            "--width", "0.125", "--out", str(tmp_path), "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -152,7 +152,7 @@ def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     assert record["data"]["test_size"] == 180 and set(record["history"]["test_acc"]) == {"student0", "student1"}
     assert done.stdout.count("complete: ") == 1                   # only rank 0 reports
     # the same run id as a single-process run of the same configuration: DDP is not part of identity
-    single = RunConfig(method="dml", profile="smoke", device="cpu", width=0.125, out_dir=str(tmp_path))
+    single = RunConfig(method="dml", profile="pipeline", device="cpu", width=0.125, out_dir=str(tmp_path))
     assert path.name == f"{single.run_id()}.json"
 
 
@@ -185,7 +185,7 @@ def test_meters_are_summed_and_the_test_set_sharded_over_processes(tmp_path):
 
 def test_a_job_packs_a_cells_seeds_only_when_asked(tmp_path):
     store = ResultStore(tmp_path)
-    base = _smoke_configs(store, count=2)
+    base = _pipeline_configs(store, count=2)
     configs = [replace(base[0], seed=42), replace(base[0], seed=43), base[1]]  # two seeds of one cell + another
     groups = []
     original = slurm.train_group

@@ -145,20 +145,20 @@ def test_std_population_is_what_the_table_shows_when_asked(quick_table3):
     assert "mean ± sample std (n − 1 in the denominator)" in default.output and "95.00 ± 0.20 (n=5)" in default.output
 
 
-def test_smoke_tables_print_no_delta_and_label_the_paper_value(tmp_path):
+def test_pipeline_tables_print_no_delta_and_label_the_paper_value(tmp_path):
     store = ResultStore(tmp_path)
     table = get_table("3")
     row = _row(table, dataset="cifar10", backbone="resnet32", students=2)
     for method in ("dml", "okdph"):
-        fake_record(cell_config(row[method], profile="smoke", out_dir=str(store.runs_dir)), 80.0)
+        fake_record(cell_config(row[method], profile="pipeline", out_dir=str(store.runs_dir)), 80.0)
         _record_cell(store, row[method], [94.0, 94.5], profile="quick")
-    paths, text = runner.render_table("3", profile="smoke", results=tmp_path)
+    paths, text = runner.render_table("3", profile="pipeline", results=tmp_path)
     lines = text.splitlines()
     body = [line for line in lines if line.startswith("|")][2:]           # below the header and separator
     labels = {line.split("|")[4].strip() for line in body}                 # the column after #S/B
     assert labels == {"ours", "paper (CIFAR-10)", "paper (CIFAR-100)"}     # no Δ line
     assert "Δ = ours − paper" not in text
-    scope = [line for line in lines if line.startswith("Smoke profile:")]
+    scope = [line for line in lines if line.startswith("Pipeline profile:")]
     assert len(scope) == 1 and "the numbers show" in scope[0] and "not whether a method learns" in scope[0]
     assert "no Δ to the paper is printed" in scope[0]
     data = json.loads(paths["json"].read_text())
@@ -177,10 +177,10 @@ def test_tables_of_other_metrics_and_no_okdph_column_without_okdph(tmp_path):
     row = _row(table, dataset="cifar10", backbone="resnet32")
     for method, bound in (("dml", 98.0), ("kdcl", 99.0), ("okdph", 97.0)):
         for seed, u in zip(range(42, 47), UNIT):
-            record = fake_record(cell_config(row[method], profile="smoke", seed=seed, out_dir=str(store.runs_dir)), 50.0)
+            record = fake_record(cell_config(row[method], profile="pipeline", seed=seed, out_dir=str(store.runs_dir)), 50.0)
             record["metrics"]["pacbayes"] = bound + 0.1 * u
             (store.runs_dir / f"{record['run_id']}.json").write_text(json.dumps(record))
-    results = [r for r in collect(table, store, profile="smoke") if r.cell in row.values()]
+    results = [r for r in collect(table, store, profile="pipeline") if r.cell in row.values()]
     ours = markdown_table(table, results).splitlines()[2]
     assert ours.split("|")[-2].strip() == "-1.00 vs DML *"
     # a row where OKDPH has no value yet compares nothing

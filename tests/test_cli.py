@@ -1,4 +1,4 @@
-"""The command line: a real smoke run, `list`, one clear line for every bad input, every command
+"""The command line: a real pipeline run, `list`, one clear line for every bad input, every command
 under `python -m okdph.cli`, no torch for --help and list, and strategies from entry points."""
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ def test_list_shows_the_tables_and_list_methods_the_hyper_parameters():
     assert "interval=" in lines["okdph"] and "temperature=" in lines["dml"]
 
 
-def test_train_smoke_writes_a_complete_record(tmp_path):
-    result = invoke("train", "--method", "okdph", "--profile", "smoke", "--epochs", "1", "--quiet",
+def test_train_pipeline_writes_a_complete_record(tmp_path):
+    result = invoke("train", "--method", "okdph", "--profile", "pipeline", "--epochs", "1", "--quiet",
                     "--out", str(tmp_path), "--set", "interval=2b")
     assert result.exit_code == 0, result.output
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
     assert record["status"] == "complete"
-    assert record["method"] == "okdph" and record["dataset"] == "digits" and record["profile"] == "smoke"
+    assert record["method"] == "okdph" and record["dataset"] == "digits" and record["profile"] == "pipeline"
     assert record["hparams"]["interval"] == "2b" and record["fidelity"] == "official"
     assert record["heads"] == ["student0", "student1", "hwm"]
     assert record["views"] == ["hflip", "cutout", "augment"]
@@ -81,7 +81,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = CliRunner().invoke(main, ["train", "--profile", "smoke", "--quiet", "--out", str(tmp_path), *args])
+    result = CliRunner().invoke(main, ["train", "--profile", "pipeline", "--quiet", "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
@@ -95,7 +95,7 @@ def test_missing_cifar_is_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and "--download" in result.output
 
 
-def test_dataset_required_outside_smoke(tmp_path):
+def test_dataset_required_outside_the_embedded_profiles(tmp_path):
     result = CliRunner().invoke(main, ["train", "--method", "dml", "--quiet", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--dataset is required" in result.output
 
@@ -199,7 +199,7 @@ def test_the_renderer_reads_display_names_from_the_registries(monkeypatch):
 
     monkeypatch.setattr(get_strategy("okddip"), "display_name", "Peer Attention")
     table = get_table("4")
-    text = render.markdown_table(table, render.collect(table, render.ResultStore("nowhere"), profile="smoke"))
+    text = render.markdown_table(table, render.collect(table, render.ResultStore("nowhere"), profile="pipeline"))
     header = [cell.strip() for cell in text.splitlines()[0].split("|")]
     assert "Peer Attention" in header and "DML" in header and "OKDDip" not in header
     assert render.display("backbone", "wrn20_8") == "WRN20-8" and render.display("setting", "noisy") == "Noisy"
@@ -294,7 +294,7 @@ def test_third_party_strategy_through_an_entry_point(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_third_party_strategy_trains_from_the_command_line(tmp_path):
     env = _env(_fake_distribution(tmp_path / "site"))
-    done = subprocess.run([sys.executable, "-m", "okdph.cli", "train", "--method", "fakeokd", "--profile", "smoke",
+    done = subprocess.run([sys.executable, "-m", "okdph.cli", "train", "--method", "fakeokd", "--profile", "pipeline",
                            "--epochs", "1", "--quiet", "--out", str(tmp_path / "runs")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -308,13 +308,13 @@ def test_third_party_strategy_trains_from_the_command_line(tmp_path):
 def test_train_then_table_shows_the_run(tmp_path, monkeypatch):
     """train's default --out is the runs/ of the results folder that table reads."""
     monkeypatch.chdir(tmp_path)
-    trained = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "smoke", "--quiet"])
+    trained = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "pipeline", "--quiet"])
     assert trained.exit_code == 0, trained.output
     assert len(list((tmp_path / "results" / "runs").glob("dml-*.json"))) == 1
     shown = CliRunner().invoke(main, ["table", "3"])
     assert shown.exit_code == 0, shown.output
-    assert "(n=1)" in shown.stdout and "profile smoke: the first with records" in shown.stderr
-    assert (tmp_path / "results" / "tables" / "table3-smoke.md").exists()
+    assert "(n=1)" in shown.stdout and "profile pipeline: the first with records" in shown.stderr
+    assert (tmp_path / "results" / "tables" / "table3-pipeline.md").exists()
 
 
 def test_what_the_commands_write_is_ignored_by_git_and_the_committed_results_are_not():
@@ -323,7 +323,7 @@ def test_what_the_commands_write_is_ignored_by_git_and_the_committed_results_are
     store = ResultStore("results")
     assert [o.default for o in main.commands["train"].params if o.name == "out_dir"] == [str(store.runs_dir)]
     written = [store.runs_dir / "dml-x.json", store.runs_dir / "dml-x.ckpt.pt", store.runs_dir / "dml-x.traj" / "e.pt",
-               store.tables_dir / "table3-smoke.md", store.figures_dir / "table3-smoke" / "cell.png",
+               store.tables_dir / "table3-pipeline.md", store.figures_dir / "table3-pipeline" / "cell.png",
                store.analysis_dir / "pacbayes-resnet32-digits.png", store.root / "REPORT.md",
                store.root / "slurm" / "123" / "log.out"]
     try:
@@ -351,28 +351,28 @@ def test_output_cut_short_by_a_closed_pipe_is_no_error(tmp_path):
 
 
 def test_runs_lists_records_damaged_and_interrupted_runs(tmp_path):
-    from test_bad_input import smoke_record
+    from test_bad_input import pipeline_record
 
     runs = tmp_path / "runs"
-    first = smoke_record(runs, "dml")
-    smoke_record(runs, "kdcl")
-    damaged = runs / "okdph-resnet32-digits-standard-n2-official-smoke-seed43-0123abcd.json"
+    first = pipeline_record(runs, "dml")
+    pipeline_record(runs, "kdcl")
+    damaged = runs / "okdph-resnet32-digits-standard-n2-official-pipeline-seed43-0123abcd.json"
     damaged.write_text('{"schema": 1, "run_id": ')
-    (runs / "pcl-resnet32-digits-standard-n2-official-smoke-seed44-89abcdef.ckpt.pt").write_bytes(b"")
+    (runs / "pcl-resnet32-digits-standard-n2-official-pipeline-seed44-89abcdef.ckpt.pt").write_bytes(b"")
     result = CliRunner().invoke(main, ["runs", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["method", "cell", "seed", "status", "paper", "final", "age"]
     dml = next(line for line in lines if line.startswith("dml "))
-    assert dml.split()[1:8] == ["resnet32", "digits", "standard", "n2", "official", "smoke", "42"]
+    assert dml.split()[1:8] == ["resnet32", "digits", "standard", "n2", "official", "pipeline", "42"]
     assert dml.split()[8:11] == ["complete", "11.00", "10.00"] and dml.endswith(" d")  # made 2026-01-01
     assert any(line.startswith("okdph ") and " 43 " in line and "damaged" in line for line in lines)
     assert any(line.startswith("pcl ") and " 44 " in line and "interrupted" in line for line in lines)
     assert lines[-1] == f"4 runs in {runs}: 2 complete, 1 damaged, 1 interrupted"
     assert f"warning: record '{damaged}' is unreadable" in result.stderr
-    smokeless = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "paper"])
-    assert smokeless.stdout.strip() == f"0 runs in {runs}"
-    interrupted = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "smoke",
+    paper_only = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "paper"])
+    assert paper_only.stdout.strip() == f"0 runs in {runs}"
+    interrupted = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--profile", "pipeline",
                                             "--method", "pcl"])
     assert interrupted.stdout.splitlines()[-1] == f"1 runs in {runs}: 1 interrupted"
     only = CliRunner().invoke(main, ["runs", "--results", str(tmp_path), "--method", "dml", "--ids"])
@@ -381,22 +381,22 @@ def test_runs_lists_records_damaged_and_interrupted_runs(tmp_path):
 
 
 def test_table_out_writes_where_asked(tmp_path):
-    from test_bad_input import smoke_record
+    from test_bad_input import pipeline_record
 
-    smoke_record(tmp_path / "results" / "runs")
+    pipeline_record(tmp_path / "results" / "runs")
     out = tmp_path / "elsewhere"
-    result = CliRunner().invoke(main, ["table", "3", "--profile", "smoke", "--results", str(tmp_path / "results"),
+    result = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path / "results"),
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["table3-smoke.csv", "table3-smoke.json", "table3-smoke.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["table3-pipeline.csv", "table3-pipeline.json", "table3-pipeline.md"]
     assert not (tmp_path / "results" / "tables").exists()
 
 
 def test_seed_list_runs_exactly_those_seeds(tmp_path):
-    result = invoke("run", "--table", "3", "--profile", "smoke", "--method", "dml", "--seed-list", "42,50",
+    result = invoke("run", "--table", "3", "--profile", "pipeline", "--method", "dml", "--seed-list", "42,50",
                     "--dry-run", "--results", str(tmp_path))
     seeds = sorted({line.split("-seed")[1].split("-")[0] for line in result.output.splitlines()[1:]})
-    assert seeds == ["42", "50"] and result.output.startswith("table3 (smoke): 12 cells, 12 runs")
-    planned = invoke("plan", "--table", "3", "--profile", "smoke", "--method", "dml", "--seed-list", "7",
+    assert seeds == ["42", "50"] and result.output.startswith("table3 (pipeline): 12 cells, 12 runs")
+    planned = invoke("plan", "--table", "3", "--profile", "pipeline", "--method", "dml", "--seed-list", "7",
                      "--results", str(tmp_path))
     assert all("--seed 7 " in line for line in planned.output.splitlines()[1:]) and planned.output.count("\n") == 7

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -181,6 +182,28 @@ def test_every_view_gives_a_normalised_tensor(view):
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     x = build_train_transform(view, get_info("imagenet"))(_pil((300, 260)))
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+
+
+def test_digits_views_never_flip_on_either_pipeline():
+    # A mirrored digit is another shape (a 2, a 7) or no digit: every view of a dataset that is not
+    # mirror-invariant skips its flip, the others keep theirs; the GPU pipeline does the same.
+    from okdph.data.gpu_augment import augment
+
+    digits, cifar = get_info("digits"), get_info("cifar10")
+    assert not digits.mirror_invariant and cifar.mirror_invariant
+    for view in VIEWS:
+        ops = build_train_transform(view, digits).transforms
+        assert not any(isinstance(t, T.RandomHorizontalFlip) for t in ops), view
+    for view in ("hflip", "hflip+rot", "cutout"):
+        assert any(isinstance(t, T.RandomHorizontalFlip) for t in build_train_transform(view, cifar).transforms)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    for view in ("hflip", "cutout"):
+        mirrored = {}
+        for name, info in (("digits", digits), ("cifar10", cifar)):
+            ours = augment(images, view, info, torch.Generator().manual_seed(0))
+            same_draws = augment(images, view, replace(info, mirror_invariant=False), torch.Generator().manual_seed(0))
+            mirrored[name] = not torch.equal(ours, same_draws)
+        assert mirrored == {"digits": False, "cifar10": True}, view
 
 
 def test_compositions_match_methods_11_2():

@@ -19,7 +19,7 @@ from okdph.strategy import build_config, check_heads, get_strategy
 
 
 def tiny(tmp_path, **kw) -> RunConfig:
-    return RunConfig(**{"method": "dml", "profile": "smoke", "epochs": 1, "train_samples": 64, "width": 0.125,
+    return RunConfig(**{"method": "dml", "profile": "pipeline", "epochs": 1, "train_samples": 64, "width": 0.125,
                         "device": "cpu", "engine": "reference", "deterministic": True, "out_dir": str(tmp_path),
                         **kw})
 

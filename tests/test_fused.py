@@ -33,9 +33,12 @@ def test_fused_group_equals_separate_networks_outputs_gradients_and_bn_buffers(b
     F.cross_entropy(ref.flatten(0, 1), y.flatten()).backward()
     F.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
     for k, state in enumerate(fused.member_states()):
+        # Against the network's largest gradient entry: a conv bias before a BN has a gradient of
+        # zero up to rounding, and channels-last (on the CPU) sums in another order than NCHW.
+        scale = max(p.grad.abs().max() for p in group[k].parameters())
         for name, p in group[k].named_parameters():
             grad = fused.stacked()[name].grad[k]
-            assert relative(grad, p.grad) <= 1e-10, name
+            assert ((grad - p.grad).abs().max() / scale).item() <= 1e-10, name
         for name, b in group[k].named_buffers():
             assert torch.allclose(state[name].double(), b.double(), rtol=1e-10, atol=1e-12), name
     # eval mode: running statistics, per network

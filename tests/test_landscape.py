@@ -1,5 +1,5 @@
 """Loss landscape (okdph/analysis/landscape.py): PCA against numpy, the grid's weights and loss on
-a 2-parameter model with a known surface, the figure's panels, and the command on smoke runs
+a 2-parameter model with a known surface, the figure's panels, and the command on pipeline runs
 (including resuming an interrupted landscape)."""
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_figure_has_the_expected_panels(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# On smoke runs, through the command
+# On pipeline runs, through the command
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     paths = {}
     for method in ("okdph", "dml", "base"):
-        cfg = RunConfig(method=method, profile="smoke", epochs=2, save_every=1, out_dir=str(out), device="cpu",
+        cfg = RunConfig(method=method, profile="pipeline", epochs=2, save_every=1, out_dir=str(out), device="cpu",
                         students=1 if method == "base" else 2)
         train_run(cfg, progress=False)
         paths[method] = cfg.record_path()

@@ -468,8 +468,8 @@ SMOKE = [("one", "official"), ("okddip", "official"), ("ffl", "paper"), ("pcl", 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,fidelity", SMOKE, ids=[m for m, _ in SMOKE])
-def test_smoke_run_learns(tmp_path, method, fidelity, record_property):
-    record = train_with_pinned_kernels(method=method, fidelity=fidelity, profile="smoke", epochs=3,
+def test_short_run_learns(tmp_path, method, fidelity, record_property):
+    record = train_with_pinned_kernels(method=method, fidelity=fidelity, profile="pipeline", epochs=3,
                                        train_samples=ALL_DIGITS, deterministic=True, out_dir=str(tmp_path))
     assert record["status"] == "complete"
     record_property("paper_acc", record["metrics"]["paper"]["acc"])  # the margin, in --junitxml reports

@@ -1,5 +1,5 @@
 """PAC-Bayes bound (okdph/analysis/pacbayes.py): the σ search on losses with a closed form, the
-bound's terms by hand, the magnitude-aware variant's scaling, and the command on a smoke run."""
+bound's terms by hand, the magnitude-aware variant's scaling, and the command on a pipeline run."""
 from __future__ import annotations
 
 import json
@@ -118,13 +118,13 @@ def test_deterministic_given_the_seed():
 
 
 # --------------------------------------------------------------------------------------------------
-# The command on a real (smoke) run
+# The command on a real (pipeline) run
 
 
 def _train(tmp_path, method="dml", epochs=2, save_every=1):
     from okdph.engine.run import RunConfig, train_run
 
-    cfg = RunConfig(method=method, profile="smoke", epochs=epochs, save_every=save_every, out_dir=str(tmp_path),
+    cfg = RunConfig(method=method, profile="pipeline", epochs=epochs, save_every=save_every, out_dir=str(tmp_path),
                     device="cpu")
     train_run(cfg, progress=False)
     return cfg.record_path()
@@ -169,9 +169,9 @@ def test_search_stops_when_the_bracket_collapses_on_a_jump():
 def test_table5_runs_keep_weights_and_get_the_bound(tmp_path):
     from okdph.bench.runner import _analyse, _must_train, _plan, render_table
 
-    table, _, configs, store = _plan("5", profile="smoke", seeds=1, methods=("dml",), fidelity="official",
+    table, _, configs, store = _plan("5", profile="pipeline", seeds=1, methods=("dml",), fidelity="official",
                                      engine="auto", results=tmp_path, data_root="data", download=False)
-    assert table.metric == "pacbayes" and configs and all(c.save_every == 1 for c in configs)  # smoke: 1 epoch
+    assert table.metric == "pacbayes" and configs and all(c.save_every == 1 for c in configs)  # pipeline: 1 epoch
     cfg = next(c for c in configs if c.backbone == "resnet32")
     assert _must_train(cfg, store, table.metric)
 
@@ -189,5 +189,5 @@ def test_table5_runs_keep_weights_and_get_the_bound(tmp_path):
     assert (done, failed) == (1, [])
     record = json.loads(cfg.record_path().read_text())
     assert record["pacbayes"]["tolerance"] == 1e-2 and record["pacbayes"]["epoch"] == 1
-    _, text = render_table("5", profile="smoke", results=tmp_path)
+    _, text = render_table("5", profile="pipeline", results=tmp_path)
     assert f"{record['metrics']['pacbayes']:.2f} (n=1)" in text

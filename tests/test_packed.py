@@ -122,22 +122,22 @@ def test_packed_runs_draw_their_own_data_order():
 
 
 
-def smoke(tmp_path, seed, **kw):
-    return RunConfig(method="dml", profile="smoke", epochs=2, train_samples=256, seed=seed, engine="fast",
+def pipeline(tmp_path, seed, **kw):
+    return RunConfig(method="dml", profile="pipeline", epochs=2, train_samples=256, seed=seed, engine="fast",
                      device="cpu", out_dir=str(tmp_path), **kw)
 
 
 @pytest.mark.slow
 def test_a_pack_writes_one_record_per_run_matching_the_runs_trained_alone(tmp_path):
     torch.set_num_threads(1)
-    cfgs = [smoke(tmp_path / "packed", s) for s in SEEDS]
+    cfgs = [pipeline(tmp_path / "packed", s) for s in SEEDS]
     records = train_packed(cfgs, progress=False)
     assert sorted(records) == sorted(c.run_id() for c in cfgs)
     for cfg in cfgs:
         record = records[cfg.run_id()]
         assert cfg.record_path().exists() and not cfg.lock_path().exists()
         assert record["timing"]["execution"]["packed_seeds"] == list(SEEDS)
-        alone = train_run(smoke(tmp_path / "alone", cfg.seed), progress=False)
+        alone = train_run(pipeline(tmp_path / "alone", cfg.seed), progress=False)
         assert record["run_id"] == alone["run_id"] and record["status"] == "complete"
         assert len(record["history"]["test_acc"]["student0"]) == 2
         # The same run, up to fp32 rounding: a batched convolution rounds differently from a plain one,
@@ -152,8 +152,8 @@ def test_a_pack_writes_one_record_per_run_matching_the_runs_trained_alone(tmp_pa
 @pytest.mark.slow
 def test_an_interrupted_pack_resumes_to_the_same_records(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    whole = train_packed([smoke(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
-    cfgs = [smoke(tmp_path / "cut", s) for s in SEEDS[:2]]
+    whole = train_packed([pipeline(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
+    cfgs = [pipeline(tmp_path / "cut", s) for s in SEEDS[:2]]
     calls = {"n": 0}
     original = PackedFastEngine.end_epoch
 
@@ -180,8 +180,8 @@ def test_a_preempted_pack_resumes_mid_epoch_to_the_same_records(tmp_path, monkey
     """SIGTERM inside an epoch and at its end: the pack checkpoints where it is and resumes to records
     whose outcome equals an uninterrupted pack's."""
     torch.set_num_threads(1)
-    whole = train_packed([smoke(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
-    cfgs = [smoke(tmp_path / "cut", s) for s in SEEDS[:2]]
+    whole = train_packed([pipeline(tmp_path / "whole", s) for s in SEEDS[:2]], progress=False)
+    cfgs = [pipeline(tmp_path / "cut", s) for s in SEEDS[:2]]
     # A pack asks whether to stop after each of its 8 steps an epoch and at each epoch end: call 2
     # stops epoch 0 after its second step; resumed there, call 7 is epoch 0's end.
     points = [2, 7]
@@ -201,9 +201,9 @@ def test_a_preempted_pack_resumes_mid_epoch_to_the_same_records(tmp_path, monkey
 
 def test_a_pack_refuses_runs_that_differ_beyond_the_seed(tmp_path):
     with pytest.raises(ConfigError, match="only in their seed"):
-        train_packed([smoke(tmp_path, 1), smoke(tmp_path, 2, students=3)], progress=False)
+        train_packed([pipeline(tmp_path, 1), pipeline(tmp_path, 2, students=3)], progress=False)
     with pytest.raises(ConfigError, match="fast engine"):
-        train_packed([smoke(tmp_path, s, ).__class__(**{**smoke(tmp_path, s).__dict__, "engine": "reference"})
+        train_packed([pipeline(tmp_path, s, ).__class__(**{**pipeline(tmp_path, s).__dict__, "engine": "reference"})
                       for s in (1, 2)], progress=False)
 
 
@@ -211,7 +211,7 @@ def test_a_pack_refuses_runs_that_differ_beyond_the_seed(tmp_path):
 def test_the_runner_packs_the_seeds_of_each_cell(tmp_path):
     from okdph.bench.runner import run_table
 
-    summary = run_table("4", profile="smoke", seeds=2, methods=("dml",), engine="fast", results=str(tmp_path),
+    summary = run_table("4", profile="pipeline", seeds=2, methods=("dml",), engine="fast", results=str(tmp_path),
                         progress=False, pack_size=5)
     assert summary.trained == summary.runs and not summary.failed
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
@@ -219,4 +219,4 @@ def test_the_runner_packs_the_seeds_of_each_cell(tmp_path):
     for record in records:
         assert record["timing"]["execution"]["packed_runs"] == 2, record["run_id"]
     with pytest.raises(ConfigError, match="--pack"):
-        run_table("4", profile="smoke", methods=("dml",), results=str(tmp_path), pack_size=0, progress=False)
+        run_table("4", profile="pipeline", methods=("dml",), results=str(tmp_path), pack_size=0, progress=False)

@@ -28,7 +28,7 @@ from okdph.engine.run import RunConfig, train_run
 from conftest import stop_at
 
 # 96 digits images, batch 32: 3 steps an epoch, 3 epochs. Small enough for many interruptions.
-TINY = dict(profile="smoke", epochs=3, train_samples=96, deterministic=True, device="cpu")
+TINY = dict(profile="pipeline", epochs=3, train_samples=96, deterministic=True, device="cpu")
 
 # (method, engine, overrides): batch-level fusion (OKDPH 2b: fusion at steps 0 and 2), the paper's
 # Dirichlet HWM (global RNG), EMA state (PCL), a gate (ONE), a separately optimised module (FFL).
@@ -147,7 +147,7 @@ def test_ctrl_c_at_the_command_line_exits_75_with_how_to_resume(tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runmod, "train_run", interrupted)
-    result = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "smoke", "--out", str(tmp_path)],
+    result = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "pipeline", "--out", str(tmp_path)],
                                 standalone_mode=True)
     assert result.exit_code == PREEMPTED_EXIT
     assert result.stderr.strip().splitlines()[-1].startswith("interrupted: rerun the same command to continue")
@@ -229,7 +229,7 @@ class _Exploit:
 def _train_command(cfg: RunConfig) -> list[str]:
     sets = [a for key, value in cfg.overrides for a in ("--set", f"{key}={value}")]
     return [sys.executable, "-m", "okdph.cli", "train", "--method", cfg.method, "--engine", cfg.engine,
-            "--profile", "smoke", "--epochs", str(cfg.epochs), "--deterministic", "--device", "cpu",
+            "--profile", "pipeline", "--epochs", str(cfg.epochs), "--deterministic", "--device", "cpu",
             "--train-samples", str(cfg.train_samples), "--out", cfg.out_dir, "--quiet", *sets]
 
 

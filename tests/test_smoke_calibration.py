@@ -1,5 +1,6 @@
-"""benchmarks/smoke_calibration.py (what a smoke table that learns would cost) keeps working: its
-per-backbone options reach the runs, and its patches of the recipe and the digits' view end with it."""
+"""benchmarks/smoke_calibration.py (how the smoke recipe was chosen) keeps working: its per-backbone
+options reach the runs, `--flip` reaches every method's views (OKDPH's included), and its patches of
+the recipes and the digits' traits end with it."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import okdph.engine.run as run_module
 from okdph.data import get_info
-from okdph.engine.recipe import resolve_recipe
+from okdph.engine import recipe as recipes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "smoke_calibration.py"
 
@@ -33,18 +33,21 @@ def test_per_backbone_values():
 
 
 @pytest.mark.slow
-def test_the_candidate_reaches_each_run_and_nothing_else(tmp_path):
+def test_the_candidate_and_the_flip_reach_every_run_and_nothing_else(tmp_path):
+    before = dict(recipes.SMOKE_RECIPES)
     out = tmp_path / "calibration.json"
-    result = load_script().main(["--method", "dml", "--epochs", "vgg16=2", "--batch", "resnet32=16", "--view", "base",
+    result = load_script().main(["--method", "okdph", "--method", "dml", "--backbone", "resnet32", "--epochs", "1",
+                                 "--batch", "resnet32=16", "--schedule", "step", "--flip", "on",
                                  "--train-samples", "48", "--out", str(out)])
-    rows = {(r["backbone"], r["students"]): r for r in result["rows"]}
-    assert sorted(rows) == [(b, n) for b in ("resnet32", "vgg16") for n in (2, 3, 4)]  # Table 3's DML runs
-    for (backbone, students), row in rows.items():
-        assert row["epochs"] == (2 if backbone == "vgg16" else 1)
-        assert row["batch_size"] == (16 if backbone == "resnet32" else 32)
-        assert row["views"] == ["base"] * students
+    rows = result["rows"]
+    assert {(r["method"], r["students"]) for r in rows} == {(m, n) for m in ("dml", "okdph") for n in (2, 3, 4)}
+    for row in rows:
+        assert row["backbone"] == "resnet32" and row["epochs"] == 1 and row["batch_size"] == 16
+        assert row["schedule"] == "step" and len(row["per_epoch"]) == 1
+        assert row["horizontal_flip"] is True  # the students' and the HWM's views alike
         assert 0.0 <= row["best_acc"] <= 100.0 and row["wall_s"] > 0
-    assert json.loads(out.read_text())["runs"] == 6
-    # the process is as before: the smoke recipe and the digits' CIFAR view
-    assert run_module.resolve_recipe is resolve_recipe
-    assert get_info("digits").default_view == "hflip"
+    assert any("cutout" in row["views"] and "augment" in row["views"] for row in rows if row["method"] == "okdph")
+    assert json.loads(out.read_text())["runs"] == len(rows)
+    # the process is as before: the committed recipes and the digits without flips
+    assert recipes.SMOKE_RECIPES == before
+    assert get_info("digits").mirror_invariant is False

@@ -35,6 +35,34 @@ def test_default_threads(monkeypatch, env, cores, load, jobs, expected):
     assert threads.default_threads(jobs) == expected
 
 
+DEFAULT_JOBS = threads.default_jobs  # before conftest's autouse fixture pins it to 1 for every test
+
+
+@pytest.mark.parametrize("env,cores,load,expected", [
+    (None, 2, 0.1, 2),          # an idle machine: a worker per core, one thread each
+    (None, 2, 1.2, 1),          # another process keeps a core busy
+    (None, 2, 7.0, 1),          # overloaded: one worker, never zero
+    ("2", 8, 0.0, 4),           # OMP_NUM_THREADS threads per worker
+])
+def test_default_jobs(monkeypatch, env, cores, load, expected):
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert DEFAULT_JOBS() == expected
+
+
+def test_run_without_jobs_starts_the_default_workers(monkeypatch):
+    from okdph.bench.executors import parse_gpus
+
+    monkeypatch.setattr(threads, "default_jobs", lambda: 2)
+    assert parse_gpus(None, 0, None) == ["cpu", "cpu"]
+    assert parse_gpus(None, 0, 1) == ["cpu"]  # --jobs 1: this process
+    assert parse_gpus("cpu", 4, None) == ["cpu", "cpu"]
+
+
 @pytest.fixture
 def keep_threads():
     before = torch.get_num_threads()
@@ -44,7 +72,7 @@ def keep_threads():
 
 def test_train_uses_the_default_and_its_record_says_so(tmp_path, monkeypatch, keep_threads):
     monkeypatch.setattr(threads, "default_threads", lambda jobs=1: 3)
-    result = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "smoke", "--epochs", "1",
+    result = CliRunner().invoke(main, ["train", "--method", "dml", "--profile", "pipeline", "--epochs", "1",
                                        "--train-samples", "64", "--width", "0.125", "--quiet", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     (path,) = tmp_path.glob("*.json")
@@ -60,7 +88,7 @@ def test_run_local_trains_with_the_default_for_its_workers(monkeypatch, keep_thr
     monkeypatch.setattr(executors, "train_group", lambda group, progress=False: seen.append(
         torch.get_num_threads()) or [executors.Outcome(c.run_id()) for c in group])
     torch.set_num_threads(1)
-    executors.run_local([RunConfig(method="dml", profile="smoke", device="cpu")], ["cpu"], progress=False)
+    executors.run_local([RunConfig(method="dml", profile="pipeline", device="cpu")], ["cpu"], progress=False)
     assert seen == [2] and torch.get_num_threads() == 1  # and restored afterwards
 
 

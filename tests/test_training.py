@@ -11,7 +11,7 @@ from conftest import train_with_pinned_kernels
 METHODS = [("base", {}), ("dml", {}), ("kdcl", {}), ("okdph", {"interval": "3b"})]
 CHANCE = 10.0
 # Learned means clearly above chance: at chance, the best of a run's ~9 head-epoch accuracies on the
-# 180 test images stays below 15 % (binomial std 2.2 points). Three smoke epochs are chaotic: float32
+# 180 test images stays below 15 % (binomial std 2.2 points). Three epochs are chaotic: float32
 # rounding moves one run by tens of points (OKDPH, paper fidelity: 27 % with the default kernels,
 # 56 % with oneDNN capped at AVX2; ONE: 21 % on one thread, over 30 % on two). So these runs train
 # under pinned kernels and one thread (conftest.PINNED_KERNELS), the same on every CPU of the kind,
@@ -24,8 +24,8 @@ ALL_DIGITS = 100_000  # a cap above the 1,442 digits training images: the whole 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,overrides", METHODS, ids=[m for m, _ in METHODS])
 @pytest.mark.parametrize("fidelity", ["official", "paper"])
-def test_smoke_run_learns(tmp_path, method, overrides, fidelity, record_property):
-    record = train_with_pinned_kernels(method=method, profile="smoke", epochs=3, train_samples=ALL_DIGITS,
+def test_short_run_learns(tmp_path, method, overrides, fidelity, record_property):
+    record = train_with_pinned_kernels(method=method, profile="pipeline", epochs=3, train_samples=ALL_DIGITS,
                                        fidelity=fidelity, overrides=list(overrides.items()), deterministic=True,
                                        out_dir=str(tmp_path))
     assert record["status"] == "complete"
@@ -36,7 +36,7 @@ def test_smoke_run_learns(tmp_path, method, overrides, fidelity, record_property
 
 @pytest.mark.slow
 def test_deterministic_runs_are_bitwise_repeatable(tmp_path):
-    cfg = RunConfig(method="okdph", profile="smoke", epochs=1, deterministic=True,
+    cfg = RunConfig(method="okdph", profile="pipeline", epochs=1, deterministic=True,
                     overrides=(("interval", "2b"),), out_dir=str(tmp_path))
     first = train_run(cfg, progress=False)
     second = train_run(cfg, progress=False)
@@ -48,7 +48,7 @@ def test_deterministic_runs_are_bitwise_repeatable(tmp_path):
 
 def test_fp64_runs_train_and_record_in_fp64(tmp_path):
     # What `okdph-bench regress` relies on: every weight, image and meter in float64, none rounded to float32.
-    cfg = RunConfig(method="okdph", profile="smoke", epochs=1, width=0.125, engine="reference", precision="fp64",
+    cfg = RunConfig(method="okdph", profile="pipeline", epochs=1, width=0.125, engine="reference", precision="fp64",
                     device="cpu", deterministic=True, out_dir=str(tmp_path))
     record = train_run(cfg, progress=False)
     assert record["precision"] == "fp64" and record["status"] == "complete"
@@ -60,7 +60,7 @@ def test_the_one_image_batch_trial_leaves_the_run_unchanged(tmp_path, monkeypatc
     """With 33 images in batches of 32 the driver first tries a one-image batch on a copy of the
     strategy (okdph.engine.run.check_last_batch). OKDDip's VGG branches draw dropout masks, so a
     trial that consumed random numbers or touched the strategy would change the run."""
-    cfg = RunConfig(method="okddip", backbone="vgg16", profile="smoke", epochs=1, width=0.125, train_samples=33,
+    cfg = RunConfig(method="okddip", backbone="vgg16", profile="pipeline", epochs=1, width=0.125, train_samples=33,
                     precision="fp64", device="cpu", deterministic=True, out_dir=str(tmp_path / "tried"))
     tried = train_run(cfg, progress=False)
     monkeypatch.setattr("okdph.engine.run.check_last_batch", lambda *args: None)

@@ -18,8 +18,8 @@ import torch
 from okdph.bench.runner import run_table
 from okdph.engine.lock import read_lock
 
-# Table 3 restricted to DML with one seed, smoke profile: 6 runs (2-4 students × ResNet32/VGG16).
-SWEEP = ["run", "--table", "3", "--profile", "smoke", "--method", "dml", "--seeds", "1", "--quiet"]
+# Table 3 restricted to DML with one seed, pipeline profile: 6 runs (2-4 students × ResNet32/VGG16).
+SWEEP = ["run", "--table", "3", "--profile", "pipeline", "--method", "dml", "--seeds", "1", "--quiet", "--jobs", "1"]
 SWEEP_RUNS = 6
 
 
@@ -72,7 +72,7 @@ def test_a_killed_workers_lock_is_reclaimed_and_its_run_completes(tmp_path):
     lock = results / "runs" / f"{run_id}.lock"
     # the same run as the sweep's, alone, killed while it trains
     victim = subprocess.Popen(
-        [sys.executable, "-m", "okdph.cli", "train", "--method", "dml", "--profile", "smoke", "--students",
+        [sys.executable, "-m", "okdph.cli", "train", "--method", "dml", "--profile", "pipeline", "--students",
          run_id.split("-n")[1][0], "--out", str(results / "runs"), "--quiet"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -109,7 +109,7 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
 
     monkeypatch.setattr(DML, "forward_train", poisoned)
     torch.set_num_threads(1)
-    summary = run_table("3", profile="smoke", methods=["dml"], seeds=1, results=tmp_path / "results",
+    summary = run_table("3", profile="pipeline", methods=["dml"], seeds=1, results=tmp_path / "results",
                         progress=False)
     assert summary.failed == [] and summary.trained == SWEEP_RUNS
     by_students = {r["students"]: [] for r in _records(tmp_path / "results")}

@@ -80,11 +80,15 @@ def train_group(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
     return [train_one(cfg, progress) for cfg in cfgs]
 
 
-def parse_gpus(gpus: str | None, cuda_count: int, jobs: int = 1) -> list[str]:
+def parse_gpus(gpus: str | None, cuda_count: int, jobs: int | None = None) -> list[str]:
     """The devices of the local workers: `--gpus 0,2` -> ["cuda:0", "cuda:2"]; "all" or nothing ->
-    every visible GPU; no GPU or "cpu" -> `jobs` CPU workers (1: this process)."""
+    every visible GPU; no GPU or "cpu" -> `jobs` CPU workers (1: this process; None: one per free
+    core, okdph.threads.default_jobs)."""
     from okdph.errors import ConfigError
+    from okdph.threads import default_jobs
 
+    if jobs is None:
+        jobs = default_jobs()
     if jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {jobs}")
     if gpus is None or gpus.strip().lower() == "all":
@@ -137,7 +141,7 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
             for group in group_packs(configs, pack_size):
                 bar.set_postfix_str(f"now {group[0].run_id()[:40]}" + (f" +{len(group) - 1}" if len(group) > 1 else ""))
                 group = [replace(cfg, device=devices[0]) if cfg.device == "auto" else cfg for cfg in group]
-                for outcome in train_group(group, progress=progress and group[0].profile != "smoke"):
+                for outcome in train_group(group, progress=progress and group[0].profile != "pipeline"):
                     finish(outcome)
         finally:
             torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ OKDPH's hyper-parameters are not in the table files: supplement Tables 6 and 7
 student count and data setting, and `expand` applies them to every OKDPH cell they cover.
 
 Expansion: every cell × seeds gives one run; run r has seed 42 + r, as the official scripts start
-from seed 42. In the smoke profile every CIFAR cell runs on the embedded digits data
+from seed 42. In the smoke and pipeline profiles every CIFAR cell runs on the embedded digits data
 (docs/protocol.md#recipes-per-profile), so cells that differ only in their dataset become the same
 run and share its record.
 """
@@ -24,13 +24,13 @@ import functools
 import json
 from dataclasses import dataclass
 
-from okdph.engine.recipe import PROFILES, SMOKE_DATASET
+from okdph.engine.recipe import PROFILES, stand_in_dataset
 from okdph.engine.run import RunConfig
 from okdph.errors import ConfigError
 from okdph.names import TABLE_DIR, table_names
 
 FIRST_SEED = 42                                  # run r has seed 42 + r
-DEFAULT_SEEDS = {"paper": 5, "quick": 5, "smoke": 1}  # the supplement averages five runs
+DEFAULT_SEEDS = {"paper": 5, "quick": 5, "smoke": 1, "pipeline": 1}  # the supplement averages five runs
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Cell:
 
     method: str
     backbone: str
-    dataset: str                  # the paper's dataset (the smoke profile substitutes digits)
+    dataset: str                  # the paper's dataset (the smoke and pipeline profiles train on digits)
     setting: str                  # standard, noisy, limited10, limited1
     students: int                 # students, or branches for the multi-branch methods
     paper: float | None = None    # the published value; None where it is unknown
@@ -184,7 +184,7 @@ def cell_config(cell: Cell, *, profile: str, seed: int = FIRST_SEED, fidelity: s
                 out_dir: str = "results/runs") -> RunConfig:
     """The RunConfig of one seed of `cell` under `profile`."""
     return RunConfig(method=cell.method, backbone=cell.backbone,
-                     dataset=SMOKE_DATASET if profile == "smoke" else cell.dataset,
+                     dataset=stand_in_dataset(profile) or cell.dataset,
                      setting=cell.setting, students=cell.students, overrides=cell.overrides,
                      fidelity=fidelity, profile=profile, seed=seed, engine=engine, device=device,
                      data_root=data_root, download=download, out_dir=out_dir)

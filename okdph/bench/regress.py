@@ -1,7 +1,7 @@
 """`okdph-bench regress`: a per-commit check that no method's behaviour changed
 (docs/verification.md#regression-expectations).
 
-Every registered method trains one tiny deterministic CPU run on the embedded digits data (smoke
+Every registered method trains one tiny deterministic CPU run on the embedded digits data (pipeline
 recipe, ResNet32 at 1/8 width, 2 students or branches, seed 42, one epoch of 6 steps); its training
 losses and test accuracies are compared with `results/regression/expected.json`, which states its
 tolerance and where that tolerance comes from. The test suite runs this, so CI fails on drift.
@@ -33,7 +33,7 @@ from okdph.engine.run import RunConfig, check_writable, train_run
 from okdph.errors import ConfigError
 from okdph.strategy import get_strategy, list_strategies
 
-SETUP = {"backbone": "resnet32", "profile": "smoke", "width": 0.125, "epochs": 1, "students": 2, "seed": 42,
+SETUP = {"backbone": "resnet32", "profile": "pipeline", "width": 0.125, "epochs": 1, "students": 2, "seed": 42,
          "fidelity": "official", "engine": "reference", "precision": "fp64", "device": "cpu",
          "deterministic": True, "threads": 1}
 # Environment settings that change which CPU kernels run (each caps an instruction set; none raises
@@ -141,7 +141,7 @@ def compare(expected: dict, measured: dict, tolerance: dict) -> list[str]:
         if got is None or abs(got - want) > tolerance["acc_abs"]:
             problems.append(f"{key} {got if got is None else f'{got:.2f}'} vs expected {want:.2f}")
     if measured["recipe"] != expected["recipe"]:
-        problems.append("the smoke recipe changed")
+        problems.append("the pipeline recipe changed")
     return problems
 
 

@@ -26,7 +26,7 @@ from okdph.bench import stats
 from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_profile
 from okdph.bench.store import ResultStore
 from okdph.data.info import display_name as data_display_name
-from okdph.engine.recipe import SMOKE_DATASET, SMOKE_STEPS, SMOKE_TRAIN_SAMPLES
+from okdph.engine.recipe import EMBEDDED_DATASET, PIPELINE_RECIPE, PIPELINE_STEPS, smoke_changes
 from okdph.engine.record import atomic_write_json
 from okdph.errors import ConfigError
 from okdph.models import display_name as backbone_display_name
@@ -40,11 +40,15 @@ ROW_TEST_HEADER = "OKDPH vs best baseline"
 # One line per profile above its table: what its numbers can and cannot show (the long form is
 # docs/protocol.md#what-each-profile-can-and-cannot-tell)
 PROFILE_SCOPE = {
-    "smoke": (f"Smoke profile: every cell trains a small model for {SMOKE_STEPS} steps ({SMOKE_TRAIN_SAMPLES} images) "
-              f"on the embedded `{SMOKE_DATASET}` data; the numbers show that every cell runs end to end, not "
-              "whether a method learns (so few steps leave most cells near chance, 10 %) nor how the methods "
-              "compare on the paper's data, so no Δ to the paper is printed (the paper line holds its CIFAR "
-              "numbers); cells that differ only in their dataset share their runs."),
+    "smoke": (f"Smoke profile: {smoke_changes()}. The numbers show that each method learns and how fast it "
+              "starts, not how the methods compare on the paper's data after 300 epochs, so no Δ to the paper is "
+              "printed (the paper line holds its CIFAR numbers); cells that differ only in their dataset share "
+              "their runs."),
+    "pipeline": (f"Pipeline profile: every cell trains a small model for {PIPELINE_STEPS} steps "
+                 f"({PIPELINE_RECIPE.train_samples} images) on the embedded `{EMBEDDED_DATASET}` data; the numbers "
+                 "show that every cell runs end to end, not whether a method learns (most cells sit near "
+                 "chance, 10 %), so no Δ to the paper is printed; cells that differ only in their dataset share "
+                 "their runs."),
     "quick": ("Quick profile: a tenth of the paper's schedule on the paper's data; the numbers can show relative "
               "behaviour early in training, not the paper's converged values (Δ measures that gap)."),
 }

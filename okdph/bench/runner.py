@@ -18,7 +18,7 @@ from okdph.bench.render import check_metric, collect, write_table
 from okdph.bench.stats import check_std
 from okdph.bench.store import ResultStore
 from okdph.engine.checkpoint import trajectory_dir
-from okdph.engine.recipe import resolve_recipe
+from okdph.engine.recipe import resolve_recipe, stand_in_dataset
 from okdph.engine.run import RunConfig, validate
 from okdph.errors import ConfigError
 from okdph.names import DEFAULT_STD, EXECUTORS
@@ -27,10 +27,10 @@ from okdph.names import DEFAULT_STD, EXECUTORS
 # trains its runs with trajectory points (`save_every` = the run's epochs: the initialisation and
 # the final weights) and, once trained, computes the metric into every record that lacks it.
 ANALYSED_METRICS = ("pacbayes",)
-# The smoke profile checks the pipeline: its σ search stops within 1e-2 of ε (Jiang et al. 2020's
+# The embedded-data profiles (smoke, pipeline) stop the σ search within 1e-2 of ε (Jiang et al. 2020's
 # tolerance, about half the steps) instead of the default 1e-4, after at most 15 loss evaluations
-# (barely trained smoke networks often have no clean crossing); the record says which was used.
-SMOKE_SEARCH = {"tolerance": 1e-2, "max_iterations": 15}
+# (barely trained networks often have no clean crossing); the record says which was used.
+EMBEDDED_SEARCH = {"tolerance": 1e-2, "max_iterations": 15}
 
 
 @dataclass
@@ -62,7 +62,8 @@ def _plan(table_name: str, *, profile: str, seeds, methods, fidelity: str, engin
     for cfg in configs:  # every name and value checked before any work starts
         validate(cfg)
     if table.metric in ANALYSED_METRICS:  # keep the weights the analysis needs: init and last epoch
-        configs = [replace(cfg, save_every=resolve_recipe(cfg.profile, cfg.resolved_dataset(), cfg.epochs).epochs)
+        configs = [replace(cfg, save_every=resolve_recipe(cfg.profile, cfg.resolved_dataset(), cfg.epochs,
+                                                          cfg.backbone).epochs)
                    for cfg in configs]
     return table, runs, configs, store
 
@@ -104,7 +105,7 @@ def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: s
     try:
         for cfg in todo:
             try:
-                options = SMOKE_SEARCH if cfg.profile == "smoke" else {}
+                options = EMBEDDED_SEARCH if stand_in_dataset(cfg.profile) else {}
                 compute_and_write(cfg.record_path(), device=device, data_root=data_root, progress=progress,
                                   **options)
                 done += 1
@@ -128,7 +129,8 @@ def check_before_run(store: ResultStore, configs: list[RunConfig], *, slurm: boo
 
 def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
               fidelity: str = "official", engine: str = "auto", executor: str = "local",
-              gpus: str | None = None, jobs: int = 1, dry_run: bool = False, metric: str = "paper", results="results",
+              gpus: str | None = None, jobs: int | None = 1, dry_run: bool = False, metric: str = "paper",
+              results="results",
               data_root: str = "data", download: bool = False, progress: bool = True,
               pack_size: int | None = None, slurm_parameters: dict | None = None, slurm_cluster: str | None = None,
               wait: bool = False, std: str = DEFAULT_STD) -> RunSummary:

@@ -490,8 +490,8 @@ def sample_params(view: str, n: int, height: int = _SIZE, width: int = _SIZE,
 def _apply_chunk(images: Tensor, view: str, info, p: dict[str, Tensor]) -> Tensor:
     if view == "base":
         return normalize(to_float(images), info)
-    if view in ("hflip", "hflip+rot", "cutout"):
-        x = crop_flip(images, p["top"], p["left"], p["flip"])
+    if view in ("hflip", "hflip+rot", "cutout"):  # the flip is drawn either way: one random stream per view
+        x = crop_flip(images, p["top"], p["left"], p["flip"] if info.mirror_invariant else None)
     else:
         x = random_crop(images, p["top"], p["left"])
     if view == "hflip+rot":

@@ -20,6 +20,9 @@ class DatasetInfo:
     std: tuple[float, float, float]      # per-channel std, RGB
     default_view: str                    # the Base/DML view (docs/methods.md#views-per-method)
     display_name: str                    # how tables and figures spell it
+    # A mirrored image shows the same class (photographs); False where mirroring makes another
+    # class (digits: a mirrored 2 is no digit, a mirrored 7 is not a 7): every view skips its flip.
+    mirror_invariant: bool = True
 
 
 _INFOS = (
@@ -31,7 +34,8 @@ _INFOS = (
                 (0.5070751592371323, 0.48654887331495095, 0.4409178433670343),
                 (0.2673342858792401, 0.2564384629170883, 0.27615047132568404), "hflip+rot", "CIFAR-100"),
     # per-channel mean and (population) std of the train split, seed 0 for synthetic (checked by tests)
-    DatasetInfo("digits", 10, 32, (0.3051, 0.3051, 0.3051), (0.3238, 0.3238, 0.3238), "hflip", "digits"),
+    DatasetInfo("digits", 10, 32, (0.3051, 0.3051, 0.3051), (0.3238, 0.3238, 0.3238), "hflip", "digits",
+                mirror_invariant=False),
     DatasetInfo("synthetic10", 10, 32, (0.5157, 0.5012, 0.4876), (0.1599, 0.1565, 0.1548), "hflip",
                 "synthetic10"),
     DatasetInfo("synthetic100", 100, 32, (0.5011, 0.5017, 0.4955), (0.1583, 0.1543, 0.1588), "hflip+rot",

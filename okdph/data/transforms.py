@@ -15,8 +15,9 @@ RandomCrop(32, padding=4) (zero fill). The official code puts Resize([32, 32]) b
 | 'auto_aug'  | crop, AutoAugment() (ImageNet policy, also on CIFAR) |                    |
 | 'base'      | nothing (same as the test transform)          |                           |
 
-'augment' and 'auto_aug' have no flip. Cutout zeroes the tensor before Normalize, so the hole reads
--mean/std afterwards.
+'augment' and 'auto_aug' have no flip. A dataset whose images change class when mirrored (digits:
+`DatasetInfo.mirror_invariant` False) gets every view without its flip. Cutout zeroes the tensor
+before Normalize, so the hole reads -mean/std afterwards.
 
 ImageNet-sized data (224): RandomResizedCrop(224) replaces the padded crop; 'cutout' uses a 32 px hole;
 'base' and the test transform are Resize(256) -> CenterCrop(224). 'hflip+rot' is RandomResizedCrop ->
@@ -94,11 +95,12 @@ def build_train_transform(view: str, info: DatasetInfo) -> Callable:
     else:
         crop = T.RandomResizedCrop(size)
         hole = _CUTOUT_LENGTH["imagenet"]
-    flip = T.RandomHorizontalFlip()
+    flip = [T.RandomHorizontalFlip()] if info.mirror_invariant else []
+    rotation = T.RandomRotation(_ROTATION_DEGREES, interpolation=InterpolationMode.NEAREST, fill=0)
     pil_ops = {
-        "hflip": [crop, flip],
-        "hflip+rot": [crop, flip, T.RandomRotation(_ROTATION_DEGREES, interpolation=InterpolationMode.NEAREST, fill=0)],
-        "cutout": [crop, flip],
+        "hflip": [crop, *flip],
+        "hflip+rot": [crop, *flip, rotation],
+        "cutout": [crop, *flip],
         "augment": [crop, T.RandAugment()],
         "auto_aug": [crop, T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)],
     }[view]

@@ -119,7 +119,7 @@ class DistributedEngine(ReferenceEngine):
         self.sampler.set_epoch(epoch)
         meters = Meters(1, self.device)
         train_one_epoch(self.strategy, self.train_loader, self.optimizers, epoch=epoch, device=self.device,
-                        forward=self.ddp, meters=meters)
+                        forward=self.ddp, meters=meters, step_schedulers=self.step_schedulers)
         sum_meters(meters)
         return meters.summaries()
 

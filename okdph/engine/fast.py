@@ -3,10 +3,8 @@
 - The dataset lives on the device as uint8, once per process; each epoch draws one permutation and
   augments every view of the whole epoch at once with per-sample random parameters
   (okdph.data.gpu_augment, torchvision's semantics).
-- On a GPU, same-architecture networks of a strategy (its students, or the independent branches of a
-  multi-branch network) run as one grouped network (okdph.engine.fused).
-  On a CPU they stay separate by default: there the grouped convolutions measured slower than the
-  networks one after another (results/perf/README.md).
+- Same-architecture networks of a strategy (its students, or the independent branches of a
+  multi-branch network) run as one grouped network (okdph.engine.fused), channels-last on a CPU.
 - The whole training step (batch gather, forward, losses, backward, SGD with the learning rate as a
   device tensor, the strategy's hooks, meters) is captured in a CUDA graph per distinct step, as the
   strategy's `graph_key` defines it, plus one per batch size so the last partial batch is never
@@ -100,7 +98,7 @@ class FastEngine(Engine):
         self.views = self.strategy.views()
         self.train_images, self.train_targets = as_device_images(train_set, self.device)
         # Before the optimizers exist: the fused parameters are new tensors.
-        fuse = self.device.type == "cuda" if fuse is None else fuse
+        fuse = True if fuse is None else fuse
         self.fused = self._fuse(image_shape=self.train_images.shape[1:]) if fuse else []
         test_images, self.test_targets = as_device_images(test_set, self.device)
         self.dtype = next(self.strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
@@ -156,19 +154,27 @@ class FastEngine(Engine):
 
     # ---- schedule -----------------------------------------------------------------------------
 
-    def lr_at(self, epoch: int) -> float:
+    def lr_at(self, epoch: int, step: int = 0) -> float:
+        """The learning rate of step `step` of epoch `epoch` (the recipe's schedule)."""
+        if self.recipe.schedule == "linear":
+            steps = self.full_batches + (1 if self.remainder else 0)
+            return self.recipe.lr * self.recipe.step_factor(epoch * steps + step, steps)
         decays = sum(epoch >= m for m in self.recipe.milestones)
         return self.recipe.lr * self.recipe.lr_decay**decays
+
+    def _set_lr(self, epoch: int, step: int) -> None:
+        for opt, scheduled in zip(self.optimizers, self.scheduled):
+            if scheduled:
+                opt.lr.fill_(self.lr_at(epoch, step))
 
     def current_lr(self) -> float:
         return float(self.optimizers[0].lr)
 
     def end_epoch(self, epoch: int) -> None:
-        """The scheduler step after testing (MultiStepLR semantics, per optimizer group), then the
-        strategy's after-epoch hook (OKDPH's epoch-level fusion)."""
-        for opt, scheduled in zip(self.optimizers, self.scheduled):
-            if scheduled:
-                opt.lr.fill_(self.lr_at(epoch + 1))
+        """The scheduler step after testing (MultiStepLR semantics, per optimizer group; a linear
+        schedule's value before the next epoch's first step), then the strategy's after-epoch hook
+        (OKDPH's epoch-level fusion)."""
+        self._set_lr(epoch + 1, 0)
         self._call_hook(lambda: self.strategy.after_epoch(epoch=epoch))
 
     # ---- data ---------------------------------------------------------------------------------
@@ -261,6 +267,8 @@ class FastEngine(Engine):
         steps = self.full_batches + (1 if self.remainder else 0)
         while self.step < steps:
             batch = self.recipe.batch_size if self.step < self.full_batches else self.remainder
+            if self.recipe.schedule == "linear":  # the device lr is read by the (captured) step
+                self._set_lr(epoch, self.step)
             self._run_step(batch, epoch, self.step)
             self.step += 1
             if should_stop is not None and should_stop() and self.step < steps:

@@ -174,7 +174,13 @@ class FusedGroup(nn.Module):
         inputs = list(inputs.unbind(0)) if isinstance(inputs, Tensor) else list(inputs)
         if len(inputs) != self.count:
             raise ValueError(f"{self.count} networks but {len(inputs)} inputs")
-        out = getattr(self.network, method)(to_grouped_layout(inputs))
+        x = to_grouped_layout(inputs)
+        if x.device.type == "cpu" and x.dim() == 4 and not torch._C._functorch.is_functorch_wrapped_tensor(x):
+            # oneDNN's grouped convolutions with few channels per group run fastest channels-last on
+            # the CPU (docs/verification.md#cpu-speed); on a GPU cuDNN picks its own layout. (Not
+            # under vmap, packed runs, which has no channels-last.)
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = getattr(self.network, method)(x)
         if isinstance(out, tuple):
             return tuple(self._split(o) for o in out)
         return self._split(out)

@@ -5,9 +5,11 @@ A recipe is the optimisation schedule a run follows. A profile picks a recipe fa
 - paper: the published recipe (CIFAR: 300 epochs, SGD 0.1, ×0.1 at 150 and 225, wd 5e-4, batch 128;
   ImageNet: 100 epochs, ×0.1 at 30/60/90, wd 1e-4, batch 256);
 - quick: the same recipe with the schedule scaled to a tenth of the epochs;
-- smoke: the embedded digits data, a quarter-width model, batch 32 and one short epoch (192
-  training and 180 test images): a real run in seconds on a laptop CPU, for first runs, tests and
-  whole-table runs. Not a fidelity setting.
+- smoke: the embedded digits data at quarter width, with a recipe per backbone calibrated so that
+  the methods learn in minutes on a CPU (`SMOKE_RECIPES`, measured in docs/verification.md#smoke-recipe);
+- pipeline: the embedded digits data at quarter width, six steps a run (192 training and 180 test
+  images): every code path in seconds, for tests and `okdph-bench regress`; nothing learns.
+The smoke and pipeline profiles change the recipe, the data and the width, never a method's constants.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass, replace
 
 from okdph.names import PROFILES
 from okdph.strategy import ConfigError
+
+SCHEDULES = ("step", "linear")
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,15 @@ class Recipe:
     weight_decay: float = 5e-4       # on every parameter, BN and biases included
     milestones: tuple[int, ...] = (150, 225)
     lr_decay: float = 0.1
-    train_samples: int | None = None  # use only the first N training images (smoke); None: all
-    test_samples: int | None = None   # evaluate on the first N test images (smoke); None: all
+    # "step": ×lr_decay at each milestone epoch, as the official MultiStepLR (stepped after each
+    # epoch's test); "linear": from lr down to 0 over the run's steps, updated after every step.
+    schedule: str = "step"
+    train_samples: int | None = None  # use only the first N training images; None: all
+    test_samples: int | None = None   # evaluate on the first N test images; None: all
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule '{self.schedule}'; valid: {', '.join(SCHEDULES)}")
 
     def with_epochs(self, epochs: int) -> "Recipe":
         """Same recipe over `epochs` epochs, milestones scaled proportionally."""
@@ -35,6 +46,11 @@ class Recipe:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
         scaled = tuple(max(1, round(m * epochs / self.epochs)) for m in self.milestones)
         return replace(self, epochs=epochs, milestones=scaled)
+
+    def step_factor(self, step: int, steps_per_epoch: int) -> float:
+        """The linear schedule's lr multiplier before global step `step` (0-based): 1 at the first
+        step, 1/T at the last of the run's T steps."""
+        return 1.0 - step / (self.epochs * steps_per_epoch)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "milestones": list(self.milestones)}
@@ -44,36 +60,54 @@ CIFAR_RECIPE = Recipe()
 IMAGENET_RECIPE = Recipe(epochs=100, batch_size=256, weight_decay=1e-4, milestones=(30, 60, 90))
 
 QUICK_FRACTION = 0.1
-SMOKE_EPOCHS = 1
-SMOKE_BATCH_SIZE = 32  # small batches: more steps in a short epoch
-SMOKE_WIDTH = 0.25
-SMOKE_DATASET = "digits"
-# A smoke epoch is short so that a whole table runs in minutes on 2 CPU cores (Table 3's 47 distinct
-# runs in 62-83 s on an idle machine): the first 192 of digits' 1,442 training images (6 steps) and the
-# first 180 of its 355 test images. It checks the pipeline and leaves most cells at chance; a recipe
-# that learns in most cells costs 30-40 times as much (benchmarks/smoke_calibration.py,
-# docs/verification.md#known-open-items).
-SMOKE_TRAIN_SAMPLES = 192
-SMOKE_TEST_SAMPLES = 180
-SMOKE_STEPS = -(-SMOKE_TRAIN_SAMPLES // SMOKE_BATCH_SIZE)  # a smoke run's one epoch
+EMBEDDED_DATASET = "digits"  # what the smoke and pipeline profiles train on, whatever the table's data
+EMBEDDED_WIDTH = 0.25        # their channel multiplier
+
+# The smoke profile, per backbone (docs/verification.md#smoke-recipe has the measurements): the whole
+# digits set (1,442 training, 355 test images), batches of 32, lr 0.1 decayed linearly to 0. Short
+# runs at a constant lr stay noisy to the end; the linear decay lets the last steps settle.
+SMOKE_RECIPES = {
+    "resnet32": Recipe(epochs=3, batch_size=32, milestones=(), schedule="linear"),
+    "vgg16": Recipe(epochs=4, batch_size=32, milestones=(), schedule="linear"),
+}
+SMOKE_DEFAULT = Recipe(epochs=3, batch_size=32, milestones=(), schedule="linear")  # not calibrated
+# The pipeline check: one epoch of 6 steps (the first 192 training images) tested on the first 180.
+PIPELINE_RECIPE = Recipe(epochs=1, batch_size=32, milestones=(), train_samples=192, test_samples=180)
+PIPELINE_STEPS = -(-PIPELINE_RECIPE.train_samples // PIPELINE_RECIPE.batch_size)
+
+
+def stand_in_dataset(profile: str) -> str | None:
+    """The dataset every run of `profile` trains on instead of its table's, or None."""
+    return EMBEDDED_DATASET if profile in ("smoke", "pipeline") else None
 
 
 def default_width(profile: str) -> float:
     """The channel multiplier a run of `profile` gets unless it sets one."""
-    return SMOKE_WIDTH if profile == "smoke" else 1.0
+    return EMBEDDED_WIDTH if stand_in_dataset(profile) else 1.0
 
 
-def resolve_recipe(profile: str, dataset: str, epochs: int | None = None) -> Recipe:
-    """The recipe for a profile and dataset; `epochs` rescales the schedule to that many epochs."""
+def resolve_recipe(profile: str, dataset: str, epochs: int | None = None, backbone: str | None = None) -> Recipe:
+    """The recipe for a profile, dataset and backbone; `epochs` rescales the schedule to that many epochs."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; valid: {', '.join(PROFILES)}")
-    recipe = IMAGENET_RECIPE if dataset == "imagenet" else CIFAR_RECIPE
-    if epochs is None:
-        if profile == "quick":
-            epochs = max(1, round(recipe.epochs * QUICK_FRACTION))
-        elif profile == "smoke":
-            epochs = SMOKE_EPOCHS
     if profile == "smoke":
-        recipe = replace(recipe, batch_size=SMOKE_BATCH_SIZE, train_samples=SMOKE_TRAIN_SAMPLES,
-                         test_samples=SMOKE_TEST_SAMPLES)
+        recipe = SMOKE_RECIPES.get(backbone, SMOKE_DEFAULT)
+    elif profile == "pipeline":
+        recipe = PIPELINE_RECIPE
+    else:
+        recipe = IMAGENET_RECIPE if dataset == "imagenet" else CIFAR_RECIPE
+        if profile == "quick" and epochs is None:
+            epochs = max(1, round(recipe.epochs * QUICK_FRACTION))
     return recipe if epochs is None or epochs == recipe.epochs else recipe.with_epochs(epochs)
+
+
+def smoke_changes() -> str:
+    """One line: what the smoke profile changes from the paper's recipe (table headers, docs)."""
+    per_backbone = ", ".join(f"{name} {r.epochs} epochs" for name, r in SMOKE_RECIPES.items())
+    lrs = {r.lr for r in SMOKE_RECIPES.values()}
+    batches = {r.batch_size for r in SMOKE_RECIPES.values()}
+    return (f"the embedded `{EMBEDDED_DATASET}` data (all of it, no horizontal flip in any view), width "
+            f"{EMBEDDED_WIDTH:g} (VGG16's fixed-std Linear init scaled by 1/sqrt(width)), batches of "
+            f"{'/'.join(map(str, sorted(batches)))}, lr {'/'.join(f'{x:g}' for x in sorted(lrs))} decayed "
+            f"linearly to 0 per step over {per_backbone} ({SMOKE_DEFAULT.epochs} for other backbones); "
+            "the methods' constants are the paper's")

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import MultiStepLR
+from torch.optim.lr_scheduler import LambdaLR, MultiStepLR
 from torch.utils.data import DataLoader, RandomSampler
 
 from okdph.engine.protocol import Engine, Meters, top1_accuracy
@@ -25,8 +25,9 @@ def network_dtype(strategy: Strategy) -> torch.dtype:
 
 
 def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, device, forward=None,
-                    meters: Meters | None = None, should_stop=None) -> dict | None:
-    """One pass over `loader`: forward → sum of losses → zero grad → backward → step → hooks.
+                    meters: Meters | None = None, should_stop=None, step_schedulers=()) -> dict | None:
+    """One pass over `loader`: forward → sum of losses → zero grad → backward → step → the
+    per-step schedules (`step_schedulers`, a linear recipe's) → hooks.
 
     Returns the epoch's summary (okdph.engine.protocol): per-sample means of every named loss, the
     training accuracy of every head, and the first step whose loss was not finite (or None). Meters
@@ -50,6 +51,8 @@ def train_one_epoch(strategy: Strategy, loader, optimizers, *, epoch: int, devic
         loss.backward()
         for optimizer in optimizers:
             optimizer.step()
+        for scheduler in step_schedulers:
+            scheduler.step()
         strategy.after_step(epoch=epoch, step=step)
         meters.add(losses, loss, heads, targets, step)
         meters.samples += targets.shape[0]
@@ -100,8 +103,14 @@ class ReferenceEngine(Engine):
         groups = strategy.optimizer_groups()
         self.optimizers = [torch.optim.SGD(g.params, lr=recipe.lr, momentum=recipe.momentum,
                                            weight_decay=recipe.weight_decay) for g in groups]
-        self.schedulers = [MultiStepLR(opt, list(recipe.milestones), gamma=recipe.lr_decay)
-                           for opt, g in zip(self.optimizers, groups) if g.scheduled]
+        scheduled = [opt for opt, g in zip(self.optimizers, groups) if g.scheduled]
+        if recipe.schedule == "linear":  # per step, after each optimizer step (len: DDP shards the loader)
+            factor = lambda s: recipe.step_factor(s, len(self.train_loader))  # noqa: E731
+            self.step_schedulers = [LambdaLR(opt, factor) for opt in scheduled]
+            self.schedulers = []
+        else:  # MultiStepLR after each epoch's test, as the official scripts
+            self.step_schedulers = []
+            self.schedulers = [MultiStepLR(opt, list(recipe.milestones), gamma=recipe.lr_decay) for opt in scheduled]
         self.meters: Meters | None = None   # the epoch in flight, if any
         self.epoch_rng: Tensor | None = None  # the data-order generator when it began
 
@@ -124,7 +133,8 @@ class ReferenceEngine(Engine):
 
     def _train(self, epoch: int, should_stop) -> dict | None:
         return train_one_epoch(self.strategy, self.train_loader, self.optimizers, epoch=epoch,
-                               device=self.device, meters=self.meters, should_stop=should_stop)
+                               device=self.device, meters=self.meters, should_stop=should_stop,
+                               step_schedulers=self.step_schedulers)
 
     def evaluate(self) -> list[dict[str, float]]:
         self.strategy.eval()
@@ -148,7 +158,7 @@ class ReferenceEngine(Engine):
         return {
             "strategies": [self.strategy.state_dict()],
             "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "schedulers": [sched.state_dict() for sched in self.schedulers],
+            "schedulers": [sched.state_dict() for sched in self.schedulers + self.step_schedulers],
             "loader_rng": self.epoch_rng if mid_epoch else self.loader_rng.get_state(),
             "meters": self.meters.state_dict() if mid_epoch else None,
         }
@@ -157,7 +167,7 @@ class ReferenceEngine(Engine):
         self.strategy.load_state_dict(state["strategies"][0])
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(saved)
-        for sched, saved in zip(self.schedulers, state["schedulers"], strict=True):
+        for sched, saved in zip(self.schedulers + self.step_schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(saved)
         self.loader_rng.set_state(state["loader_rng"])
         if state["meters"] is not None:

@@ -31,7 +31,7 @@ from okdph.engine import distributed, reference
 from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
                                      save_trajectory_point, trajectory_dir)
 from okdph.engine.lock import RunLock, RunLocked
-from okdph.engine.recipe import SMOKE_DATASET, default_width, resolve_recipe
+from okdph.engine.recipe import default_width, resolve_recipe, stand_in_dataset
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
                                  set_aside, summarise)
 from okdph.errors import DamagedRecord
@@ -64,7 +64,7 @@ class RunConfig:
 
     method: str = _mark(CELL)
     backbone: str = _mark(CELL, "resnet32")
-    dataset: str | None = _mark(CELL, None, resolve="resolved_dataset")  # None: the profile's (digits for smoke)
+    dataset: str | None = _mark(CELL, None, resolve="resolved_dataset")  # None: the profile's (digits: smoke, pipeline)
     setting: str = _mark(CELL, "standard")   # standard, noisy, limited10, limited1
     students: int = _mark(CELL, 2)            # students or branches
     overrides: tuple[tuple[str, str], ...] = _mark(CELL, (), resolve="resolved_overrides")  # ("omega", "0.5") pairs
@@ -72,7 +72,7 @@ class RunConfig:
     profile: str = _mark(CELL, "paper")
     epochs: int | None = _mark(CELL, None)   # None: the profile's
     seed: int = _mark(SEED, 42)
-    width: float | None = _mark(CELL, None, resolve="resolved_width")  # None: 1.0, or the smoke profile's
+    width: float | None = _mark(CELL, None, resolve="resolved_width")  # None: the profile's (okdph.engine.recipe)
     engine: str = _mark(ENGINE, "auto", resolve="resolved_engine")
     precision: str = _mark(CELL, "fp32")     # bf16 autocast needs the fast engine; fp64 the reference engine
     deterministic: bool = False
@@ -90,9 +90,10 @@ class RunConfig:
     def resolved_dataset(self) -> str:
         if self.dataset is not None:
             return self.dataset
-        if self.profile == "smoke":
-            return SMOKE_DATASET
-        raise ConfigError("--dataset is required unless --profile smoke; valid: " + ", ".join(okdata.DATASETS))
+        if stand_in_dataset(self.profile):
+            return stand_in_dataset(self.profile)
+        raise ConfigError("--dataset is required unless --profile smoke or pipeline; valid: "
+                          + ", ".join(okdata.DATASETS))
 
     def resolved_width(self) -> float:
         if self.width is not None:
@@ -102,8 +103,9 @@ class RunConfig:
     def resolved_engine(self) -> str:
         if self.engine != "auto":
             return self.engine
+        # The fast engine holds the data in memory and runs fp32 or bf16, single-process.
         in_memory = self.resolved_dataset() != "imagenet"
-        return "fast" if in_memory and not self.ddp and resolve_device(self.device).type == "cuda" else "reference"
+        return "fast" if in_memory and not self.ddp and self.precision != "fp64" else "reference"
 
     def resolved_overrides(self) -> dict:
         return dict(self.overrides)
@@ -193,7 +195,7 @@ def validate(cfg: RunConfig):
         raise ConfigError(f"--checkpoint-every must be >= 0 epochs (0: never), got {cfg.checkpoint_every}")
     if cfg.save_every is not None and cfg.save_every < 1:
         raise ConfigError(f"--save-every must be >= 1 epoch, got {cfg.save_every}")
-    resolve_recipe(cfg.profile, dataset, cfg.epochs)
+    resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone)
     return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
 
 
@@ -238,7 +240,7 @@ def build_strategy(strategy_cls, config, cfg: RunConfig, info):
 
 def _first(dataset, count: int | None):
     """The first `count` items of an in-memory dataset, as a copy of the same type with the same
-    attributes (the smoke profile's short epochs); the dataset itself when `count` is None."""
+    attributes (the pipeline profile's short epochs); the dataset itself when `count` is None."""
     if count is None or count >= len(dataset):
         return dataset
     head = copy.copy(dataset)
@@ -451,6 +453,7 @@ def build_record(cfg: RunConfig, config, strategy, recipe, train_set, test_set, 
         "deployed_head": strategy.deployed_head,
         "deterministic": cfg.deterministic,
         "data": {"root": str(cfg.data_root), "train_size": len(train_set), "test_size": len(test_set),
+                 "horizontal_flip": strategy.dataset.mirror_invariant,  # whether the flipping views flip
                  "workers": workers},
         "history": history,
         "metrics": summarise(history["test_acc"], strategy.deployed_head),
@@ -495,7 +498,7 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
     first = cfgs[0]
     strategy_cls, config = validate(first)
     dataset = first.resolved_dataset()
-    recipe = resolve_recipe(first.profile, dataset, first.epochs)
+    recipe = resolve_recipe(first.profile, dataset, first.epochs, first.backbone)
     device = distributed.setup(first.device) if first.ddp else resolve_device(first.device)
     info = okdata.get_info(dataset)
     strategies = []

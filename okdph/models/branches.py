@@ -33,7 +33,7 @@ from .group import ModelGroup
 from .densenet import DenseNet, DenseNetHead
 from .registry import Backbone, create_backbone
 from .resnet import Bottleneck, CifarResNet
-from .vgg import VGG
+from .vgg import VGG, linear_std
 
 __all__ = [
     "Branch",
@@ -117,22 +117,24 @@ def reinit_like_(module: nn.Module, backbone: Backbone) -> None:
     """Re-initialise every layer of `module` as `backbone`'s family initialises its own
     (docs/methods.md#initialisation).
 
-    The family's `reset_parameters` only walks `self.modules()`, so it applies to any sub-module.
+    Every family's `reset_parameters` takes the module to initialise (with the backbone's own
+    width where the init depends on it).
     """
-    type(backbone).reset_parameters(module)
+    backbone.reset_parameters(module)
 
 
-def init_linear_like_(module: nn.Module, family: str) -> None:
+def init_linear_like_(module: nn.Module, family: str, width: float) -> None:
     """Initialise the Linear layers of an extra module (gate, attention, ensemble head) as the
     official model file of that family does: its init loop runs over the whole model.
 
-    vgg: N(0, 0.01) weights, zero bias; densenet: zero bias; resnet: PyTorch's default.
+    vgg: N(0, 0.01) weights at full width (okdph.models.vgg.linear_std), zero bias; densenet: zero
+    bias; resnet: PyTorch's default.
     """
     for m in module.modules():
         if not isinstance(m, nn.Linear):
             continue
         if family == "vgg":
-            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.normal_(m.weight, 0.0, linear_std(width))
         if family in ("vgg", "densenet") and m.bias is not None:
             nn.init.zeros_(m.bias)
 

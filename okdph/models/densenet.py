@@ -139,10 +139,10 @@ class DenseNet(Backbone):
         super().__init__(trunk, block3, head, trunk_channels, feature_dim=block3.out_channels)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Official init (docs/methods.md#initialisation): He-normal convs with PyTorch's defaults (fan_in), BN 1/0,
-        Linear with default weight and zero bias."""
-        for m in self.modules():
+    def reset_parameters(self, module: nn.Module | None = None) -> None:
+        """Official init (docs/methods.md#initialisation) of `module` (default: this network): He-normal
+        convs with PyTorch's defaults (fan_in), BN 1/0, Linear with default weight and zero bias."""
+        for m in (module or self).modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, nn.BatchNorm2d):

@@ -62,8 +62,8 @@ class ImageNetResNet(Backbone):
         super().__init__(trunk, last_stage, head, trunk_channels=w[2], feature_dim=w[3])
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_resnet_(self)  # torchvision's resnet18 init is the same as the CIFAR ResNets'
+    def reset_parameters(self, module: nn.Module | None = None) -> None:
+        init_resnet_(module or self)  # torchvision's resnet18 init is the same as the CIFAR ResNets'
 
 @register_backbone(display_name="ResNet18", image_size=224)
 def resnet18(num_classes: int, width: float = 1.0) -> ImageNetResNet:

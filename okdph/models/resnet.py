@@ -149,8 +149,8 @@ class CifarResNet(Backbone):
         super().__init__(trunk, last_stage, head, trunk_channels, feature_dim)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_resnet_(self)
+    def reset_parameters(self, module: nn.Module | None = None) -> None:
+        init_resnet_(module or self)
 
 
 def init_resnet_(module: nn.Module) -> None:

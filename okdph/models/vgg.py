@@ -11,12 +11,14 @@ last_stage = layer4 (3 conv512 + pool); head = flatten + Linear-ReLU-Dropout-Lin
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .registry import Backbone, Head, check_num_classes, register_backbone, scale_channels
 
-__all__ = ["ConvBNReLU", "MLPHead", "VGG", "vgg16"]
+__all__ = ["ConvBNReLU", "MLPHead", "VGG", "linear_std", "vgg16"]
 
 
 class ConvBNReLU(nn.Module):
@@ -77,7 +79,8 @@ class VGG(Backbone):
         num_classes: number of logits.
         dropout: dropout probability in the head; 0.0 in the official model, 0.5 in the ONE and
             OKDDip branches (docs/methods.md#one, docs/methods.md#okddip).
-        width: channel multiplier for tiny test models; 1.0 gives convs 64..512 and a 512-wide MLP.
+        width: channel multiplier for small models; 1.0 gives convs 64..512 and a 512-wide MLP (and
+            the official Linear init; see `linear_std` for other widths).
     """
 
     def __init__(self, depths: tuple[int, int, int, int, int], num_classes: int, dropout: float = 0.0,
@@ -91,12 +94,13 @@ class VGG(Backbone):
         last_stage = make_stage(widths[3], widths[4], depths[4])
         head = MLPHead(widths[4], hidden, num_classes, dropout)
         super().__init__(trunk, last_stage, head, trunk_channels=widths[3], feature_dim=widths[4])
+        self.width = width
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Official init (docs/methods.md#initialisation): He-normal fan_out convs with zero bias, BN 1/0,
-        Linear N(0, 0.01) with zero bias."""
-        for m in self.modules():
+    def reset_parameters(self, module: nn.Module | None = None) -> None:
+        """Official init (docs/methods.md#initialisation) of `module` (default: this network): He-normal
+        fan_out convs with zero bias, BN 1/0, Linear N(0, linear_std(width)) with zero bias."""
+        for m in (module or self).modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
@@ -104,8 +108,23 @@ class VGG(Backbone):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.normal_(m.weight, 0.0, linear_std(self.width))
                 nn.init.zeros_(m.bias)
+
+
+OFFICIAL_LINEAR_STD = 0.01  # every Linear of the official VGG files, whatever its size
+
+
+def linear_std(width: float) -> float:
+    """The std of VGG's Linear weights at channel multiplier `width`: the official 0.01 at full width.
+
+    A fixed std does not follow the width the way the fan-based conv init does: a Linear layer's gain,
+    std * sqrt(fan_in), falls with sqrt(width), and the three-layer head's output with width^1.5. At
+    quarter width the head would start 8x quieter than the full-width network's, on a loss plateau
+    that full-width training does not have (docs/methods.md#vgg16-plateau). Scaling the std by
+    1/sqrt(width) keeps every layer's gain as it is at full width.
+    """
+    return OFFICIAL_LINEAR_STD / math.sqrt(width)
 
 
 @register_backbone(display_name="VGG16")

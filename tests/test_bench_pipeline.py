@@ -1,4 +1,4 @@
-"""The README's first command: all of supplement Table 3 in the smoke profile, for real."""
+"""The README's first command: all of supplement Table 3 in the pipeline profile, for real."""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,15 @@ TABLE3_METHODS = ["dml", "one", "kdcl", "okddip", "ffl", "pcl", "okdph"]
 
 
 @pytest.mark.slow
-def test_smoke_table3_runs_every_method_of_the_table(tmp_path):
+def test_pipeline_table3_runs_every_method_of_the_table(tmp_path):
     table = get_table("3")
     assert len(table.cells) == 84 and list(table.methods) == TABLE3_METHODS
     # Every method is run: one that is no longer registered fails the sweep here, it is not filtered out.
-    summary = runner.run_table("3", profile="smoke", results=tmp_path, progress=False)
+    summary = runner.run_table("3", profile="pipeline", results=tmp_path, progress=False)
     methods = TABLE3_METHODS
     assert not summary.failed, summary.failed
     assert summary.trained == summary.runs and summary.cells == 12 * len(methods)
-    data = json.loads((tmp_path / "tables" / "table3-smoke.json").read_text())
+    data = json.loads((tmp_path / "tables" / "table3-pipeline.json").read_text())
     cells = [c for c in data["cells"] if c["method"] in methods]
     assert len(data["cells"]) == 84 and len(cells) == 12 * len(methods)
     assert all(c["n"] == 1 and c["seeds"] == [42] and c["paper"] is not None for c in cells)
@@ -29,5 +29,5 @@ def test_smoke_table3_runs_every_method_of_the_table(tmp_path):
     okdph = [c for c in cells if c["method"] == "okdph"]
     assert okdph and all(c["preset"] == "Table 6" for c in okdph)
     # a second run finds everything recorded and trains nothing
-    again = runner.run_table("3", profile="smoke", methods=methods, results=tmp_path, progress=False)
+    again = runner.run_table("3", profile="pipeline", methods=methods, results=tmp_path, progress=False)
     assert again.trained == 0 and again.recorded == again.runs

@@ -174,7 +174,7 @@ def main():
 @click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=42, show_default=True)
 @click.option("--width", type=POSITIVE, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True,
-              help="auto: fast on CUDA, else reference.")
+              help="auto: fast for in-memory data in fp32/bf16, else reference.")
 @click.option("--precision", type=click.Choice(names.PRECISIONS), default="fp32", show_default=True,
               help="bf16: autocast, fast engine; fp64: reference engine, exact CPU checks.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
@@ -457,16 +457,19 @@ def report(results, metric, std):
               help="Significance level of Welch's two-sided t-test per cell.")
 @click.option("--min-effect", type=float, default=names.COMPARE_MIN_EFFECT, show_default=True,
               help="Smallest change of a mean, in points, that can be a regression or an improvement.")
+@click.option("--max-drop", type=float, default=names.SINGLE_SEED_MAX_DROP, show_default=True,
+              help="A cell with one run on a side (no test possible) regressed when worse by more than this many "
+                   "points; calibrated on the smoke table (docs/protocol.md#one-run-per-cell).")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the Markdown report there.")
-def compare(baseline, candidate, table_name, metric, alpha, min_effect, out_path):
+def compare(baseline, candidate, table_name, metric, alpha, min_effect, max_drop, out_path):
     """Compare two result sets cell by cell (each a results folder or a table JSON); exit 1 if a cell regressed.
 
     BASELINE is the reference (e.g. a committed table JSON under results/reference/), CANDIDATE the new results."""
     from okdph.bench.compare import compare as compare_results
 
     result = compare_results(baseline, candidate, table=table_name, metric=metric, alpha=alpha,
-                             min_effect=min_effect)
+                             min_effect=min_effect, max_drop=max_drop)
     text = result.markdown()
     if out_path:  # before printing: a path that cannot be written is one line, not a report and a line
         try:

@@ -22,7 +22,7 @@ STRATEGY_GROUP = "okdph.strategies"  # entry-point group of every strategy, buil
 
 PROFILES = ("paper", "quick", "smoke", "pipeline")  # recipe families (okdph.engine.recipe)
 FIDELITIES = ("official", "paper")               # where the official code and the paper differ
-ENGINES = ("auto", "reference", "fast")          # auto: fast on CUDA, reference on CPU
+ENGINES = ("auto", "reference", "fast")          # auto: fast for in-memory fp32/bf16 runs
 PRECISIONS = ("fp32", "bf16", "fp64")            # bf16: fast engine; fp64: reference engine
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic10", "synthetic100", "imagenet")
 SETTINGS = ("standard", "noisy", "limited10", "limited1")  # the data settings (okdph.data.datasets)
@@ -35,6 +35,9 @@ DEFAULT_STD = "sample"  # n − 1: the spread its CI and t-test use; why: docs/p
 # points, that can count as a regression; here so that `compare --help` shows them without torch
 COMPARE_ALPHA = 0.05
 COMPARE_MIN_EFFECT = 0.5
+# A cell with one run on a side regressed when worse by more than this many points: above the largest
+# move of a smoke-table cell between seeds and CPU kernel settings (docs/protocol.md#one-run-per-cell)
+SINGLE_SEED_MAX_DROP = 50.0
 EXECUTORS = ("local", "slurm")                   # where `okdph-bench run` trains
 
 TABLE_DIR = Path(__file__).parent / "bench" / "tables"

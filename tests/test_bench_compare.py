@@ -15,6 +15,7 @@ from okdph.bench.compare import compare, verdict
 from okdph.bench.experiments import cell_config, get_table
 from okdph.bench.store import ResultStore
 from okdph.cli import main
+from okdph.names import SINGLE_SEED_MAX_DROP
 
 # five values with mean 0 and sample std exactly 1: "mean m, std s over 5 seeds" is m + s * UNIT
 UNIT = [v / math.sqrt(2.5) for v in (-2.0, -1.0, 0.0, 1.0, 2.0)]
@@ -100,13 +101,24 @@ def test_missing_cells_are_listed_not_skipped(tmp_path):
     assert "- only in the candidate: table3-quick · CIFAR-10, ResNet32, #S/B 4 · PCL" in output
 
 
-def test_fewer_than_two_runs_are_not_tested(tmp_path):
+def test_fewer_than_two_runs_are_not_tested_without_a_max_drop(tmp_path):
     before = table_json(tmp_path / "a.json", {("okdph", 2): [95.0]})
     after = table_json(tmp_path / "b.json", {("okdph", 2): [80.0]})
     (cell,) = compare(before, after).cells
     assert cell.p is None and cell.verdict == "n < 2"
-    code, output = run_compare(before, after)
-    assert code == 0 and "1 not tested (n < 2)" in output
+
+
+@pytest.mark.parametrize("after_value,max_drop,verdict_", [(80.0, 10.0, "regressed"), (80.0, 15.0, "unchanged"),
+                                                          (99.0, 10.0, "unchanged"), (80.0, 0.0, "regressed")])
+def test_a_single_run_is_judged_by_the_max_drop(tmp_path, after_value, max_drop, verdict_):
+    before = table_json(tmp_path / "a.json", {("okdph", 2): [95.0]})
+    after = table_json(tmp_path / "b.json", {("okdph", 2): [after_value]})
+    (cell,) = compare(before, after, max_drop=max_drop).cells
+    assert cell.p is None and cell.verdict == verdict_
+    code, output = run_compare(before, after, "--max-drop", str(max_drop))
+    assert code == (1 if verdict_ == "regressed" else 0) and "0 not tested (n < 2)" in output
+    if verdict_ == "regressed":
+        assert "## Regressed" in output and "OKDPH: 95.00 (n=1) → 80.00 (n=1), Δ -15.00" in output
 
 
 def test_lower_is_better_for_the_pacbayes_table():
@@ -164,3 +176,34 @@ def test_a_table_json_of_the_previous_format_still_compares(tmp_path):
     committed.write_text(json.dumps(PREVIOUS_FORMAT))
     result = compare(committed, committed)
     assert len(result.cells) == 2 and all(c.verdict == "n < 2" for c in result.cells)   # one seed per cell
+
+
+# The CI rule on recorded tables (docs/protocol.md#one-run-per-cell): the committed smoke table
+# against the same command under other seeds and CPU kernels (benchmarks/smoke_spread.py's inputs),
+# and against one method trained with shuffled labels (benchmarks/broken_method.py).
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_REFERENCE = ROOT / "results" / "reference" / "tables" / "table3-smoke.json"
+SPREAD = ROOT / "results" / "perf" / "smoke-spread"
+
+
+@pytest.mark.parametrize("other", ["seeds-43-44.json", "avx2.json", "avx512-core.json"])
+def test_the_ci_rule_holds_on_other_seeds_and_cpu_kernels(other):
+    result = compare(SMOKE_REFERENCE, SPREAD / other, table="3", max_drop=SINGLE_SEED_MAX_DROP)
+    assert len(result.cells) == 84 and not result.regressed, result.summary()
+
+
+def test_the_ci_rule_names_every_cell_of_a_broken_method():
+    broken = ROOT / "results" / "perf" / "broken-dml" / "tables" / "table3-smoke.json"
+    result = compare(SMOKE_REFERENCE, broken, table="3", max_drop=SINGLE_SEED_MAX_DROP)
+    regressed = {(c.key.dataset, c.key.backbone, c.key.students, c.key.method) for c in result.regressed}
+    assert regressed and {method for *_, method in regressed} == {"dml"}
+    learned = {(c.key.dataset, c.key.backbone, c.key.students, c.key.method) for c in result.cells
+               if c.baseline[0] - 10.0 > SINGLE_SEED_MAX_DROP}  # cells a method at chance can fall below
+    assert learned <= regressed
+    report = result.markdown()
+    assert all(f"{c.key.label()}:" in report for c in result.regressed)
+
+
+def test_the_threshold_sits_above_the_measured_spread():
+    spread = json.loads((SPREAD / "spread.json").read_text())
+    assert spread["largest_drop"]["drop"] < SINGLE_SEED_MAX_DROP

@@ -32,6 +32,17 @@ def test_local_cpu_workers_share_one_queue(tmp_path):
     assert all(c.record_path().exists() for c in configs)
 
 
+def test_workers_take_the_longest_runs_first():
+    from okdph.bench.experiments import expand, unique_configs
+
+    configs = unique_configs(expand(get_table("3"), profile="smoke", methods=["dml", "one"]))
+    order = [(c.backbone, c.students, c.method) for g in executors.longest_first([[c] for c in configs]) for c in g]
+    # VGG16 (4 epochs) before ResNet32 (3), 4 students before 2; ties keep the table's order
+    assert order[:2] == [("vgg16", 4, "dml"), ("vgg16", 4, "one")] and order[-2:] == [("resnet32", 2, "dml"),
+                                                                                      ("resnet32", 2, "one")]
+    assert executors.longest_first([[configs[0]] * 3, [configs[-1]]])[0] == [configs[0]] * 3  # a pack counts its runs
+
+
 def test_parse_gpus():
     assert executors.parse_gpus(None, 0) == ["cpu"]
     assert executors.parse_gpus(None, 0, jobs=2) == ["cpu", "cpu"]

@@ -11,8 +11,13 @@ Per cell common to both sides:
 - Δ = candidate mean − baseline mean, over the seeds of each side;
 - Welch's two-sided t-test on the seeds (okdph.bench.stats.welch_p);
 - a verdict: `regressed` when the candidate is worse by at least `min_effect` points AND p < α,
-  `improved` when better by as much AND p < α, `unchanged` otherwise, and `n < 2` (nothing tested)
-  when a side has fewer than two runs. Worse is lower, or higher for a lower-is-better table (Table 5).
+  `improved` when better by as much AND p < α, `unchanged` otherwise. Worse is lower, or higher for
+  a lower-is-better table (Table 5).
+- Where a side has one run (the smoke table's default), no test is possible: with `max_drop` the
+  cell is `regressed` when the candidate is worse by more than `max_drop` points and `unchanged`
+  otherwise, a threshold set above the seed-to-seed and kernel-to-kernel moves measured on the
+  smoke table (okdph.names.SINGLE_SEED_MAX_DROP, docs/protocol.md#one-run-per-cell); without it,
+  `n < 2` (nothing tested).
 
 Cells of one side only are listed, never silently skipped. Bad input (a missing path, unreadable
 JSON, nothing in common) is a ConfigError: one line and exit 2 on the command line.
@@ -23,6 +28,7 @@ JSON, nothing in common) is a ConfigError: one line and exit 2 on the command li
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +105,7 @@ class Comparison:
     metric: str
     alpha: float
     min_effect: float
+    max_drop: float | None     # the rule for cells with one run on a side; None: not tested
     cells: list[CellComparison]
     only_baseline: list[CellKey]
     only_candidate: list[CellKey]
@@ -116,6 +123,11 @@ class Comparison:
         return (f"{len(self.cells)} cells compared: {self.count('regressed')} regressed, {self.count('improved')} "
                 f"improved, {self.count('unchanged')} unchanged, {self.count('n < 2')} not tested (n < 2); "
                 f"{missing} cells in one side only")
+
+    @property
+    def single(self) -> list[CellComparison]:
+        """Cells with one run on a side: judged by `max_drop`, not by a test."""
+        return [c for c in self.cells if c.p is None]
 
     def markdown(self) -> str:
         return _markdown(self)
@@ -203,12 +215,16 @@ def _from_table_json(path: Path, table_name: str | None, metric: str) -> Side:
 # Comparing
 
 
-def verdict(delta: float, p: float | None, better: str, *, alpha: float, min_effect: float) -> str:
+def verdict(delta: float, p: float | None, better: str, *, alpha: float, min_effect: float,
+            max_drop: float | None = None) -> str:
     """regressed / improved: a change of at least `min_effect` points in that direction with p < α;
-    unchanged otherwise; 'n < 2' where no test was possible (p None)."""
-    if p is None:
-        return "n < 2"
+    unchanged otherwise. Where no test was possible (p None): regressed when worse by more than
+    `max_drop` points, unchanged otherwise; 'n < 2' without `max_drop`."""
     gain = delta if better == "higher" else -delta
+    if p is None:
+        if max_drop is None:
+            return "n < 2"
+        return "regressed" if gain < -max_drop else "unchanged"
     if p < alpha and gain <= -min_effect:
         return "regressed"
     if p < alpha and gain >= min_effect:
@@ -217,14 +233,17 @@ def verdict(delta: float, p: float | None, better: str, *, alpha: float, min_eff
 
 
 def compare(baseline, candidate, *, table: str | None = None, metric: str = "paper",
-            alpha: float = COMPARE_ALPHA, min_effect: float = COMPARE_MIN_EFFECT) -> Comparison:
+            alpha: float = COMPARE_ALPHA, min_effect: float = COMPARE_MIN_EFFECT,
+            max_drop: float | None = None) -> Comparison:
     """Every cell of `baseline` and `candidate` (paths: results folders or table JSONs) compared."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric '{metric}'; valid: {', '.join(METRICS)}")
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha must be between 0 and 1, got {alpha}")
-    if min_effect < 0:
-        raise ConfigError(f"--min-effect must be >= 0 points, got {min_effect}")
+    if not 0 <= min_effect < math.inf:  # NaN fails both comparisons
+        raise ConfigError(f"--min-effect must be a finite number >= 0 points, got {min_effect}")
+    if max_drop is not None and not 0 <= max_drop < math.inf:
+        raise ConfigError(f"--max-drop must be a finite number >= 0 points, got {max_drop}")
     before = load_side(baseline, table=table, metric=metric)
     after = load_side(candidate, table=table, metric=metric)
     in_before = {k for k in before.values if after.within(k)}
@@ -239,9 +258,9 @@ def compare(baseline, candidate, *, table: str | None = None, metric: str = "pap
         better = before.better.get(key.table, "higher")
         p = stats.welch_p(a, b)
         delta = statistics.fmean(b) - statistics.fmean(a)
-        outcome = verdict(delta, p, better, alpha=alpha, min_effect=min_effect)
+        outcome = verdict(delta, p, better, alpha=alpha, min_effect=min_effect, max_drop=max_drop)
         cells.append(CellComparison(key, a, b, better, p, outcome))
-    return Comparison(str(baseline), str(candidate), metric, alpha, min_effect, cells,
+    return Comparison(str(baseline), str(candidate), metric, alpha, min_effect, max_drop, cells,
                       only_baseline=sorted(in_before - in_after, key=_table_order),
                       only_candidate=sorted(in_after - in_before, key=_table_order))
 
@@ -287,6 +306,11 @@ def _markdown(result: Comparison) -> str:
         f"Welch's two-sided t-test on the seeds gives p < {result.alpha:g}; **improved** likewise the other way; "
         "unchanged otherwise; n < 2: a side has fewer than two runs, nothing is tested.",
     ]
+    if result.max_drop is not None and result.single:
+        lines[-1] = lines[-1].replace("n < 2: a side has fewer than two runs, nothing is tested.",
+                                      f"a cell with one run on a side cannot be tested: it **regressed** when the "
+                                      f"candidate is worse by more than {result.max_drop:g} points (above the "
+                                      "seed-to-seed and CPU-kernel moves measured on the smoke table).")
     small = [c for c in tested if min(len(c.baseline), len(c.candidate)) <= 5]
     if small:
         n_a = min(len(c.baseline) for c in small)

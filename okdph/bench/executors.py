@@ -73,6 +73,21 @@ def group_packs(configs: list[RunConfig], size: int) -> list[list[RunConfig]]:
     return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
+def longest_first(groups: list[list[RunConfig]]) -> list[list[RunConfig]]:
+    """Groups in decreasing order of their epochs × networks × runs, ties in table order: workers that
+    take the next group from a queue finish together when the long runs go first (a long run taken
+    last leaves the other workers idle; Table 3 smoke ended with one VGG16 run alone for its last
+    minute and a half in table order)."""
+    from okdph.engine.recipe import resolve_recipe
+
+    def work(group: list[RunConfig]) -> int:
+        cfg = group[0]
+        epochs = resolve_recipe(cfg.profile, cfg.resolved_dataset(), cfg.epochs, cfg.backbone).epochs
+        return epochs * cfg.students * len(group)
+
+    return sorted(groups, key=work, reverse=True)
+
+
 def train_group(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
     """A group from `group_packs`: one pack on the fast engine, else one run after another."""
     if len(cfgs) > 1 and cfgs[0].resolved_engine() == "fast" and not cfgs[0].ddp:
@@ -150,7 +165,7 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
 
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
-    for group in group_packs(configs, pack_size):
+    for group in longest_first(group_packs(configs, pack_size)):
         tasks.put(group)
     workers = [ctx.Process(target=_worker, args=(device, tasks, results, cpu_threads), daemon=True)
                for device in devices]

@@ -163,7 +163,9 @@ def test_ddp_on_cpu_with_two_gloo_processes(tmp_path):
     assert record["data"]["test_size"] == 180 and set(record["history"]["test_acc"]) == {"student0", "student1"}
     assert done.stdout.count("complete: ") == 1                   # only rank 0 reports
     # the same run id as a single-process run of the same configuration: DDP is not part of identity
-    single = RunConfig(method="dml", profile="pipeline", device="cpu", width=0.125, out_dir=str(tmp_path))
+    # (the engine is: --engine auto picks the reference engine under DDP, the fast one alone)
+    single = RunConfig(method="dml", profile="pipeline", device="cpu", width=0.125, engine="reference",
+                       out_dir=str(tmp_path))
     assert path.name == f"{single.run_id()}.json"
 
 

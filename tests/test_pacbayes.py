@@ -191,3 +191,24 @@ def test_table5_runs_keep_weights_and_get_the_bound(tmp_path):
     assert record["pacbayes"]["tolerance"] == 1e-2 and record["pacbayes"]["epoch"] == 1
     _, text = render_table("5", profile="pipeline", results=tmp_path)
     assert f"{record['metrics']['pacbayes']:.2f} (n=1)" in text
+
+
+def test_table5_bounds_use_the_cores_the_training_workers_had(monkeypatch, tmp_path):
+    """After the CPU workers are done, the bounds (one process, one run after another) get all of
+    their threads, not one; the caller's thread count comes back afterwards."""
+    import okdph.analysis.pacbayes as pb
+    import okdph.bench.runner as runner
+    from okdph.engine.run import RunConfig
+
+    seen = []
+    monkeypatch.setattr(runner, "_needs_analysis", lambda cfg, metric: True)
+    monkeypatch.setattr(pb, "compute_and_write", lambda path, **options: seen.append(torch.get_num_threads()))
+    cfg = RunConfig(method="dml", profile="pipeline", out_dir=str(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert runner._analyse([cfg, cfg], "pacbayes", device="cpu", data_root="data", progress=False,
+                        cpu_threads=2) == (2, [])
+        assert seen == [2, 2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -22,6 +22,7 @@ from okdph.engine.recipe import resolve_recipe, stand_in_dataset
 from okdph.engine.run import RunConfig, validate
 from okdph.errors import ConfigError
 from okdph.names import DEFAULT_STD, EXECUTORS
+from okdph.threads import default_threads
 
 # Metrics computed after training (Table 5's PAC-Bayes bound): a table whose metric is one of these
 # trains its runs with trajectory points (`save_every` = the run's epochs: the initialisation and
@@ -90,9 +91,10 @@ def _must_train(cfg: RunConfig, store: ResultStore, metric: str) -> bool:
             and not trajectory_dir(cfg.record_path()).is_dir())
 
 
-def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: str,
-             progress: bool) -> tuple[int, list[tuple[str, str]]]:
-    """Compute `metric` into every complete record of `configs` that lacks it; (done, failed)."""
+def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: str, progress: bool,
+             cpu_threads: int | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Compute `metric` into every complete record of `configs` that lacks it; (done, failed). On
+    the CPU with `cpu_threads` threads: those of all the training workers, which are done by now."""
     import torch
 
     from okdph.analysis.pacbayes import compute_and_write
@@ -100,8 +102,8 @@ def _analyse(configs: list[RunConfig], metric: str, *, device: str, data_root: s
     todo = [cfg for cfg in configs if _needs_analysis(cfg, metric)]
     done, failed = 0, []
     threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)  # as the CPU training workers: the cores are shared
+    if device == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
     try:
         for cfg in todo:
             try:
@@ -170,13 +172,15 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
         import torch
 
         devices = executors.parse_gpus(gpus, torch.cuda.device_count(), jobs)
+        # read before training: afterwards the load average still counts the workers for a minute
+        cpu_threads = len(devices) * default_threads(len(devices))
         outcomes = executors.run_local(pending, devices, progress=progress, desc=table.id, pack_size=pack_size or 1)
         summary.trained = sum(o.error is None and o.skipped is None for o in outcomes)
         summary.skipped = [(o.run_id, o.skipped) for o in outcomes if o.skipped]
         summary.failed = [(o.run_id, o.error) for o in outcomes if o.error]
         if table.metric in ANALYSED_METRICS:
             summary.analysed, failed = _analyse(configs, table.metric, device=devices[0], data_root=data_root,
-                                                progress=progress)
+                                                progress=progress, cpu_threads=cpu_threads)
             summary.failed += failed
     elif pending:
         from okdph.bench import slurm

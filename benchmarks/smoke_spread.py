@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not moves:
         sys.exit("error: no run to compare")
     largest = max(moves, key=lambda m: m["drop"])
-    by_backbone = {b: max(m["drop"] for m in moves if m["backbone"] == b) for b in sorted({m["backbone"] for m in moves})}
+    backbones = sorted({m["backbone"] for m in moves})
+    by_backbone = {b: max(m["drop"] for m in moves if m["backbone"] == b) for b in backbones}
     result = {
         "command": "python benchmarks/smoke_spread.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -177,7 +177,8 @@ def test_tables_of_other_metrics_and_no_okdph_column_without_okdph(tmp_path):
     row = _row(table, dataset="cifar10", backbone="resnet32")
     for method, bound in (("dml", 98.0), ("kdcl", 99.0), ("okdph", 97.0)):
         for seed, u in zip(range(42, 47), UNIT):
-            record = fake_record(cell_config(row[method], profile="pipeline", seed=seed, out_dir=str(store.runs_dir)), 50.0)
+            cfg = cell_config(row[method], profile="pipeline", seed=seed, out_dir=str(store.runs_dir))
+            record = fake_record(cfg, 50.0)
             record["metrics"]["pacbayes"] = bound + 0.1 * u
             (store.runs_dir / f"{record['run_id']}.json").write_text(json.dumps(record))
     results = [r for r in collect(table, store, profile="pipeline") if r.cell in row.values()]

@@ -388,7 +388,7 @@ def test_table_out_writes_where_asked(tmp_path):
     result = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path / "results"),
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["table3-pipeline.csv", "table3-pipeline.json", "table3-pipeline.md"]
+    assert sorted(p.name for p in out.iterdir()) == [f"table3-pipeline.{ext}" for ext in ("csv", "json", "md")]
     assert not (tmp_path / "results" / "tables").exists()
 
 

@@ -42,7 +42,8 @@ def test_device_lr_sgd_rounds_as_torch_sgd(dtype):
             assert torch.equal(p, q)
 
 
-def test_unfused_fast_step_equals_reference_step_bit_for_bit_in_float64():
+def _okdph_pair():
+    """Two equal float64 OKDPH strategies (batch-level fusion), one for each engine, and the recipe."""
     torch.manual_seed(0)
     info = get_info("cifar10")
     config = build_config(OKDPH.Config, {"interval": "1b", "gamma": "0.5"})
@@ -50,6 +51,11 @@ def test_unfused_fast_step_equals_reference_step_bit_for_bit_in_float64():
                       width=0.125).double()
     fast_strategy = copy.deepcopy(reference)
     recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
+    return info, reference, fast_strategy, recipe
+
+
+def test_unfused_fast_step_equals_reference_step_bit_for_bit_in_float64():
+    info, reference, fast_strategy, recipe = _okdph_pair()
     engine = FastEngine(fast_strategy, RandomImages(8, info, 0), RandomImages(8, info, 1), recipe, "cpu", seed=0,
                         graphs=False, fuse=False)
     engine.train_epoch(0)
@@ -62,14 +68,9 @@ def test_unfused_fast_step_equals_reference_step_bit_for_bit_in_float64():
 
 
 def test_fast_step_equals_reference_step_on_the_same_batch():
-    torch.manual_seed(0)
-    info = get_info("cifar10")
-    config = build_config(OKDPH.Config, {"interval": "1b", "gamma": "0.5"})
-    reference = OKDPH(config=config, backbone="resnet32", num_classes=10, num_models=2, dataset=info,
-                      width=0.125).double()
-    fast_strategy = copy.deepcopy(reference)
-    recipe = resolve_recipe("paper", "cifar10").with_epochs(300)
-    engine = FastEngine(fast_strategy, RandomImages(8, info, 0), RandomImages(8, info, 1), recipe, "cpu", seed=0, graphs=False, fuse=True)
+    info, reference, fast_strategy, recipe = _okdph_pair()
+    engine = FastEngine(fast_strategy, RandomImages(8, info, 0), RandomImages(8, info, 1), recipe, "cpu", seed=0,
+                        graphs=False, fuse=True)
     assert engine.fused == ["students"]
     engine.train_epoch(0)  # one step: 8 images, batch size 128
     views, targets = engine.epoch_views, engine.epoch_targets  # the epoch's augmented views, in its order

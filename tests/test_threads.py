@@ -15,6 +15,16 @@ from okdph.cli import main
 from okdph.engine.record import atomic_write_json
 
 
+def _machine(monkeypatch, env, cores, load):
+    """A machine with `cores` usable cores, this load average and OMP_NUM_THREADS `env` (None: unset)."""
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+
 @pytest.mark.parametrize("env,cores,load,jobs,expected", [
     ("3", 16, 0.0, 1, 3),       # the user's (or the scheduler's) choice wins
     ("3", 16, 0.0, 4, 3),
@@ -26,12 +36,7 @@ from okdph.engine.record import atomic_write_json
     ("0", 8, 0.0, 2, 4),        # a meaningless setting is ignored
 ])
 def test_default_threads(monkeypatch, env, cores, load, jobs, expected):
-    if env is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", env)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    _machine(monkeypatch, env, cores, load)
     assert threads.default_threads(jobs) == expected
 
 
@@ -45,12 +50,7 @@ DEFAULT_JOBS = threads.default_jobs  # before conftest's autouse fixture pins it
     ("2", 8, 0.0, 4),           # OMP_NUM_THREADS threads per worker
 ])
 def test_default_jobs(monkeypatch, env, cores, load, expected):
-    if env is None:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OMP_NUM_THREADS", env)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    _machine(monkeypatch, env, cores, load)
     assert DEFAULT_JOBS() == expected
 
 

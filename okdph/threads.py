@@ -30,18 +30,19 @@ def free_cores() -> int:
     return max(1, cores - busy)
 
 
+def chosen_threads() -> int | None:
+    """The threads OMP_NUM_THREADS asks for, or None where it is unset or meaningless."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(chosen) if chosen.isdigit() and int(chosen) > 0 else None
+
+
 def default_threads(jobs: int = 1) -> int:
     """CPU threads for each of `jobs` training processes of this command (see the module docstring)."""
-    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if chosen.isdigit() and int(chosen) > 0:
-        return int(chosen)
-    return max(1, free_cores() // max(1, jobs))
+    return chosen_threads() or max(1, free_cores() // max(1, jobs))
 
 
 def default_jobs() -> int:
     """CPU worker processes of `okdph-bench run` unless `--jobs` says: one per free core, each on one
     thread. Small CPU runs use a core better as a process of their own than as a second thread of
     another (docs/verification.md#cpu-speed). With OMP_NUM_THREADS set, the free cores divided by it."""
-    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
-    per_job = int(chosen) if chosen.isdigit() and int(chosen) > 0 else 1
-    return max(1, free_cores() // per_job)
+    return max(1, free_cores() // (chosen_threads() or 1))

@@ -297,6 +297,12 @@ def _markdown(result: Comparison) -> str:
     from tabulate import tabulate
 
     tested = [c for c in result.cells if c.p is not None]
+    if result.max_drop is not None and result.single:
+        untested = (f"a cell with one run on a side cannot be tested: it **regressed** when the candidate is worse by "
+                    f"more than {result.max_drop:g} points (above the seed-to-seed and CPU-kernel moves measured on "
+                    "the smoke table).")
+    else:
+        untested = "n < 2: a side has fewer than two runs, nothing is tested."
     lines = [
         "# okdph-bench compare", "",
         f"Baseline `{result.baseline}`, candidate `{result.candidate}`; metric `{result.metric}`"
@@ -304,13 +310,8 @@ def _markdown(result: Comparison) -> str:
            else "") + "; each cell's mean ± sample std over its seeds (n).",
         f"A cell **regressed** when the candidate's mean is worse by at least {result.min_effect:g} points and "
         f"Welch's two-sided t-test on the seeds gives p < {result.alpha:g}; **improved** likewise the other way; "
-        "unchanged otherwise; n < 2: a side has fewer than two runs, nothing is tested.",
+        f"unchanged otherwise; {untested}",
     ]
-    if result.max_drop is not None and result.single:
-        lines[-1] = lines[-1].replace("n < 2: a side has fewer than two runs, nothing is tested.",
-                                      f"a cell with one run on a side cannot be tested: it **regressed** when the "
-                                      f"candidate is worse by more than {result.max_drop:g} points (above the "
-                                      "seed-to-seed and CPU-kernel moves measured on the smoke table).")
     small = [c for c in tested if min(len(c.baseline), len(c.candidate)) <= 5]
     if small:
         n_a = min(len(c.baseline) for c in small)

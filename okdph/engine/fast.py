@@ -113,6 +113,7 @@ class FastEngine(Engine):
         self.seen: set = set()
         n = self.train_images.shape[0]
         self.full_batches, self.remainder = divmod(n, recipe.batch_size)
+        self.steps_per_epoch = self.full_batches + (1 if self.remainder else 0)
         runs = self._run_shape()
         self.epoch_views = torch.empty(*runs, len(self.views), *self.train_images.shape, dtype=self.dtype,
                                        device=self.device)
@@ -157,7 +158,7 @@ class FastEngine(Engine):
     def lr_at(self, epoch: int, step: int = 0) -> float:
         """The learning rate of step `step` of epoch `epoch` (the recipe's schedule)."""
         if self.recipe.schedule == "linear":
-            steps = self.full_batches + (1 if self.remainder else 0)
+            steps = self.steps_per_epoch
             return self.recipe.lr * self.recipe.step_factor(epoch * steps + step, steps)
         decays = sum(epoch >= m for m in self.recipe.milestones)
         return self.recipe.lr * self.recipe.lr_decay**decays
@@ -264,7 +265,7 @@ class FastEngine(Engine):
             self._set_rng_state(self.epoch_rng)
         self._prepare_epoch()
         self.counter.fill_(self.step)
-        steps = self.full_batches + (1 if self.remainder else 0)
+        steps = self.steps_per_epoch
         while self.step < steps:
             batch = self.recipe.batch_size if self.step < self.full_batches else self.remainder
             if self.recipe.schedule == "linear":  # the device lr is read by the (captured) step

@@ -88,10 +88,9 @@ class RunConfig:
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
 
     def resolved_dataset(self) -> str:
-        if self.dataset is not None:
-            return self.dataset
-        if stand_in_dataset(self.profile):
-            return stand_in_dataset(self.profile)
+        dataset = self.dataset if self.dataset is not None else stand_in_dataset(self.profile)
+        if dataset is not None:
+            return dataset
         raise ConfigError("--dataset is required unless --profile smoke or pipeline; valid: "
                           + ", ".join(okdata.DATASETS))
 

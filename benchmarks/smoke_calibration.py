@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--flip", choices=("on", "off"), default=None, help="mirror the digits in every view")
     parser.add_argument("--method", action="append", default=[], help="only these methods")
     parser.add_argument("--backbone", action="append", default=[], help="only these backbones")
+    parser.add_argument("--students", action="append", type=int, default=[], help="only these student/branch counts")
     parser.add_argument("--train-samples", type=int, default=None, help="the first N training images (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="smoke-calibration-") as out_dir:
             runs = expand(get_table(args.table), profile="smoke", methods=args.method or None, out_dir=out_dir)
             for cfg in unique_configs(runs):
-                if args.backbone and cfg.backbone not in args.backbone:
+                if (args.backbone and cfg.backbone not in args.backbone) or (
+                        args.students and cfg.students not in args.students):
                     continue
                 cfg = dataclasses.replace(cfg, width=args.width, train_samples=args.train_samples, checkpoint_every=0)
                 rows.append(calibration_row(cfg, train_run(cfg, progress=False)))

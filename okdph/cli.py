@@ -511,6 +511,8 @@ def runs(results, methods, profiles, ids):
     from tabulate import tabulate
 
     store = _store(results)
+    if not store.root.is_dir():  # "0 runs" would read as an empty folder, not a mistyped one
+        raise UserError(f"results folder '{store.root}' does not exist")
     rows = [r for r in store.listing() if (not methods or r["method"] in methods)
             and (not profiles or r["profile"] in profiles)]
     now = datetime.now(timezone.utc)

@@ -24,6 +24,7 @@ point's name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 import warnings
@@ -102,9 +103,13 @@ def _convert(name: str, text: str, kind) -> object:
         if kind is int:
             return int(text)
         if kind is float:
-            return float(text)
+            value = float(text)
     except ValueError:
         raise ConfigError(f"{name} expects a {kind.__name__}, got '{text}'") from None
+    if kind is float:
+        if not math.isfinite(value):  # inf and nan switch a weight's checks off and poison the record
+            raise ConfigError(f"{name} must be a finite number, got '{text}'")
+        return value
     if kind is Interval or kind == typing.Optional[Interval]:
         return Interval.parse(text)
     return text

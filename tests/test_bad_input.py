@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from okdph.cli import main
 from okdph.engine.checkpoint import CHECKPOINT_FORMAT
 from okdph.engine.run import RunConfig
+from okdph.engine.record import read_record
+from okdph.errors import DamagedRecord
 
 SMOKE = ["train", "--profile", "pipeline", "--quiet"]
 DML = [*SMOKE, "--method", "dml"]
@@ -149,6 +151,20 @@ def _landscape_damaged_other(tmp: Path) -> list[str]:
     return ["landscape", "--ours", "ours.json", "--other", "other.json", "--out", "landscape.png"]
 
 
+def _fake_slurm(tmp: Path, *commands: str) -> list[str]:
+    """`commands` on a PATH of their own; sbatch refuses the partition as SLURM's sbatch does."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name in commands:
+        script = bin_dir / name
+        script.write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\n"
+                          "echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\n"
+                          "exit 1\n")
+        script.chmod(0o755)
+    return ["run", "--table", "3", "--profile", "pipeline", "--method", "okdph", "--executor", "slurm",
+            "--slurm", "slurm_partition=nope", "--results", str(tmp / "results")]
+
+
 def _pipeline_records_only(tmp: Path) -> list[str]:
     pipeline_record(tmp / "results" / "runs")
     return ["table", "3", "--profile", "paper", "--metric", "final", "--results", str(tmp / "results")]
@@ -177,17 +193,28 @@ CASES = [
     ("zero interval", [*SMOKE, "--method", "okdph", "--set", "interval=0b"], r"malformed interval '0b'"),
     ("--set without =", [*DML, "--set", "omega"], r"--set expects key=value, got 'omega'"),
     ("mistyped integer", [*DML, "--epochs", "three"], r"'three' is not a valid integer"),
-    ("zero epochs", [*DML, "--epochs", "0"], r"epochs must be >= 1, got 0"),
+    ("zero epochs", [*DML, "--epochs", "0"], r"epochs must be in \[1, 10000\], got 0"),
     ("too few students", [*SMOKE, "--method", "okdph", "--students", "1"], r"needs at least 2 models, got 1"),
-    ("no students", [*DML, "--students", "0"], r"students must be >= 1, got 0"),
+    ("no students", [*DML, "--students", "0"], r"students must be in \[1, 16\], got 0"),
+    ("a thousand students", [*DML, "--students", "1000"], r"students must be in \[1, 16\], got 1000"),
+    ("epochs beyond a 64-bit integer", [*DML, "--epochs", "9223372036854775808"],
+     r"epochs must be in \[1, 10000\], got 9223372036854775808"),
+    ("epochs for ever", [*DML, "--epochs", "9223372036854775807"], r"epochs must be in \[1, 10000\]"),
+    ("huge width", [*DML, "--width", "1e9"], r"width must be in \(0, 16\], got 1000000000.0"),
+    ("too many loader workers", [*DML, "--workers", "100000"], r"--workers must be in \[0, 256\]"),
+    ("huge train samples", [*DML, "--train-samples", "10000000000"], r"train_samples must be in \[1, 1000000000\]"),
+    ("infinite hyper-parameter", [*SMOKE, "--method", "pcl", "--set", "temperature=1e400"],
+     r"temperature must be a finite number, got '1e400'"),
+    ("NaN hyper-parameter", [*SMOKE, "--method", "okdph", "--set", "omega=nan"], r"omega must be a finite number"),
+    ("huge checkpoint interval", [*DML, "--checkpoint-every", "100000"], r"--checkpoint-every must be in \[0, 10000\]"),
     ("OKDPH views of the wrong length", [*SMOKE, "--method", "okdph", "--set", "views=base,base"],
      r"views needs 3 entries"),
     ("backbone of another dataset", [*DML, "--backbone", "resnet18"], r"does not fit dataset 'digits'"),
     ("bf16 on the reference engine", [*DML, "--engine", "reference", "--precision", "bf16"], r"runs fp32 or fp64"),
     ("fp64 on the fast engine", [*DML, "--engine", "fast", "--precision", "fp64"], r"fast engine runs fp32 or bf16"),
     ("CUDA requested without CUDA", [*DML, "--device", "cuda"], r"CUDA is not available"),
-    ("zero save interval", [*DML, "--save-every", "0"], r"--save-every must be >= 1"),
-    ("negative checkpoint interval", [*DML, "--checkpoint-every", "-1"], r"--checkpoint-every must be >= 0"),
+    ("zero save interval", [*DML, "--save-every", "0"], r"--save-every must be in \[1, 10000\]"),
+    ("negative checkpoint interval", [*DML, "--checkpoint-every", "-1"], r"--checkpoint-every must be in \[0, 10000\]"),
     ("unknown table metric", ["table", "3", "--profile", "pipeline", "--metric", "best"],
      r"'best' is not one of 'paper', 'final'"),
     ("no CPU workers", ["run", "--table", "3", "--profile", "pipeline", "--jobs", "0"], r"jobs must be >= 1"),
@@ -228,7 +255,7 @@ CASES = [
     ("unknown device", [*DML, "--device", "tpu"], r"unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     ("width not a number", [*DML, "--width", "nan"], r"'--width': nan is not a finite number"),
     ("negative width on the command line", [*DML, "--width", "-1"], r"'--width': -1.0 is not in the range x>0"),
-    ("negative DataLoader workers", [*DML, "--workers", "-1"], r"--workers must be >= 0, got -1"),
+    ("negative DataLoader workers", [*DML, "--workers", "-1"], r"--workers must be in \[0, 256\], got -1"),
     ("negative PAC-Bayes samples", ["pacbayes", "r.json", "--samples", "-3"],
      r"'--samples': -3 is not in the range x>=1"),
     ("zero PAC-Bayes epsilon", ["pacbayes", "r.json", "--epsilon", "0"], r"'--epsilon': 0.0 is not in the range x>0"),
@@ -281,14 +308,25 @@ CASES = [
      r"--seed-list needs distinct seeds"),
     ("too many seeds", ["run", "--table", "3", "--seeds", "100000", "--dry-run"],
      r"'--seeds': 100000 is not in the range"),
+    ("runs of a folder that does not exist", lambda tmp: ["runs", "--results", str(tmp / "nope")],
+     r"results folder '.*nope' does not exist"),
+    ("--slurm without --executor slurm", ["run", "--table", "3", "--profile", "pipeline", "--slurm", "slurm_partition=x"],
+     r"--slurm applies to --executor slurm only"),
+    ("--wait without --executor slurm", ["run", "--table", "3", "--profile", "pipeline", "--wait"],
+     r"--wait applies to --executor slurm only"),
+    ("sbatch without srun", lambda tmp: _fake_slurm(tmp, "sbatch"), r"needs SLURM, but 'srun' is not on PATH",
+     {"PATH": "{tmp}/bin"}),
+    ("a partition sbatch refuses", lambda tmp: _fake_slurm(tmp, "sbatch", "srun"),
+     r"^error: SLURM refused the submission: sbatch: error: invalid partition specified: nope$", {"PATH": "{tmp}/bin"}),
     ("--executor slurm without SLURM",
      ["run", "--table", "3", "--profile", "pipeline", "--method", "okdph", "--executor", "slurm",
       "--slurm", "slurm_partition=gpu"], r"needs SLURM, but 'sbatch' is not on PATH", {"PATH": "{tmp}/no-bin"}),
 ]
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None): a refused input creates no empty folder either."""
+    return {str(p): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case,args,message,env", [(*c, {})[:4] for c in CASES], ids=[c[0] for c in CASES])
@@ -346,7 +384,6 @@ def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"warning: record '{path}' is unreadable" in result.stderr and f"{path.name}.corrupt" in result.stderr
     assert Path(f"{path}.corrupt").read_text() == '{"schema": 1, "run_id": '  # kept, never deleted
-    from okdph.engine.record import read_record
 
     first = read_record(path, cfg.run_id())
     assert first["status"] == "complete"
@@ -360,7 +397,8 @@ def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, f"{path.name}.corrupt"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "acc high", "history null", "not a record"])
+@pytest.mark.parametrize("damage", ["truncated", "acc high", "history null", "not a record", "acc NaN", "acc 1000",
+                                    "acc -5", "curve NaN", "no metrics", "seed not the run id's", "method not the run id's"])
 def test_a_damaged_record_is_not_done(tmp_path, damage):
     from okdph.engine.run import is_done
 
@@ -376,11 +414,32 @@ def test_a_damaged_record_is_not_done(tmp_path, damage):
         record["metrics"]["paper"]["acc"] = "high"
     elif damage == "history null":
         record["history"] = None
+    elif damage.startswith("acc "):
+        record["metrics"]["paper"]["acc"] = float(damage.split()[1])  # json.dumps writes NaN as NaN
+    elif damage == "curve NaN":
+        next(iter(record["history"]["test_acc"].values()))[0] = float("nan")
+    elif damage == "no metrics":
+        del record["metrics"]
+    elif damage == "seed not the run id's":
+        record["seed"] = 43
+    elif damage == "method not the run id's":
+        record["method"] = "kdcl"
     else:
         record = [record]
     if damage != "truncated":
         cfg.record_path().write_text(json.dumps(record))
     assert not is_done(cfg)
+    with pytest.raises(DamagedRecord):
+        read_record(cfg.record_path(), cfg.run_id())
+
+
+def test_records_are_strict_json_with_a_diverged_loss_as_null(tmp_path):
+    from okdph.engine.record import atomic_write_json
+
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"status": "diverged at epoch 0, step 3", "loss": [1.5, float("inf"), float("nan")]})
+    assert path.read_text() == '{\n "status": "diverged at epoch 0, step 3",\n "loss": [\n  1.5,\n  null,\n  null\n ]\n}\n'
+    json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"non-standard token {token}"))
 
 
 @pytest.mark.parametrize("command", ["run", "table", "report"])
@@ -433,3 +492,59 @@ def test_a_file_system_error_mid_command_is_one_line(tmp_path, monkeypatch):
         f"error: No space left on device ({tmp_path}/results/tables/table3-pipeline.md); --debug shows where"]
     debug = CliRunner().invoke(main, ["table", "3", "--profile", "pipeline", "--results", str(tmp_path), "--debug"])
     assert isinstance(debug.exception, OSError)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """The estimate comes from the configuration (a meta-device forward), not from building the
+    networks: 16 wide students on a machine with 1 GiB free are one line, in seconds."""
+    import time
+
+    from okdph.engine import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr("okdph.engine.run.train_locked", lambda *a, **k: pytest.fail("the run started"))
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, [*DML, "--students", "16", "--width", "4", "--out", str(tmp_path / "runs")])
+    assert time.perf_counter() - started < 5
+    assert result.exit_code == 2
+    assert re.fullmatch(r"error: this run needs about [\d.]+ GiB of memory \(16 networks of resnet32 at width 4, "
+                        r"batch 32\); cpu has 1.0 GiB free", result.stderr.strip())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_memory_estimate_draws_no_random_numbers_and_grows_with_the_batch():
+    from okdph.engine import memory
+
+    state = torch.random.get_rng_state()
+    one = memory.network_bytes("vgg16", 10, 0.25, 32, 32, 4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    two = memory.network_bytes("vgg16", 10, 0.25, 64, 32, 4)
+    params = sum(p.numel() for p in torch.nn.Module.parameters(__import__("okdph.models", fromlist=["x"])
+                                                                 .create_backbone("vgg16", 10, width=0.25)))
+    assert two - one == one - 4 * params * 4 > 0  # activations double with the batch, parameters stay
+    assert memory.run_bytes("vgg16", 10, 0.25, 32, 32, models=3) == 4 * one
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_set_up_stops_the_run_at_once(signame, tmp_path):
+    """A stand-in for a slow build (60 s): the signal ends the command within seconds, with one line
+    and the preempted exit code, and leaves neither the run's lock nor its folder behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time\nimport okdph.engine.run as run\n"
+            "def slow(*a, **k):\n    print('building', file=sys.stderr, flush=True)\n    time.sleep(60)\n"
+            "run.build_engine = slow\nfrom okdph.cli import main\n"
+            "main(['train', '--method', 'dml', '--profile', 'pipeline', '--quiet', '--out', sys.argv[1]])\n")
+    out = tmp_path / "results" / "runs"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().strip() == "building"
+    sent = time.perf_counter()
+    proc.send_signal(getattr(signal, signame))
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=30) == 75 and time.perf_counter() - sent < 10
+    assert stderr.strip().splitlines() == [f"preempted: stopped by {signame} during set-up, before the first step; "
+                                           "rerun the same command to start the run"]
+    assert not (tmp_path / "results").exists()

@@ -201,6 +201,28 @@ def test_rendering_mean_std_n_delta_bold_and_missing_paper(tmp_path):
     assert final["okdph"].mean == 93.0   # the deployed head at the last epoch (acc - 1 in fake_record)
 
 
+def test_smoke_rows_name_their_data_ties_are_not_bold_and_seed_lists_are_named(tmp_path):
+    """A smoke row trains on digits: its label says so (the paper's dataset is the row it stands
+    for); a row whose every cell ties (all at chance) has no best; seeds from --seed-list are listed."""
+    store = ResultStore(tmp_path)
+    table = get_table("3")
+    row = _cells(table, dataset="cifar10", backbone="resnet32", students=2)
+    for cell in row:
+        for seed in (42, 50):
+            fake_record(cell_config(cell, profile="smoke", seed=seed, out_dir=str(store.runs_dir)), 10.0)
+    results = collect(table, store, profile="smoke", cells=row)
+    assert not any(r.best for r in results)
+    text = markdown(table, results, profile="smoke", fidelity="official", metric="paper", runs_dir=store.runs_dir)
+    ours = next(line for line in text.splitlines() if "| ours" in line)
+    assert ours.startswith("| digits (CIFAR-10 row) | ResNet32") and "**" not in ours
+    assert "(seeds 42, 50)" in text and "42 + r" not in text
+
+    fake_record(cell_config(row[0], profile="smoke", seed=44, out_dir=str(store.runs_dir)), 40.0)
+    store.refresh()
+    results = collect(table, store, profile="smoke", cells=row)
+    assert [r.cell.method for r in results if r.best] == [row[0].method]
+
+
 def test_lower_is_better_and_pacbayes_values(tmp_path):
     store = ResultStore(tmp_path)
     table = get_table("5")

@@ -37,10 +37,10 @@ def test_workers_take_the_longest_runs_first():
 
     configs = unique_configs(expand(get_table("3"), profile="smoke", methods=["dml", "one"]))
     order = [(c.backbone, c.students, c.method) for g in executors.longest_first([[c] for c in configs]) for c in g]
-    # VGG16 (4 epochs) before ResNet32 (3), 4 students before 2; ties keep the table's order
+    # VGG16 (8 epochs) before ResNet32 (5), 4 students before 2; ties keep the table's order
     assert order[:2] == [("vgg16", 4, "dml"), ("vgg16", 4, "one")] and order[-2:] == [("resnet32", 2, "dml"),
                                                                                       ("resnet32", 2, "one")]
-    assert executors.longest_first([[configs[0]] * 3, [configs[-1]]])[0] == [configs[0]] * 3  # a pack counts its runs
+    assert executors.longest_first([[configs[0]] * 4, [configs[-1]]])[0] == [configs[0]] * 4  # a pack counts its runs
 
 
 def test_parse_gpus():
@@ -72,8 +72,9 @@ def test_a_requeued_job_skips_the_runs_it_finished(tmp_path):
     job = slurm.PackedJob(configs)
     # the first run finished before the preemption
     configs[0].record_path().parent.mkdir(parents=True)
-    configs[0].record_path().write_text(json.dumps({"schema": 1, "run_id": configs[0].run_id(),
-                                                   "status": "complete"}))
+    finished = {"acc": 50.0, "epoch": 0, "head": "student0"}
+    configs[0].record_path().write_text(json.dumps({"schema": 1, "run_id": configs[0].run_id(), "status": "complete",
+                                                   "metrics": {"paper": finished, "final": finished}}))
     resubmission = job.checkpoint()
     import submitit
 
@@ -227,7 +228,10 @@ def test_slurm_is_asked_for_by_name_never_picked_by_submitit(tmp_path, monkeypat
         slurm.submit([], folder=tmp_path / "slurm")
     assert not (tmp_path / "slurm").exists()
     assert slurm.check_available("local") == "local"
-    sbatch = tmp_path / "sbatch"
-    sbatch.write_text("#!/bin/sh\nexit 1\n")
-    sbatch.chmod(0o755)
+    for command in ("sbatch", "srun"):
+        with pytest.raises(ConfigError, match=f"'{command}' is not on PATH"):
+            slurm.check_available(None)
+        fake = tmp_path / command
+        fake.write_text("#!/bin/sh\nexit 1\n")
+        fake.chmod(0o755)
     assert slurm.check_available(None) == "slurm"

@@ -75,7 +75,7 @@ BAD_INPUTS = [
     (["--method", "dml", "--students", "1"], "dml needs at least 2 models, got 1"),
     (["--method", "okdph", "--students", "5"], "no published view assignment for OKDPH with 5 students"),
     (["--method", "dml", "--backbone", "resnet18"], "backbone 'resnet18' does not fit dataset 'digits'"),
-    (["--method", "dml", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--method", "dml", "--epochs", "0"], "epochs must be in [1, 10000], got 0"),
 ]
 
 

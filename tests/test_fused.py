@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -136,6 +137,12 @@ def test_branches_sharing_a_module_stay_unfused(method, backbone, shared):
     strategy = make(method, backbone)
     with pytest.warns(UserWarning, match=f"runs unfused: .*share '{shared}"):
         assert fuse_model_groups(strategy, image_shape=(3, 32, 32)) == []
+    # the engines pass a dict: the reason goes into the run's record, not onto the user's screen
+    unfused = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fuse_model_groups(make(method, backbone), image_shape=(3, 32, 32), unfused=unfused) == []
+    assert list(unfused) == ["net.branches"] and f"share '{shared}" in unfused["net.branches"]
 
 
 @pytest.mark.parametrize("method, backbone, fidelity, num_models", [

@@ -79,7 +79,12 @@ class CellResult:
     best: bool = False
     records: list[dict] = field(default_factory=list, repr=False)  # every matching record
     std_convention: str = DEFAULT_STD   # which std `std` is: the table's --std
-    paper_data: bool = True             # its runs use the paper's dataset (smoke: digits), so Δ means something
+    run_dataset: str | None = None      # the data its runs train on; None: the cell's own
+
+    @property
+    def paper_data(self) -> bool:
+        """Its runs use the paper's dataset (smoke: digits does not), so Δ means something."""
+        return self.run_dataset in (None, self.cell.dataset)
 
     @property
     def recorded(self) -> int:
@@ -170,7 +175,7 @@ def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "
             raise ConfigError(f"{table.id} cell {cell.slug()} has records from engines {', '.join(engines)}; "
                               f"pass --engine with one of them")
         result = CellResult(cell, engine=engines[0] if engines else None, records=records, std_convention=std,
-                            paper_data=config.dataset == cell.dataset,
+                            run_dataset=config.dataset,
                             unreadable=len(store.damaged_for(cell_config(cell, profile=profile, fidelity=fidelity),
                                                              engine)))
         for record in records:
@@ -205,7 +210,7 @@ def _mark_best(table: Table, results: list[CellResult]) -> None:
     for row in group_rows(table, results).values():
         row = list(row.values())
         measured = [r.mean for r in row if r.mean is not None]
-        if measured:
+        if len({round(m, 2) for m in measured}) > 1 or len(measured) == 1:  # a row of ties has no best
             best = pick(measured)
             for r in row:
                 r.best = r.mean is not None and round(r.mean, 2) == round(best, 2)
@@ -267,6 +272,15 @@ def format_row_test(test: RowTest | None) -> str:
     return f"{test.difference:+.2f} vs {display('method', test.baseline)}{marker}"
 
 
+def _row_label(field_name: str, value, row: dict[str, CellResult]) -> str:
+    """A row's label: the paper's, except the dataset of runs that train on other data (smoke:
+    "digits (CIFAR-10 row)"), which names the data the numbers come from."""
+    used = {r.run_dataset for r in row.values() if not r.paper_data}
+    if field_name == "dataset" and len(used) == 1:
+        return f"{display('dataset', used.pop())} ({display('dataset', value)} row)"
+    return display(field_name, value)
+
+
 def _bold(text: str, on: bool) -> str:
     return f"**{text}**" if on and text else text
 
@@ -281,7 +295,7 @@ def markdown_table(table: Table, results: list[CellResult], links: dict[str, str
     with_test = compares_okdph(table)
     lines = []
     for key, row in rows.items():
-        label = [display(f, v) for f, v in zip(table.rows, key)]
+        label = [_row_label(f, v, row) for f, v in zip(table.rows, key)]
         ours = []
         for m in methods:
             r = row.get(m)
@@ -321,6 +335,15 @@ def output_stem(table: Table, profile: str, fidelity: str, metric: str) -> str:
     return "-".join(parts)
 
 
+def _seeds_text(results: list[CellResult]) -> str:
+    """"run r has seed 42 + r" where the seeds recorded are 42, 43, ...; else which ones they are
+    (`--seed-list`)."""
+    seeds = sorted({s for r in results for s in r.seeds})
+    if seeds == list(range(FIRST_SEED, FIRST_SEED + len(seeds))):
+        return f"run r has seed {FIRST_SEED} + r"
+    return f"seeds {', '.join(map(str, seeds))}"
+
+
 def describe(table: Table, results: list[CellResult], *, profile: str, fidelity: str, metric: str,
              runs_dir) -> str:
     """The lines above a table: what it shows and where the numbers come from."""
@@ -334,7 +357,7 @@ def describe(table: Table, results: list[CellResult], *, profile: str, fidelity:
     paper_data = all(r.paper_data for r in results)
     lines = [
         f"Profile `{profile}`, fidelity `{fidelity}`, engine {', '.join(f'`{e}`' for e in engines) or '–'}; {what}.",
-        f"Ours: mean ± {std_text[convention]} over the n seeds recorded (run r has seed {FIRST_SEED} + r); "
+        f"Ours: mean ± {std_text[convention]} over the n seeds recorded ({_seeds_text(results)}); "
         + ("Δ = ours − paper; " if paper_data else "") + "the best of each row in bold; the CSV/JSON add both stds "
         f"and the {stats.CONFIDENCE:.0%} confidence interval of the mean.",
     ]

@@ -150,6 +150,9 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
         raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
     if pack_size is not None and pack_size < 1:
         raise ConfigError(f"--pack must be >= 1 run, got {pack_size}")
+    if executor != "slurm" and (slurm_parameters or wait):  # would be ignored without a word
+        raise ConfigError(f"{'--slurm' if slurm_parameters else '--wait'} applies to --executor slurm only; "
+                          "add --executor slurm or drop it")
     if executor == "slurm" and not dry_run:  # SLURM reachable, or one line before any work
         from okdph.bench import slurm
 

@@ -168,7 +168,7 @@ def cell_name(record: dict) -> str:
     parts = [str(record.get(k)) for k in ("backbone", "dataset", "setting")]
     parts += [f"n{record.get('students')}", str(record.get("fidelity")), str(record.get("profile"))]
     parts += [f"{k}={record[k]}" for k in ("epochs", "train_samples") if record.get(k) is not None]
-    if record.get("width") not in (None, default_width(record.get("profile"))):
+    if record.get("width") not in (None, default_width(record.get("profile"), record.get("backbone"))):
         parts.append(f"width={record['width']}")
     if record.get("precision", "fp32") != "fp32":
         parts.append(str(record["precision"]))

@@ -192,9 +192,12 @@ class StopRequest:
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")  # SLURM --signal: USR1 by habit, USR2 under submitit
 
-    def __init__(self):
+    def __init__(self, immediate: bool = False):
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
+        # During set-up (data, networks, engine) there is nothing to checkpoint and no step to wait
+        # for: a signal raises Preempted at once, and the run's lock and folder are released on the way out.
+        self.immediate = immediate
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -205,6 +208,10 @@ class StopRequest:
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.immediate:
+            self.signum = signum
+            self.hand_over(f"stopped by {self.signal_name} during set-up, before the first step; "
+                           "rerun the same command to start the run")
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step
         self.signum = signum

@@ -99,6 +99,7 @@ class FastEngine(Engine):
         self.train_images, self.train_targets = as_device_images(train_set, self.device)
         # Before the optimizers exist: the fused parameters are new tensors.
         fuse = True if fuse is None else fuse
+        self.unfused: dict[str, str] = {}  # groups left as separate networks, and why (the record says)
         self.fused = self._fuse(image_shape=self.train_images.shape[1:]) if fuse else []
         test_images, self.test_targets = as_device_images(test_set, self.device)
         self.dtype = next(self.strategy.parameters()).dtype  # views in the networks' dtype (fp64 in tests)
@@ -127,7 +128,7 @@ class FastEngine(Engine):
     # ---- what a pack of runs (okdph.engine.packed) does differently ------------------------------
 
     def _fuse(self, image_shape) -> list[str]:
-        return fuse_model_groups(self.strategy, image_shape=image_shape)
+        return fuse_model_groups(self.strategy, image_shape=image_shape, unfused=self.unfused)
 
     def _make_optimizers(self) -> list[SGD]:
         recipe = self.recipe
@@ -287,7 +288,7 @@ class FastEngine(Engine):
 
     def describe(self) -> dict:
         """How this run executed (numerics differ slightly between fused and separate networks)."""
-        return {"engine": "fast", "fused_groups": self.fused,
+        return {"engine": "fast", "fused_groups": self.fused, "unfused_groups": self.unfused,
                 "cuda_graphs": len([g for g in self.graphs.values() if g is not None]),
                 "graphs_enabled": self.graphs_enabled}
 

@@ -251,26 +251,34 @@ def _probe(members: Sequence[nn.Module], fused: FusedGroup, shape: tuple[int, ..
                 raise NotGroupable(f"{type(members[0]).__name__}: '{name}' is not updated per network")
 
 
-def fuse_model_groups(strategy: nn.Module, image_shape: Sequence[int] | None = None) -> list[str]:
+def fuse_model_groups(strategy: nn.Module, image_shape: Sequence[int] | None = None,
+                      unfused: dict[str, str] | None = None) -> list[str]:
     """Replace every `ModelGroup` of two or more networks inside `strategy` by a `FusedGroup`, in place;
     returns the names replaced.
 
     With `image_shape` (one input image, e.g. (3, 32, 32)) every group is probed (see the module
     docstring) on the inputs it receives when the strategy trains on such images (`forward_train`);
-    a group that the probe rejects, or that training never calls, stays as it is (warning). Must run
-    before optimizers are built: the fused parameters are new tensors.
+    a group that the probe rejects, or that training never calls, stays as it is: why goes into
+    `unfused` (name -> reason) when given, else into a warning. Must run before optimizers are
+    built: the fused parameters are new tensors.
     """
+    def keep_unfused(name: str, reason: str) -> None:
+        if unfused is None:
+            warnings.warn(f"'{name}' runs unfused: {reason}")
+        else:
+            unfused[name] = reason
+
     groups = _outermost_groups(strategy)
     shapes = _group_input_shapes(strategy, image_shape) if image_shape is not None else {}
     fused = []
     for name, group in groups.items():
         if image_shape is not None and name not in shapes:
-            warnings.warn(f"'{name}' runs unfused: a training step does not call it, so it cannot be probed")
+            keep_unfused(name, "a training step does not call it, so it cannot be probed")
             continue
         try:
             replacement = FusedGroup(group, shapes.get(name))
         except NotGroupable as exc:
-            warnings.warn(f"'{name}' runs unfused: {exc}")
+            keep_unfused(name, str(exc))
             continue
         parent, _, attribute = name.rpartition(".")
         setattr(strategy.get_submodule(parent), attribute, replacement)

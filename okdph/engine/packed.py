@@ -43,7 +43,7 @@ class PackedFastEngine(FastEngine):
                     graphs=graphs, fuse=fuse, noise=noise)
 
     def _fuse(self, image_shape) -> list[str]:
-        fused = [fuse_model_groups(s, image_shape=image_shape) for s in self.strategies]
+        fused = [fuse_model_groups(s, image_shape=image_shape, unfused=self.unfused) for s in self.strategies]
         return fused[0]  # every run has the same groups
 
     def _make_optimizers(self) -> list[SGD]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -51,9 +52,23 @@ def atomic_write(path: Path, write, *, binary: bool = False) -> None:
         raise
 
 
+def finite_or_null(value):
+    """`value` with every non-finite float (a diverged loss) as None: strict JSON has no NaN or
+    Infinity, and a reader in another language would choke on Python's tokens for them. The record
+    says why in its status ("diverged at epoch e, step s")."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
+    """`data` as strict JSON (non-finite floats written as null), atomically."""
     def write(handle):
-        json.dump(data, handle, indent=1, sort_keys=False)
+        json.dump(finite_or_null(data), handle, indent=1, sort_keys=False, allow_nan=False)
         handle.write("\n")
 
     atomic_write(path, write)
@@ -61,6 +76,11 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_accuracy(value) -> bool:
+    """A finite number of percent, 0 to 100 (a NaN, 1000 or -5 is an edited or broken record)."""
+    return _is_number(value) and math.isfinite(value) and 0.0 <= value <= 100.0
 
 
 def _shown(value) -> str:
@@ -84,17 +104,26 @@ def record_problem(record) -> str | None:
         value = record.get(key, kind())
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             return f"{key} is {_shown(value)}, not {'a number' if kind is int else 'a ' + kind.__name__}"
+    run_id = record["run_id"]
+    if "method" in record and not run_id.startswith(f"{record['method']}-"):
+        return f"method is {_shown(record['method'])}, but the run id '{run_id}' is of another method"
+    if "seed" in record and f"-seed{record['seed']}-" not in run_id:
+        return f"seed is {record['seed']}, but the run id '{run_id}' names another seed"
     metrics = record.get("metrics", {})
+    # A finished run (its status says so, or it has results at all) has both reported numbers.
+    required = ("paper", "final") if record.get("status") == "complete" or metrics else ()
     for name in ("paper", "final"):
-        if name in metrics and not (isinstance(metrics[name], dict) and _is_number(metrics[name].get("acc"))):
-            return f"metrics.{name} is {_shown(metrics[name])}, not an accuracy"
+        if name in required and name not in metrics:
+            return f"metrics.{name} is missing from a {record.get('status', 'finished')} run"
+        if name in metrics and not (isinstance(metrics[name], dict) and _is_accuracy(metrics[name].get("acc"))):
+            return f"metrics.{name} is {_shown(metrics[name])}, not an accuracy in [0, 100]"
     bound = metrics.get("pacbayes")
     if bound is not None and not (_is_number(bound) or isinstance(bound, dict) and _is_number(bound.get("value"))):
         return f"metrics.pacbayes is {_shown(bound)}, not a number"
     curves = record.get("history", {}).get("test_acc", {})
-    if not isinstance(curves, dict) or not all(isinstance(c, list) and all(map(_is_number, c))
+    if not isinstance(curves, dict) or not all(isinstance(c, list) and all(map(_is_accuracy, c))
                                                for c in curves.values()):
-        return f"history.test_acc is {_shown(curves)}, not lists of accuracies per head"
+        return f"history.test_acc is {_shown(curves)}, not lists of accuracies in [0, 100] per head"
     return None
 
 

@@ -17,7 +17,7 @@ import random
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,7 +97,7 @@ class RunConfig:
     def resolved_width(self) -> float:
         if self.width is not None:
             return self.width
-        return default_width(self.profile)
+        return default_width(self.profile, self.backbone)
 
     def resolved_engine(self) -> str:
         if self.engine != "auto":
@@ -179,23 +179,55 @@ def validate(cfg: RunConfig):
     if built_for != images:
         raise ConfigError(f"backbone '{cfg.backbone}' does not fit dataset '{dataset}': it is built for "
                           f"{built_for}x{built_for} images, the dataset has {images}x{images}")
-    if cfg.students < 1:
-        raise ConfigError(f"students must be >= 1, got {cfg.students}")
-    if cfg.train_samples is not None and cfg.train_samples < 1:
-        raise ConfigError(f"train_samples must be >= 1, got {cfg.train_samples}")
-    if not math.isfinite(cfg.resolved_width()) or cfg.resolved_width() <= 0:
-        raise ConfigError(f"width must be > 0 and finite, got {cfg.width}")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    _check_range("students", cfg.students, 1, MAX_MODELS)
+    if cfg.train_samples is not None:
+        _check_range("train_samples", cfg.train_samples, 1, MAX_SAMPLES)
+    if cfg.epochs is not None:
+        _check_range("epochs", cfg.epochs, 1, MAX_EPOCHS)
+    width = cfg.resolved_width()
+    if not (math.isfinite(width) and 0 < width <= MAX_WIDTH):
+        raise ConfigError(f"width must be in (0, {MAX_WIDTH:g}], got {cfg.width}")
+    if cfg.workers is not None:
+        _check_range("--workers", cfg.workers, 0, MAX_WORKERS)
     if not 0 <= cfg.seed < 2 ** 32:  # numpy's seed range
         raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
-    resolve_device(cfg.device)
-    if cfg.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every must be >= 0 epochs (0: never), got {cfg.checkpoint_every}")
-    if cfg.save_every is not None and cfg.save_every < 1:
-        raise ConfigError(f"--save-every must be >= 1 epoch, got {cfg.save_every}")
-    resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone)
-    return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
+    device = resolve_device(cfg.device)
+    _check_range("--checkpoint-every", cfg.checkpoint_every, 0, MAX_EPOCHS, " epochs (0: never)")
+    if cfg.save_every is not None:
+        _check_range("--save-every", cfg.save_every, 1, MAX_EPOCHS, " epochs")
+    recipe = resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone)
+    config = build_config(strategy_cls.Config, dict(cfg.overrides))
+    _check_memory(cfg, dataset, recipe.batch_size, device)
+    return strategy_cls, config
+
+
+# The sizes a researcher could mean (the paper: 2-4 students, 300 epochs, width 1); beyond them a
+# value is a typo that would otherwise run out of memory or train for ever.
+MAX_MODELS = 16
+MAX_EPOCHS = 10_000
+MAX_WIDTH = 16.0
+MAX_WORKERS = 256
+MAX_SAMPLES = 10 ** 9
+
+
+def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}]{unit}, got {value}")
+
+
+def _check_memory(cfg: RunConfig, dataset: str, batch_size: int, device: torch.device) -> None:
+    """Refuse a run whose estimated memory (okdph.engine.memory) exceeds what the device has free."""
+    from okdph.engine import memory
+
+    info = okdata.get_info(dataset)
+    element = 8 if cfg.precision == "fp64" else 4
+    need = memory.run_bytes(cfg.backbone, info.num_classes, cfg.resolved_width(), batch_size, info.image_size,
+                            cfg.students, element)
+    have = memory.available_bytes(device)
+    if have is not None and need > memory.HEADROOM * have:
+        raise ConfigError(f"this run needs about {memory.gib(need)} of memory ({cfg.students} networks of "
+                          f"{cfg.backbone} at width {cfg.resolved_width():g}, batch {batch_size}); "
+                          f"{device.type} has {memory.gib(have)}{' free' if device.type == 'cpu' else ''}")
 
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N"
@@ -343,13 +375,34 @@ def train_run(cfg: RunConfig, *, progress: bool = True, skip_recorded: bool = Fa
     exists once the lock is held is not trained again (AlreadyRecorded). A resume checkpoint
     beside the record (a killed or preempted earlier attempt) is continued.
     """
-    check_before_work([cfg])
-    if cfg.ddp:  # torchrun starts each run once; every process trains
-        return train_locked([cfg], progress)[cfg.run_id()]
-    with RunLock(cfg.lock_path()):
-        if skip_recorded and is_done(cfg):
-            raise AlreadyRecorded(f"recorded meanwhile: {cfg.record_path()}")
-        return train_locked([cfg], progress)[cfg.run_id()]
+    with removed_if_left_empty(cfg.record_path().parent):
+        check_before_work([cfg])
+        if cfg.ddp:  # torchrun starts each run once; every process trains
+            return train_locked([cfg], progress)[cfg.run_id()]
+        with RunLock(cfg.lock_path()):
+            if skip_recorded and is_done(cfg):
+                raise AlreadyRecorded(f"recorded meanwhile: {cfg.record_path()}")
+            return train_locked([cfg], progress)[cfg.run_id()]
+
+
+@contextmanager
+def removed_if_left_empty(folder: Path):
+    """The folders the block creates on the way to `folder` are removed again when it fails and
+    leaves them empty: a run refused during set-up (a dataset missing, a strategy's own check)
+    leaves no results folder behind. A folder holding anything is kept."""
+    created, path = [], Path(folder)
+    while not path.exists() and path != path.parent:
+        created.append(path)
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty (or gone): kept
+                break
+        raise
 
 
 def train_packed(cfgs: list[RunConfig], *, progress: bool = True, skip_recorded: bool = True) -> dict[str, dict]:
@@ -359,9 +412,9 @@ def train_packed(cfgs: list[RunConfig], *, progress: bool = True, skip_recorded:
     Runs another worker holds, and with `skip_recorded` runs already recorded, are left out; a run
     with a resume checkpoint of its own (an earlier attempt alone) continues alone."""
     cfgs = list(cfgs)
-    check_before_work(cfgs)
     records = {}
-    with ExitStack() as locks:
+    with removed_if_left_empty(cfgs[0].record_path().parent), ExitStack() as locks:
+        check_before_work(cfgs)
         todo = []
         for cfg in cfgs:
             try:
@@ -493,7 +546,17 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
     Per epoch: the learning rate into each history, the engine's training epoch (a stop request
     mid-epoch checkpoints the position and hands over), the test, the schedules and hooks, then each
     run's log, divergence check, trajectory point and checkpoint. A diverged run's record ends at its
-    epoch; the others go on. A resume checkpoint of the same runs continues where it was taken."""
+    epoch; the others go on. A resume checkpoint of the same runs continues where it was taken.
+    A signal during set-up stops the run at once (checkpoint.StopRequest)."""
+    stop = StopRequest(immediate=True)
+    stop.install()
+    try:
+        return _train_locked(cfgs, progress, stop)
+    finally:
+        stop.restore()
+
+
+def _train_locked(cfgs: list[RunConfig], progress: bool, stop: StopRequest) -> dict[str, dict]:
     first = cfgs[0]
     strategy_cls, config = validate(first)
     dataset = first.resolved_dataset()
@@ -549,8 +612,7 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
 
     live = [p for p in runs if states[p]["status"] == "complete"]
     session_start = time.perf_counter()
-    stop = StopRequest()
-    stop.install()
+    stop.immediate = False  # from here a signal asks the run to stop after the step, with a checkpoint
     bar = tqdm(range(states[0]["epoch"], recipe.epochs), desc=name[:48], unit="ep", disable=not progress,
                leave=False)
     shown = {"at": time.monotonic(), "acc": ""}
@@ -602,7 +664,7 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
                                f"rerun the same command to resume from {resume_path}")
     finally:
         bar.close()
-        stop.restore()
+        stop.restore()  # the record is written without them: a signal now ends the process as usual
     engine.write_back()
     elapsed = time.perf_counter() - session_start
     records = {}

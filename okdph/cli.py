@@ -149,7 +149,17 @@ POSITIVE = FiniteFloat(min=0, min_open=True)
 MAX_SEEDS = 100  # per cell (the paper averages 5): more is a typo, and 84 cells × 10^5 seeds plan for hours
 AT_LEAST_ONE = click.IntRange(min=1)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
-METHOD = click.Choice(names.strategy_names())
+class MethodChoice(click.Choice):
+    """The installed methods; where none is (a checkout run without `pip install -e .`), the one
+    line that says so instead of "'dml' is not one of ."."""
+
+    def convert(self, value, param, ctx):
+        if not self.choices:
+            self.fail(names.NOT_INSTALLED, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+METHOD = MethodChoice(names.strategy_names())
 TABLE = click.Choice(names.table_choices(), case_sensitive=False)
 
 
@@ -248,6 +258,8 @@ def train(method, backbone, dataset, setting, students, sets, fidelity, profile,
 def list_cmd(show_methods):
     """Methods, backbones, datasets, settings, views, profiles, fidelities and tables (no torch);
     with --methods, each method's hyper-parameters with their defaults."""
+    if not names.strategy_names():
+        raise UserError(names.NOT_INSTALLED)
     if show_methods:
         from okdph.strategy import config_to_dict, display_name, get_strategy
 

@@ -43,6 +43,10 @@ EXECUTORS = ("local", "slurm")                   # where `okdph-bench run` train
 TABLE_DIR = Path(__file__).parent / "bench" / "tables"
 
 
+NOT_INSTALLED = ("no methods are registered: okdph-bench is not installed in this Python; "
+                 "run `pip install -e .` in the checkout")  # its built-in methods are entry points too
+
+
 def strategy_names() -> list[str]:
     """Every installed strategy's name, sorted, from the entry points; no strategy is imported."""
     return sorted({ep.name for ep in entry_points(group=STRATEGY_GROUP)})

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from okdph.errors import ConfigError
-from okdph.names import FIDELITIES, STRATEGY_GROUP
+from okdph.names import FIDELITIES, NOT_INSTALLED, STRATEGY_GROUP
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 _BROKEN: dict[str, str] = {}  # entry points that failed to load: name -> why
@@ -293,7 +293,10 @@ def _load_all() -> None:
     global _LOADED
     if _LOADED:
         return
-    for ep in sorted(entry_points(group=STRATEGY_GROUP), key=lambda ep: ep.name):
+    found = entry_points(group=STRATEGY_GROUP)
+    if not found:  # a checkout that was never installed
+        raise ConfigError(NOT_INSTALLED)
+    for ep in sorted(found, key=lambda ep: ep.name):
         try:
             cls = ep.load()
             if not (isinstance(cls, type) and issubclass(cls, Strategy)):

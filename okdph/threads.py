@@ -1,8 +1,8 @@
 """How many CPU threads a training process uses by default, importable without torch.
 
 torch starts with one thread per core. On a shared machine that collapses: OpenMP threads that wait
-for a core another process holds spin, and a smoke run measured 38.8 s with 2 threads under load
-against 2.6 s with one. The default therefore follows what the user or the machine says:
+for a core another process holds spin (measured in the README). The default therefore follows what
+the user or the machine says:
 
 1. `OMP_NUM_THREADS`, when set (the user's choice, or a scheduler's, e.g. SLURM's cpus-per-task setup);
 2. else the cores this process may run on (its CPU affinity), less those other processes keep busy

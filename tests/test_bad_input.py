@@ -548,3 +548,41 @@ def test_a_signal_during_set_up_stops_the_run_at_once(signame, tmp_path):
     assert stderr.strip().splitlines() == [f"preempted: stopped by {signame} during set-up, before the first step; "
                                            "rerun the same command to start the run"]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_full_disk_names_the_file_and_what_was_saved(tmp_path, monkeypatch):
+    """"File too large" from a write names the file it was writing; when it hits the table after the
+    runs, the line says the runs are recorded."""
+    import errno
+
+    from okdph.bench import executors
+    from okdph.engine import record
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(record.json, "dump", too_large)
+    with pytest.raises(OSError) as caught:
+        record.atomic_write_json(tmp_path / "a.json", {})
+    assert caught.value.filename == str(tmp_path / "a.json") and list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()
+    monkeypatch.setattr(executors, "train_run", lambda cfg, **_: _fake_complete_record(cfg))
+    monkeypatch.setattr("okdph.bench.runner.write_table", lambda *a, **k: too_large())
+    result = CliRunner().invoke(main, ["run", "--table", "3", "--profile", "pipeline", "--method", "dml",
+                                       "--results", str(tmp_path / "results"), "--jobs", "1", "--quiet"])
+    assert result.exit_code == 2
+    assert re.fullmatch(r"error: File too large; the table was not written, but the 6 runs trained now are recorded "
+                        r"in .*results/runs \(`okdph-bench table` renders them\); --debug shows where",
+                        result.stderr.strip())
+    assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 6
+
+
+def _fake_complete_record(cfg):
+    from okdph.engine.record import atomic_write_json
+
+    finished = {"acc": 50.0, "epoch": 0, "head": "student0"}
+    record = {"schema": 1, "run_id": cfg.run_id(), "status": "complete", **cfg.identity(),
+              "history": {"test_acc": {"student0": [50.0]}}, "metrics": {"paper": finished, "final": finished}}
+    atomic_write_json(cfg.record_path(), record)
+    return record

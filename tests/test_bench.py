@@ -50,7 +50,7 @@ def test_every_table_loads_and_names_its_source():
     for table_id in list_tables():
         table = get_table(table_id)
         assert table.source and table.cells and set(c.method for c in table.cells) == set(table.methods)
-        assert len({c.key() for c in table.cells}) == len(table.cells)  # no cell twice
+        assert len({c.slug() for c in table.cells}) == len(table.cells)  # no cell twice
 
 
 def test_table3_has_every_cell_of_the_supplement():
@@ -60,10 +60,10 @@ def test_table3_has_every_cell_of_the_supplement():
     assert {(c.dataset, c.backbone, c.students) for c in table.cells} == {
         (d, b, n) for d in ("cifar10", "cifar100") for b in ("resnet32", "vgg16") for n in (2, 3, 4)}
     assert list(table.methods) == SEVEN
-    values = {c.key(): c.paper for c in table.cells}
-    assert values[("cifar10", "resnet32", "standard", 2, "okdph")] == 95.01
-    assert values[("cifar100", "vgg16", "standard", 4, "okdph")] == 78.06
-    assert values[("cifar100", "vgg16", "standard", 3, "pcl")] == 75.89
+    values = {c.slug(): c.paper for c in table.cells}
+    assert values["cifar10-resnet32-standard-n2-okdph"] == 95.01
+    assert values["cifar100-vgg16-standard-n4-okdph"] == 78.06
+    assert values["cifar100-vgg16-standard-n3-pcl"] == 75.89
     assert all(v is not None for v in values.values())
 
 

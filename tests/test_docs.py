@@ -152,3 +152,13 @@ def test_docs_sections_cited_in_the_repository_exist():
 ])
 def test_github_anchor_rules(heading, anchor):
     assert github_anchor(heading) == anchor
+
+
+def test_every_bad_input_case_is_listed_with_its_message():
+    """docs/bad-input.md is written by benchmarks/bad_input_table.py from tests/test_bad_input.py's
+    cases: a case added without rewriting it is missing there."""
+    from test_bad_input import CASES
+
+    rows = {line.split("|")[1].strip() for line in (ROOT / "docs" / "bad-input.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| case ")}
+    assert rows == {case[0] for case in CASES}

@@ -475,3 +475,15 @@ def test_short_run_learns(tmp_path, method, fidelity, record_property):
     record_property("paper_acc", record["metrics"]["paper"]["acc"])  # the margin, in --junitxml reports
     assert record["metrics"]["paper"]["acc"] > LEARNED, record["history"]["test_acc"]
     assert record["deployed_head"] in record["heads"] and record["method_notes"]
+
+
+def test_a_backbone_of_no_known_family_is_an_error_not_a_resnet():
+    from okdph.models.branches import family_of
+    from okdph.models.registry import Backbone
+
+    class Strange(Backbone):
+        def __init__(self):
+            nn.Module.__init__(self)
+
+    with pytest.raises(ValueError, match="no multi-branch family for backbone Strange"):
+        family_of(Strange())

@@ -57,3 +57,26 @@ def test_okdph_config_overrides_are_typed():
 def test_bad_hyper_parameters_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config(OKDPHConfig, overrides)
+
+
+def test_a_checkout_that_is_not_installed_says_so_instead_of_listing_nothing(monkeypatch):
+    import okdph.strategy as strategy
+
+    monkeypatch.setattr(strategy, "entry_points", lambda group: ())
+    monkeypatch.setattr(strategy, "_LOADED", False)
+    with pytest.raises(ConfigError, match=r"not installed in this Python; run `pip install -e \.`"):
+        strategy.list_strategies()
+
+
+def test_list_from_a_checkout_that_is_not_installed_is_one_line(monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from okdph import cli, names
+
+    monkeypatch.setattr(names, "strategy_names", lambda: [])
+    result = CliRunner().invoke(cli.main, ["list"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {names.NOT_INSTALLED}"
+    empty = cli.MethodChoice([])
+    with pytest.raises(click.BadParameter, match="not installed in this Python"):
+        empty.convert("dml", None, None)

@@ -1,5 +1,6 @@
 """Where runs execute: in this process, in one worker process per GPU, on SLURM (okdph.bench.slurm),
-or anywhere else through one self-contained shell command per run (`plan_commands`).
+or anywhere else through one self-contained shell command per run (`train_command`, which
+`okdph-bench plan` prints).
 
 Every executor calls `okdph.engine.run.train_run`, which writes the record atomically; a run that
 fails is reported and the others go on.
@@ -131,7 +132,7 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
     A CPU worker (this process included) runs `okdph.threads.default_threads(workers)` threads:
     OMP_NUM_THREADS when set, else the free cores shared among the workers, at least one. More
     threads than free cores collapse: OpenMP threads that wait for a core taken by another process
-    spin (measured on 2 shared cores: 3-7x slower with 2 threads than with 1)."""
+    spin (README, "On a shared machine")."""
     from okdph.threads import default_threads
 
     cpu_threads = default_threads(len(devices))

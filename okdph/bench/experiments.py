@@ -47,9 +47,6 @@ class Cell:
     overrides: tuple[tuple[str, str], ...] = ()  # hyper-parameters, the OKDPH preset included
     preset: str | None = None     # where the overrides come from ("Table 6"), None: defaults
 
-    def key(self) -> tuple:
-        return (self.dataset, self.backbone, self.setting, self.students, self.method)
-
     def slug(self) -> str:
         return f"{self.dataset}-{self.backbone}-{self.setting}-n{self.students}-{self.method}"
 

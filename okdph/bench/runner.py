@@ -215,8 +215,14 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
     store.refresh()
     cells = collect(table, store, profile=profile, fidelity=fidelity, metric=metric, std=std)
     if any(r.recorded for r in cells):  # every run failed: no table of empty cells
-        summary.outputs, summary.markdown = _write(table, store, cells, profile=profile, fidelity=fidelity,
-                                                   metric=metric)
+        try:
+            summary.outputs, summary.markdown = _write(table, store, cells, profile=profile, fidelity=fidelity,
+                                                       metric=metric)
+        except OSError as exc:  # the records are on disk: say so, or the line reads as if all was lost
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise OSError(exc.errno, f"{exc.strerror or exc}{where}; the table was not written, but the "
+                          f"{summary.trained} runs trained now are recorded in {store.runs_dir} "
+                          "(`okdph-bench table` renders them)") from exc
     summary.seconds = time.perf_counter() - started
     return summary
 

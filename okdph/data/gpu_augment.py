@@ -50,6 +50,7 @@ from torchvision.transforms import AutoAugmentPolicy, InterpolationMode
 from torchvision.transforms import RandAugment as _V1RandAugment
 from torchvision.transforms.v2 import functional as F
 
+from okdph.data import transforms
 from okdph.names import VIEWS
 
 __all__ = [
@@ -60,9 +61,9 @@ __all__ = [
 ]
 
 CHUNK = 4096              # images per chunk: bounds the memory of the ~23 RandAugment variants
-PADDING = 4               # RandomCrop(32, padding=4), zero fill
-ROTATION_DEGREES = 15.0   # RandomRotation(15)
-CUTOUT_LENGTH = 16        # Cutout(1 hole, 16 px)
+PADDING = transforms.CIFAR_PADDING                     # RandomCrop(32, padding=4), zero fill
+ROTATION_DEGREES = float(transforms.ROTATION_DEGREES)  # RandomRotation(15)
+CUTOUT_LENGTH = transforms.CUTOUT_LENGTH["cifar"]      # Cutout(1 hole, 16 px)
 _SIZE = 32                # the only image size supported here
 
 _NEAREST = InterpolationMode.NEAREST

@@ -40,9 +40,10 @@ from .info import DatasetInfo
 
 __all__ = ["VIEWS", "Cutout", "build_test_transform", "build_train_transform"]
 
-_CIFAR_PADDING = 4
-_ROTATION_DEGREES = 15
-_CUTOUT_LENGTH = {"cifar": 16, "imagenet": 32}
+# The views' constants, for this pipeline and the device one (okdph.data.gpu_augment) alike.
+CIFAR_PADDING = 4
+ROTATION_DEGREES = 15
+CUTOUT_LENGTH = {"cifar": 16, "imagenet": 32}
 _IMAGENET_RESIZE = 256  # Resize(256) -> CenterCrop(224)
 
 
@@ -90,13 +91,13 @@ def build_train_transform(view: str, info: DatasetInfo) -> Callable:
         return build_test_transform(info)
     size = info.image_size
     if _is_cifar_sized(info):
-        crop = T.RandomCrop(size, padding=_CIFAR_PADDING)
-        hole = _CUTOUT_LENGTH["cifar"]
+        crop = T.RandomCrop(size, padding=CIFAR_PADDING)
+        hole = CUTOUT_LENGTH["cifar"]
     else:
         crop = T.RandomResizedCrop(size)
-        hole = _CUTOUT_LENGTH["imagenet"]
+        hole = CUTOUT_LENGTH["imagenet"]
     flip = [T.RandomHorizontalFlip()] if info.mirror_invariant else []
-    rotation = T.RandomRotation(_ROTATION_DEGREES, interpolation=InterpolationMode.NEAREST, fill=0)
+    rotation = T.RandomRotation(ROTATION_DEGREES, interpolation=InterpolationMode.NEAREST, fill=0)
     pil_ops = {
         "hflip": [crop, *flip],
         "hflip+rot": [crop, *flip, rotation],

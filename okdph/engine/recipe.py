@@ -67,8 +67,8 @@ EMBEDDED_WIDTH = 0.25        # their channel multiplier, unless SMOKE_WIDTHS nam
 # The smoke profile, per backbone (docs/verification.md#smoke-recipe has the measurements): the whole
 # digits set (1,442 training, 355 test images), batches of 32, the lr decayed linearly to 0. Short
 # runs at a constant lr stay noisy to the end; the linear decay lets the last steps settle. VGG16
-# needs steps to leave the plateau of its head's small init (docs/methods.md#vgg16-plateau): at
-# width 0.125 an epoch costs about half as much CPU time as at 0.25, so it gets twice the epochs.
+# needs steps to leave the plateau of its head's small init (docs/methods.md#vgg16-plateau), which
+# its narrower width pays for.
 SMOKE_RECIPES = {
     "resnet32": Recipe(epochs=5, batch_size=32, milestones=(), schedule="linear"),
     "vgg16": Recipe(epochs=8, batch_size=32, lr=0.05, milestones=(), schedule="linear"),

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .group import ModelGroup
 
 from .densenet import DenseNet, DenseNetHead
+from .imagenet import ImageNetResNet
 from .registry import Backbone, create_backbone
 from .resnet import Bottleneck, CifarResNet
 from .vgg import VGG, linear_std
@@ -49,13 +50,17 @@ __all__ = [
 
 
 def family_of(backbone: Backbone) -> str:
-    """"vgg", "densenet" or "resnet" (every other backbone): the family whose official model files
-    and initialisation a multi-branch network follows (docs/methods.md#initialisation)."""
+    """"vgg", "densenet" or "resnet": the family whose official model files and initialisation a
+    multi-branch network follows (docs/methods.md#initialisation). A backbone of another kind has
+    no official multi-branch form to follow: ValueError, rather than a guess."""
     if isinstance(backbone, VGG):
         return "vgg"
     if isinstance(backbone, DenseNet):
         return "densenet"
-    return "resnet"
+    if isinstance(backbone, (CifarResNet, ImageNetResNet)):
+        return "resnet"
+    raise ValueError(f"no multi-branch family for backbone {type(backbone).__name__}: the multi-branch methods "
+                     "know ResNets, VGG and DenseNet (okdph.models.branches.family_of); add its family there")
 
 
 class Branch(nn.Module):

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from okdph.losses import kd_loss
-from okdph.models import make_students
-from okdph.strategy import Strategy, check_positive, register_strategy
+from okdph.strategy import StudentStrategy, check_positive, register_strategy
 
 
 @dataclass(frozen=True)
@@ -27,20 +26,14 @@ class DMLConfig:
 
 
 @register_strategy("dml")
-class DML(Strategy):
+class DML(StudentStrategy):
     """Each network distils from the detached predictions of every other network."""
 
     Config = DMLConfig
     display_name = "DML"
     min_models = 2
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,
-                                      same_init=False)
-
-    def forward_train(self, images, targets, *, epoch, step):
-        logits = self.students(images)
+    def student_losses(self, logits, targets):
         peers = logits.detach()
         n = len(logits)
         losses = {}
@@ -48,10 +41,7 @@ class DML(Strategy):
             losses[f"ce/student{k}"] = F.cross_entropy(z, targets)
             kd = sum(kd_loss(z, peers[l], self.config.temperature) for l in range(n) if l != k)
             losses[f"kd/student{k}"] = kd / (n - 1)
-        return {f"student{k}": z for k, z in enumerate(logits)}, losses
-
-    def graph_key(self, *, epoch, step):
-        return None  # the same computation at every step
+        return losses
 
     def describe(self):
         return {"update": "simultaneous (one shared forward), as the official code; not the DML "

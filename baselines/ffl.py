@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
 from okdph.models.branches import ffl_network
-from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
+from okdph.strategy import BranchStrategy, OptimizerGroup, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Loss
@@ -94,33 +93,24 @@ class FFLConfig:
 
 
 @register_strategy("ffl")
-class FFL(Strategy):
-    """Branches and a fusion module distil from each other's detached predictions."""
+class FFL(BranchStrategy):
+    """Branches and a fusion module distil from each other's detached predictions. All branches read
+    one view (05_FFL.py:190-197)."""
 
     Config = FFLConfig
     display_name = "FFL"
-    min_models = 2
-    deployed_head = "branch0"
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        official = self.fidelity == "official"
         self.net = ffl_network(self.backbone, self.num_classes, self.num_models, width=self.width,
                                fidelity=self.fidelity)
         self.fusion = FusionModule(self.net.feature_dim, self.num_models, self.num_classes)
-        self.kd = kd_loss_eps if official else kd_loss
         # Official quirk (05_FFL.py:140): the fusion module's scheduler is never stepped.
-        self.fusion_lr_decays = not official
-
-    def views(self):
-        return [self.dataset.default_view]  # one shared view (05_FFL.py:190-197)
+        self.fusion_lr_decays = self.fidelity != "official"
 
     def optimizer_groups(self):
         return [OptimizerGroup("network", list(self.net.parameters())),
                 OptimizerGroup("fusion", list(self.fusion.parameters()), scheduled=self.fusion_lr_decays)]
-
-    def kd_weight(self, epoch: int) -> float:
-        return sigmoid_rampup(epoch, self.config.rampup)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Branch logits (m, B, C) and the fused logits (B, C)."""

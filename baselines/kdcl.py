@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from okdph.losses import kd_loss
-from okdph.models import make_students
-from okdph.strategy import Strategy, check_positive, check_unit_range, register_strategy
+from okdph.strategy import StudentStrategy, check_positive, check_unit_range, register_strategy
 
 
 @dataclass(frozen=True)
@@ -31,27 +30,18 @@ class KDCLConfig:
 
 
 @register_strategy("kdcl")
-class KDCL(Strategy):
+class KDCL(StudentStrategy):
     """Every network distils from the detached mean of all networks' logits."""
 
     Config = KDCLConfig
     display_name = "KDCL"
     min_models = 2
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,
-                                      same_init=False)
-
-    def forward_train(self, images, targets, *, epoch, step):
-        logits = self.students(images)
+    def student_losses(self, logits, targets):
         teacher = logits.detach().mean(dim=0)
         a, t = self.config.alpha, self.config.temperature
         losses = {}
         for k, z in enumerate(logits):
             losses[f"ce/student{k}"] = (1 - a) * F.cross_entropy(z, targets)
             losses[f"kd/student{k}"] = a * kd_loss(z, teacher, t)
-        return {f"student{k}": z for k, z in enumerate(logits)}, losses
-
-    def graph_key(self, *, epoch, step):
-        return None  # the same computation at every step
+        return losses

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
-from okdph.models.branches import init_linear_like_, okddip_network
 from okdph.errors import ConfigError
-from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
+from okdph.models.branches import init_linear_like_, okddip_network
+from okdph.strategy import BranchStrategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Attention and loss
@@ -101,8 +100,9 @@ class OKDDipConfig:
 
 
 @register_strategy("okddip")
-class OKDDip(Strategy):
-    """Peers distil from attention-weighted peer ensembles; the leader from the peers' mean."""
+class OKDDip(BranchStrategy):
+    """Peers distil from attention-weighted peer ensembles; the leader from the peers' mean. All
+    branches read one view (04_OKDDip.py:206-213)."""
 
     Config = OKDDipConfig
     display_name = "OKDDip"
@@ -116,19 +116,9 @@ class OKDDip(Strategy):
                                   fidelity=self.fidelity)
         self.attention = PeerAttention(self.net.feature_dim, self.config.attention_reduction)
         init_linear_like_(self.attention, self.net.family, self.width)
-        self.kd = kd_loss_eps if official else kd_loss
         # Official quirk (densenet_okddip.py, DefangChen): the peer loop runs over all m branches and
         # the leader output is recomputed without the final BN/ReLU (see `_forward`).
         self.leader_in_peer_set = official and self.net.family == "densenet"
-
-    def views(self):
-        return [self.dataset.default_view]  # one shared view (04_OKDDip.py:206-213)
-
-    def optimizer_groups(self):
-        return [OptimizerGroup("network", list(self.parameters()))]
-
-    def kd_weight(self, epoch: int) -> float:
-        return self.config.alpha * sigmoid_rampup(epoch, self.config.rampup)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Peer logits (p, B, C), attention (B, p, p) and the leader's logits (B, C)."""

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
 from okdph.models.branches import init_linear_like_, one_network
-from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
+from okdph.strategy import BranchStrategy, check_non_negative, check_positive, register_strategy
 
 # --------------------------------------------------------------------------------------------------
 # Gate and loss
@@ -86,13 +85,12 @@ class ONEConfig:
 
 
 @register_strategy("one")
-class ONE(Strategy):
-    """m branches on a shared trunk distil from their gated ensemble."""
+class ONE(BranchStrategy):
+    """m branches on a shared trunk, all on one view (02_ONE.py:193-200), distil from their gated
+    ensemble."""
 
     Config = ONEConfig
     display_name = "ONE"
-    min_models = 2
-    deployed_head = "branch0"
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -101,22 +99,12 @@ class ONE(Strategy):
                                fidelity=self.fidelity)
         self.gate = Gate(self.net.trunk_channels, self.num_models)
         init_linear_like_(self.gate, self.net.family, self.width)
-        self.kd = kd_loss_eps if official else kd_loss
         self.detach_teacher = not official
         self.evaluate_gate = not official
         # Official quirk (vgg_one.py:110-119, then again :146-157): in gated mode the VGG model runs
         # every branch twice and returns the second pass, so branch BN statistics move twice per
         # step and two dropout masks are drawn.
         self.branches_run_twice = official and self.net.family == "vgg"
-
-    def views(self):
-        return [self.dataset.default_view]  # one shared view (02_ONE.py:193-200)
-
-    def optimizer_groups(self):
-        return [OptimizerGroup("network", list(self.parameters()))]
-
-    def kd_weight(self, epoch: int) -> float:
-        return self.config.alpha * sigmoid_rampup(epoch, self.config.rampup)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Branch logits (m, B, C) and the gated ensemble x_m (B, C)."""

@@ -328,17 +328,28 @@ seed_list_option = click.option("--seed-list", "seed_list", callback=_seed_list,
                                 help="Exactly these seeds per cell, e.g. 42,43 (instead of --seeds).")
 
 
+def sweep_options(command):
+    """--table, --profile, --seeds and --seed-list, declared once for `run` and `plan`: which runs
+    a table sweep takes."""
+    options = [
+        click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP),
+        click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True),
+        click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
+                     help=f"Runs per cell, seeds 42, 43, … (at most {MAX_SEEDS}) [default: 5; smoke 1]."),
+        seed_list_option,
+    ]
+    for option in reversed(options):  # as stacked decorators apply them: the first listed shows first
+        command = option(command)
+    return command
+
+
 def _parse_params(values: tuple[str, ...]) -> dict:
     """`--slurm key=value` pairs for submitit; numbers become ints."""
     return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in _parse_sets(values, "--slurm")}
 
 
 @main.command()
-@click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
-@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
-              help=f"Runs per cell, seeds 42, 43, … (at most {MAX_SEEDS}) [default: 5; smoke 1].")
-@seed_list_option
+@sweep_options
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
 @click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
@@ -421,11 +432,7 @@ def table(table_name, profile, fidelity, engine, metric, results, out_dir, std):
 
 
 @main.command()
-@click.option("--table", "table_name", required=True, type=TABLE, metavar="ID", help=_TABLE_HELP)
-@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=None,
-              help=f"Runs per cell (at most {MAX_SEEDS}) [default: 5; smoke 1].")
-@seed_list_option
+@sweep_options
 @click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)

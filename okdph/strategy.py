@@ -249,6 +249,58 @@ class Strategy(nn.Module):
         return {}
 
 
+class StudentStrategy(Strategy):
+    """A method of N separate, independently initialised networks, `self.students`, each on its own
+    view (Base, DML, KDCL): a subclass writes its losses in `student_losses`, and its step is the
+    same computation at every step (graph_key None)."""
+
+    def __init__(self, **kwargs):
+        from okdph.models import make_students
+
+        super().__init__(**kwargs)
+        self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,
+                                      same_init=False)
+
+    def student_losses(self, logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """The named, weighted losses of the students' logits (N, B, C)."""
+        raise NotImplementedError
+
+    def forward_train(self, images, targets, *, epoch, step):
+        logits = self.students(images)
+        return {f"student{k}": z for k, z in enumerate(logits)}, self.student_losses(logits, targets)
+
+    def graph_key(self, *, epoch, step):
+        return None
+
+
+class BranchStrategy(Strategy):
+    """A multi-branch method on one shared view (ONE, OKDDip, FFL): one SGD over every parameter, the
+    distillation loss of the fidelity (`self.kd`: the official KLLoss adds 1e-7 to the teacher's
+    probabilities, the paper's is plain), and a distillation weight ramped up over `config.rampup`
+    epochs, times `config.alpha` where the method has one. A subclass builds its network and writes
+    `forward_train`, `eval_heads` and `head_names`."""
+
+    min_models = 2
+    deployed_head = "branch0"
+
+    def __init__(self, **kwargs):
+        from okdph.losses import kd_loss, kd_loss_eps
+
+        super().__init__(**kwargs)
+        self.kd = kd_loss_eps if self.fidelity == "official" else kd_loss
+
+    def views(self):
+        return [self.dataset.default_view]  # every branch reads the one trunk output
+
+    def optimizer_groups(self):
+        return [OptimizerGroup("network", list(self.parameters()))]
+
+    def kd_weight(self, epoch: int) -> float:
+        from okdph.losses import sigmoid_rampup
+
+        return getattr(self.config, "alpha", 1.0) * sigmoid_rampup(epoch, self.config.rampup)
+
+
 @torch.no_grad()
 def check_heads(strategy: Strategy, images: Tensor) -> None:
     """`head_names()` names exactly what `eval_heads` returns on `images` (a test batch), and the

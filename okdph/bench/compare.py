@@ -299,7 +299,7 @@ def _markdown(result: Comparison) -> str:
     tested = [c for c in result.cells if c.p is not None]
     if result.max_drop is not None and result.single:
         untested = (f"a cell with one run on a side cannot be tested: it **regressed** when the candidate is worse by "
-                    f"more than {result.max_drop:g} points (above the seed-to-seed and CPU-kernel moves measured on "
+                    f"more than {result.max_drop:g} points (above the seed-to-seed moves measured on "
                     "the smoke table).")
     else:
         untested = "n < 2: a side has fewer than two runs, nothing is tested."

@@ -216,7 +216,7 @@ def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> 
 
 
 def _check_memory(cfg: RunConfig, dataset: str, batch_size: int, device: torch.device) -> None:
-    """Refuse a run whose estimated memory (okdph.engine.memory) exceeds what the device has free."""
+    """Refuse a run whose estimated memory (okdph.engine.memory) exceeds what its device can give it."""
     from okdph.engine import memory
 
     info = okdata.get_info(dataset)

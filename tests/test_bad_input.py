@@ -312,6 +312,8 @@ CASES = [
      r"results folder '.*nope' does not exist"),
     ("--slurm without --executor slurm", ["run", "--table", "3", "--profile", "pipeline", "--slurm", "slurm_partition=x"],
      r"--slurm applies to --executor slurm only"),
+    ("--pack with one seed per cell", ["run", "--table", "3", "--profile", "smoke", "--pack", "2"],
+     r"--pack 2 trains a cell's seeds as one pack, but each cell here has one seed"),
     ("--wait without --executor slurm", ["run", "--table", "3", "--profile", "pipeline", "--wait"],
      r"--wait applies to --executor slurm only"),
     ("sbatch without srun", lambda tmp: _fake_slurm(tmp, "sbatch"), r"needs SLURM, but 'srun' is not on PATH",

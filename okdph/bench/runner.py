@@ -160,6 +160,10 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
     table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
                                         fidelity=fidelity, engine=engine, results=results,
                                         data_root=data_root, download=download)
+    seeds_per_cell = max(1, len(runs) // max(1, len({r.cell for r in runs})))
+    if pack_size is not None and pack_size > 1 and seeds_per_cell < 2:  # else ignored without a word
+        raise ConfigError(f"--pack {pack_size} trains a cell's seeds as one pack, but each cell here has one seed; "
+                          "add --seeds N or drop --pack")
     pending = [cfg for cfg in configs if _must_train(cfg, store, table.metric)]
     summary = RunSummary(table.id, profile, len({r.cell for r in runs}), len(configs),
                          len(configs) - len(pending), pending=[c.run_id() for c in pending],
@@ -188,7 +192,6 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
     elif pending:
         from okdph.bench import slurm
 
-        seeds_per_cell = max(1, len(runs) // max(1, summary.cells))
         submitted = slurm.submit(pending, folder=store.root / "slurm", pack_size=pack_size or seeds_per_cell,
                                  packed=pack_size is not None and pack_size > 1,
                                  parameters=slurm_parameters, cluster=slurm_cluster)

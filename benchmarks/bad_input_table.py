@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's code and cases, whatever pip installed
 import test_bad_input  # noqa: E402  (the cases live with their test)
 
 from okdph.cli import main  # noqa: E402

@@ -191,14 +191,12 @@ def validate(cfg: RunConfig):
         _check_range("--workers", cfg.workers, 0, MAX_WORKERS)
     if not 0 <= cfg.seed < 2 ** 32:  # numpy's seed range
         raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
-    device = resolve_device(cfg.device)
+    resolve_device(cfg.device)
     _check_range("--checkpoint-every", cfg.checkpoint_every, 0, MAX_EPOCHS, " epochs (0: never)")
     if cfg.save_every is not None:
         _check_range("--save-every", cfg.save_every, 1, MAX_EPOCHS, " epochs")
-    recipe = resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone)
-    config = build_config(strategy_cls.Config, dict(cfg.overrides))
-    _check_memory(cfg, dataset, recipe.batch_size, device)
-    return strategy_cls, config
+    resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone)
+    return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
 
 
 # The sizes a researcher could mean (the paper: 2-4 students, 300 epochs, width 1); beyond them a
@@ -215,18 +213,24 @@ def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> 
         raise ConfigError(f"{name} must be in [{low}, {high}]{unit}, got {value}")
 
 
-def _check_memory(cfg: RunConfig, dataset: str, batch_size: int, device: torch.device) -> None:
-    """Refuse a run whose estimated memory (okdph.engine.memory) exceeds what its device can give it."""
+def check_memory(cfg: RunConfig, runs: int = 1) -> None:
+    """Refuse a run whose estimated memory (okdph.engine.memory) exceeds what its device can give it.
+    Asked where the run trains (check_before_work), not where it is planned: `plan` and SLURM
+    submissions validate runs that other machines train."""
     from okdph.engine import memory
 
+    dataset = cfg.resolved_dataset()
+    batch_size = resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone).batch_size
+    device = resolve_device(cfg.device)
     info = okdata.get_info(dataset)
     element = 8 if cfg.precision == "fp64" else 4
-    need = memory.run_bytes(cfg.backbone, info.num_classes, cfg.resolved_width(), batch_size, info.image_size,
-                            cfg.students, element)
+    need = runs * memory.run_bytes(cfg.backbone, info.num_classes, cfg.resolved_width(), batch_size,
+                                   info.image_size, cfg.students, element)
     have = memory.available_bytes(device)
     if have is not None and need > memory.HEADROOM * have:
-        raise ConfigError(f"this run needs about {memory.gib(need)} of memory ({cfg.students} networks of "
-                          f"{cfg.backbone} at width {cfg.resolved_width():g}, batch {batch_size}); "
+        what = f"{cfg.students} networks of {cfg.backbone} at width {cfg.resolved_width():g}, batch {batch_size}"
+        raise ConfigError(f"this run needs about {memory.gib(need)} of memory ({what}"
+                          f"{f', {runs} seeds packed' if runs > 1 else ''}); "
                           f"{device.type} has {memory.gib(have)}{' free' if device.type == 'cpu' else ''}")
 
 
@@ -354,6 +358,7 @@ def check_before_work(cfgs: list[RunConfig]) -> None:
     """Everything about these runs that can fail is checked before any of them trains."""
     for cfg in cfgs:
         validate(cfg)
+    check_memory(cfgs[0], runs=len(cfgs))  # a pack's runs differ only in their seed, and train together
     if len(cfgs) > 1:
         if len({pack_key(c) for c in cfgs}) != 1:
             raise ConfigError("a pack's runs may differ only in their seed")

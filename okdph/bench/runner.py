@@ -161,7 +161,7 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
                                         fidelity=fidelity, engine=engine, results=results,
                                         data_root=data_root, download=download)
     seeds_per_cell = max(1, len(runs) // max(1, len({r.cell for r in runs})))
-    if pack_size is not None and pack_size > 1 and seeds_per_cell < 2:  # else ignored without a word
+    if executor == "local" and pack_size is not None and pack_size > 1 and seeds_per_cell < 2:  # else ignored
         raise ConfigError(f"--pack {pack_size} trains a cell's seeds as one pack, but each cell here has one seed; "
                           "add --seeds N or drop --pack")
     pending = [cfg for cfg in configs if _must_train(cfg, store, table.metric)]

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from okdph.errors import ConfigError
+from okdph.losses import kd_loss, kd_loss_eps, sigmoid_rampup
+from okdph.models import make_students
 from okdph.names import FIDELITIES, NOT_INSTALLED, STRATEGY_GROUP
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -255,8 +257,6 @@ class StudentStrategy(Strategy):
     same computation at every step (graph_key None)."""
 
     def __init__(self, **kwargs):
-        from okdph.models import make_students
-
         super().__init__(**kwargs)
         self.students = make_students(self.backbone, self.num_classes, self.num_models, self.width,
                                       same_init=False)
@@ -284,8 +284,6 @@ class BranchStrategy(Strategy):
     deployed_head = "branch0"
 
     def __init__(self, **kwargs):
-        from okdph.losses import kd_loss, kd_loss_eps
-
         super().__init__(**kwargs)
         self.kd = kd_loss_eps if self.fidelity == "official" else kd_loss
 
@@ -296,8 +294,6 @@ class BranchStrategy(Strategy):
         return [OptimizerGroup("network", list(self.parameters()))]
 
     def kd_weight(self, epoch: int) -> float:
-        from okdph.losses import sigmoid_rampup
-
         return getattr(self.config, "alpha", 1.0) * sigmoid_rampup(epoch, self.config.rampup)
 
 

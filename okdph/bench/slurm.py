@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from okdph.bench.executors import Outcome, group_packs, train_group
-from okdph.engine.run import RunConfig, is_done
+from okdph.engine.run import RunConfig, is_done, removed_if_left_empty
 
 
 class PackedJob:
@@ -84,50 +84,44 @@ def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, packed: bool
 
     from okdph.errors import ConfigError
 
-    folder, before = Path(folder), _contents(Path(folder))
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=check_available(cluster))
-    params = {"timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8, "name": "okdph-bench"}
-    params.update(parameters or {})
-    if executor.cluster != "slurm":  # local/debug take only the generic parameters
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-        if executor.cluster != "debug":
-            params["gpus_per_node"] = 0
-    try:
-        executor.update_parameters(**params)
-    except ValueError as exc:  # a parameter submitit does not know, with the list of those it does
-        _remove_new(folder, before)
-        raise ConfigError(f"--slurm: {str(exc).splitlines()[0]}") from None
-    groups = pack(configs, pack_size)
-    try:
-        # submitit prints sbatch's stderr before raising; the error line below carries it instead
-        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
-            jobs = [executor.submit(PackedJob(group, packed)) for group in groups]
-    except (FailedJobError, FailedSubmissionError, RuntimeError) as exc:
-        _remove_new(folder, before)  # the submission files of jobs that never started
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if "error" in line.lower()), lines[0] if lines else type(exc).__name__)
-        raise ConfigError(f"SLURM refused the submission: {reason}") from None
+    folder = Path(folder)
+    # A refused submission leaves the folder as it was: its files, then the folders made for it.
+    with removed_if_left_empty(folder), _additions_removed_on_failure(folder):
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster=check_available(cluster))
+        params = {"timeout_min": 24 * 60, "gpus_per_node": 1, "cpus_per_task": 8, "name": "okdph-bench"}
+        params.update(parameters or {})
+        if executor.cluster != "slurm":  # local/debug take only the generic parameters
+            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+            if executor.cluster != "debug":
+                params["gpus_per_node"] = 0
+        try:
+            executor.update_parameters(**params)
+        except ValueError as exc:  # a parameter submitit does not know, with the list of those it does
+            raise ConfigError(f"--slurm: {str(exc).splitlines()[0]}") from None
+        groups = pack(configs, pack_size)
+        try:
+            # submitit prints sbatch's stderr before raising; the error line below carries it instead
+            with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+                jobs = [executor.submit(PackedJob(group, packed)) for group in groups]
+        except (FailedJobError, FailedSubmissionError, RuntimeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "error" in line.lower()), lines[0] if lines else type(exc).__name__)
+            raise ConfigError(f"SLURM refused the submission: {reason}") from None
     return jobs
 
 
-def _contents(folder: Path) -> tuple[set[Path], list[Path]]:
-    """What is under `folder` now, and the folders on the way to it that do not exist yet."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    return (set(folder.rglob("*")) if folder.exists() else set()), missing
-
-
-def _remove_new(folder: Path, before: tuple[set[Path], list[Path]]) -> None:
-    """Put `folder` back as `_contents` found it: remove what appeared under it (deepest first),
-    then the folders created on the way to it."""
-    existed, missing = before
-    now, _ = _contents(folder)
-    for path in sorted(now - existed, key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    for path in missing:  # deepest first
-        try:
-            path.rmdir()
-        except OSError:
-            break
+@contextlib.contextmanager
+def _additions_removed_on_failure(folder: Path):
+    """What the block adds under `folder` (submitit's files of jobs that never started) is removed
+    again, deepest first, when it fails."""
+    before = set(folder.rglob("*")) if folder.exists() else set()
+    try:
+        yield
+    except BaseException:
+        after = set(folder.rglob("*")) if folder.exists() else set()
+        for path in sorted(after - before, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from okdph.bench.compare import compare
-from okdph.bench.runner import run_table
+from okdph.bench.runner import Execution, TableChoices, run_table
 from okdph.names import SINGLE_SEED_MAX_DROP
 from okdph.strategy import get_strategy
 
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_relative_to(results) and not out.is_relative_to(results / "perf"):
         sys.exit(f"error: --out {args.out}: keep the broken runs out of results/ (results/perf/<name> is fine)")
     break_labels(args.method)
-    summary = run_table("3", profile="smoke", methods=[args.method], results=args.out, jobs=1, progress=False)
+    summary = run_table(TableChoices.of("3", profile="smoke"), Execution(jobs=1, progress=False), methods=[args.method],
+                        results=args.out)
     table = args.out / "tables" / "table3-smoke.json"
     result = compare(REFERENCE, table, max_drop=SINGLE_SEED_MAX_DROP)
     (args.out / "compare.md").write_text(result.markdown())

@@ -7,6 +7,7 @@ with each run's accuracy per epoch and its time (not part of the test suite).
 A candidate differs from the committed smoke recipes (okdph/engine/recipe.py, SMOKE_RECIPES) in what
 the options say, per backbone where they take `backbone=value`:
 - `--epochs`, `--batch`, `--lr`: epochs over the digits training set, batch size, initial lr;
+- `--warmup`: epochs of linear warm-up before the linear decay;
 - `--schedule`: step (x0.1 at half and three quarters of the epochs) or linear (to 0 per step);
 - `--width`: the channel multiplier of every run;
 - `--flip on|off`: whether the digits' views flip horizontally, in every view of every method
@@ -57,7 +58,8 @@ def per_backbone(values: list[str], kind, name: str) -> dict[str, object]:
 def candidate(args) -> dict[str, recipes.Recipe]:
     """The smoke recipe of each backbone with the options' changes."""
     changes = {"epochs": per_backbone(args.epochs, int, "epochs"), "batch_size": per_backbone(args.batch, int, "batch"),
-               "lr": per_backbone(args.lr, float, "lr"), "schedule": per_backbone(args.schedule, str, "schedule")}
+               "lr": per_backbone(args.lr, float, "lr"), "schedule": per_backbone(args.schedule, str, "schedule"),
+               "warmup_epochs": per_backbone(args.warmup, int, "warmup")}
     out = {}
     for backbone, recipe in recipes.SMOKE_RECIPES.items():
         mine = {field: values[backbone] for field, values in changes.items() if backbone in values}
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", action="append", default=[], help="[backbone=]B")
     parser.add_argument("--lr", action="append", default=[], help="[backbone=]LR")
     parser.add_argument("--schedule", action="append", default=[], help="[backbone=]step|linear")
+    parser.add_argument("--warmup", action="append", default=[], help="[backbone=]W (linear schedule)")
     parser.add_argument("--width", type=float, default=None, help="channel multiplier (default: the profile's)")
     parser.add_argument("--flip", choices=("on", "off"), default=None, help="mirror the digits in every view")
     parser.add_argument("--method", action="append", default=[], help="only these methods")

@@ -159,6 +159,17 @@ class MethodChoice(click.Choice):
         return super().convert(value, param, ctx)
 
 
+class DatasetChoice(click.Choice):
+    """The built-in datasets in --help (read without torch); at use, every registered one
+    (okdph.data.info.register_dataset), so that a dataset added in code is accepted too."""
+
+    def convert(self, value, param, ctx):
+        from okdph.data.info import dataset_names
+
+        self.choices = dataset_names()
+        return super().convert(value, param, ctx)
+
+
 METHOD = MethodChoice(names.strategy_names())
 TABLE = click.Choice(names.table_choices(), case_sensitive=False)
 
@@ -172,7 +183,7 @@ def main():
 @main.command()
 @click.option("--method", required=True, type=METHOD, help="Strategy name (see `okdph-bench list`).")
 @click.option("--backbone", type=click.Choice(names.BACKBONES), default="resnet32", show_default=True)
-@click.option("--dataset", type=click.Choice(names.DATASETS), default=None,
+@click.option("--dataset", type=DatasetChoice(names.DATASETS), default=None,
               help="[default: digits with --profile smoke; required otherwise]")
 @click.option("--setting", type=click.Choice(names.SETTINGS), default="standard", show_default=True)
 @click.option("--students", "--branches", "students", default=2, show_default=True, type=int,
@@ -375,13 +386,12 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 def run(table_name, profile, seeds, seed_list, executor, gpus, jobs, methods, fidelity, engine, metric, dry_run,
         results, data_root, download, pack, slurm_params, wait, std, quiet):
     """Run a paper table: every cell × seed not yet recorded, then results/tables/<ID>.md (+ .csv, .json)."""
-    from okdph.bench.runner import run_table
+    from okdph.bench.runner import Execution, TableChoices, run_table
 
-    summary = run_table(
-        table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods, fidelity=fidelity,
-        engine=engine, executor=executor, gpus=gpus, jobs=jobs, dry_run=dry_run, metric=metric, results=_store(results),
-        data_root=data_root, download=download, progress=not quiet, pack_size=pack,
-        slurm_parameters=_parse_params(slurm_params), wait=wait, std=std)
+    choices = TableChoices.of(table_name, profile=profile, fidelity=fidelity, engine=engine, metric=metric, std=std)
+    execution = Execution(executor, gpus=gpus, jobs=jobs, pack_size=pack, slurm_parameters=_parse_params(slurm_params),
+                          wait=wait, data_root=data_root, download=download, progress=not quiet, dry_run=dry_run)
+    summary = run_table(choices, execution, seeds=_seeds(seeds, seed_list), methods=methods, results=_store(results))
     click.echo(f"{summary.table} ({summary.profile}): {summary.cells} cells, {summary.runs} runs, "
                f"{summary.recorded} already recorded, {len(summary.pending)} to train")
     if dry_run:
@@ -418,15 +428,15 @@ def run(table_name, profile, seeds, seed_list, executor, gpus, jobs, methods, fi
 @std_option
 def table(table_name, profile, fidelity, engine, metric, results, out_dir, std):
     """Re-render a table from the records (nothing is trained)."""
-    from okdph.bench.runner import default_profile, render_table
+    from okdph.bench.runner import TableChoices, default_profile, render_table
 
     store = _store(results)
     if profile is None:
         profile = default_profile(table_name, fidelity=fidelity, results=store)
         if profile != "paper":  # say so: the table shown is not the paper profile's
             click.echo(f"profile {profile}: the first with records of this table (--profile to choose)", err=True)
-    paths, text = render_table(table_name, profile=profile, fidelity=fidelity, metric=metric, engine=engine,
-                               results=store, out_dir=out_dir, std=std)
+    choices = TableChoices.of(table_name, profile=profile, fidelity=fidelity, engine=engine, metric=metric, std=std)
+    paths, text = render_table(choices, results=store, out_dir=out_dir)
     click.echo(text)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -445,11 +455,12 @@ def table(table_name, profile, fidelity, engine, metric, results, out_dir, std):
 def plan(table_name, profile, seeds, seed_list, methods, fidelity, engine, results, data_root, download, ddp_procs,
          include_recorded):
     """Print one self-contained `okdph-bench train` command per run, for any scheduler."""
-    from okdph.bench.runner import plan_table
+    from okdph.bench.runner import Execution, TableChoices, plan_table
 
-    commands = plan_table(table_name, profile=profile, seeds=_seeds(seeds, seed_list), methods=methods,
-                          fidelity=fidelity, engine=engine, results=_store(results), data_root=data_root,
-                          download=download, ddp_procs=ddp_procs, include_recorded=include_recorded)
+    commands = plan_table(TableChoices.of(table_name, profile=profile, fidelity=fidelity, engine=engine),
+                          Execution(data_root=data_root, download=download, ddp_procs=ddp_procs),
+                          seeds=_seeds(seeds, seed_list), methods=methods, results=_store(results),
+                          include_recorded=include_recorded)
     click.echo(f"# {len(commands)} runs of table {table_name} ({profile}); each skips itself once recorded")
     click.echo("\n".join(commands))
 

@@ -118,7 +118,7 @@ _VIEWS = {
 
 
 def default_views(dataset, num_students: int) -> list[str]:
-    family = "imagenet" if dataset.name == "imagenet" else "cifar"
+    family = dataset.family
     table = _VIEWS[family]
     if num_students not in table:
         raise ConfigError(

@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from okdph.bench import executors, runner
+from okdph.bench.choices import Execution, TableChoices
 from okdph.bench.experiments import (FIRST_SEED, cell_config, expand, get_table, list_tables, okdph_preset,
                                      unique_configs)
-from okdph.bench.render import collect, markdown, markdown_table, output_stem
+from okdph.bench.render import collect, markdown, markdown_table
 from okdph.bench.report import write_report
 from okdph.bench.store import ResultStore
 from okdph.cli import main
@@ -168,7 +169,7 @@ def test_rendering_mean_std_n_delta_bold_and_missing_paper(tmp_path):
     fake_record(cell_config(by_method["dml"], profile="pipeline", out_dir=str(store.runs_dir)), 10.0)
     fake_record(cell_config(by_method["dml"], profile="quick", fidelity="paper", out_dir=str(store.runs_dir)), 99.0)
 
-    everything = collect(table, store, profile="quick")
+    everything = collect(TableChoices(table, profile="quick"), store)
     results = {r.cell.method: r for r in everything if r.cell in row}
     okdph = results["okdph"]
     assert (okdph.n, okdph.mean, okdph.std) == (3, 94.0, 1.0)
@@ -197,7 +198,8 @@ def test_rendering_mean_std_n_delta_bold_and_missing_paper(tmp_path):
     after = lines[lines.index(ours100) + 1] if lines.index(ours100) + 1 < len(lines) else ""
     assert "| paper" not in after
 
-    final = {r.cell.method: r for r in collect(table, store, profile="quick", metric="final", cells=row)}
+    final = {r.cell.method: r for r in collect(TableChoices(table, profile="quick", metric="final"),
+                                               store, cells=row)}
     assert final["okdph"].mean == 93.0   # the deployed head at the last epoch (acc - 1 in fake_record)
 
 
@@ -210,16 +212,16 @@ def test_smoke_rows_name_their_data_ties_are_not_bold_and_seed_lists_are_named(t
     for cell in row:
         for seed in (42, 50):
             fake_record(cell_config(cell, profile="smoke", seed=seed, out_dir=str(store.runs_dir)), 10.0)
-    results = collect(table, store, profile="smoke", cells=row)
+    results = collect(TableChoices(table, profile="smoke"), store, cells=row)
     assert not any(r.best for r in results)
-    text = markdown(table, results, profile="smoke", fidelity="official", metric="paper", runs_dir=store.runs_dir)
+    text = markdown(TableChoices(table, profile="smoke", fidelity="official", metric="paper"), results, store.runs_dir)
     ours = next(line for line in text.splitlines() if "| ours" in line)
     assert ours.startswith("| digits (CIFAR-10 row) | ResNet32") and "**" not in ours
     assert "(seeds 42, 50)" in text and "42 + r" not in text
 
     fake_record(cell_config(row[0], profile="smoke", seed=44, out_dir=str(store.runs_dir)), 40.0)
     store.refresh()
-    results = collect(table, store, profile="smoke", cells=row)
+    results = collect(TableChoices(table, profile="smoke"), store, cells=row)
     assert [r.cell.method for r in results if r.best] == [row[0].method]
 
 
@@ -232,7 +234,8 @@ def test_lower_is_better_and_pacbayes_values(tmp_path):
         record["metrics"]["pacbayes"] = bound
         atomic_write_json(store.runs_dir / f"{record['run_id']}.json", record)
     fake_record(cell_config(row["kdcl"], profile="pipeline", out_dir=str(store.runs_dir)), 50.0)  # no bound yet
-    results = {r.cell.method: r for r in collect(table, store, profile="pipeline") if r.cell in row.values()}
+    pipeline = collect(TableChoices(table, profile="pipeline"), store)
+    results = {r.cell.method: r for r in pipeline if r.cell in row.values()}
     assert results["okdph"].best and not results["dml"].best and results["kdcl"].n == 0
     text = markdown_table(table, list(results.values()))
     assert "**97.10 (n=1)**" in text and "**97.26**" in text  # paper: Ours is the lowest bound too
@@ -247,8 +250,9 @@ def test_a_bound_whose_search_did_not_converge_is_marked(tmp_path):
         record["metrics"]["pacbayes"] = 50668534497.28 if not converged else 97.9
         record["pacbayes"] = {"converged": converged, "value": record["metrics"]["pacbayes"]}
         atomic_write_json(store.runs_dir / f"{record['run_id']}.json", record)
-    results = collect(table, store, profile="pipeline")
-    text = markdown(table, results, profile="pipeline", fidelity="official", metric="paper", runs_dir=store.runs_dir)
+    results = collect(TableChoices(table, profile="pipeline"), store)
+    text = markdown(TableChoices(table, profile="pipeline", fidelity="official", metric="paper"), results,
+                    store.runs_dir)
     assert "50668534497.28 (n=1), 1 not converged" in text and "97.90 (n=1) |" in text.replace("**", "")
     assert "\"not converged\": the σ search" in text
 
@@ -290,7 +294,8 @@ def test_damaged_records_are_named_not_counted_and_trained_again(tmp_path, monke
 
     trained = []
     monkeypatch.setattr(executors, "train_run", lambda cfg, **_: trained.append(cfg.run_id()) or fake_record(cfg, 50.0))
-    summary = runner.run_table("3", profile="pipeline", methods=["dml"], results=tmp_path, progress=False)
+    summary = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False), methods=["dml"],
+                               results=tmp_path)
     assert summary.recorded == 1 and len(trained) == summary.runs - 1
     assert {p.stem for p in paths[:3]} <= set(trained) and paths[3].stem not in trained
     assert sorted(summary.damaged) == sorted(map(str, paths[:3]))
@@ -303,8 +308,8 @@ def test_cells_never_mix_engines(tmp_path):
     fake_record(cell_config(cell, profile="pipeline", seed=42, out_dir=str(store.runs_dir)), 20.0, engine="fast")
     fake_record(cell_config(cell, profile="pipeline", seed=43, out_dir=str(store.runs_dir)), 30.0, engine="reference")
     with pytest.raises(ConfigError, match="has records from engines fast, reference; pass --engine"):
-        collect(table, store, profile="pipeline")
-    by_engine = collect(table, store, profile="pipeline", engine="reference")
+        collect(TableChoices(table, profile="pipeline"), store)
+    by_engine = collect(TableChoices(table, profile="pipeline", engine="reference"), store)
     assert by_engine[0].values == [30.0]
 
 
@@ -316,17 +321,17 @@ def test_runs_of_another_configuration_stay_out_of_a_cell(tmp_path):
     fake_record(replace(cfg, seed=43, width=0.5), 30.0)                       # another width
     fake_record(replace(cfg, seed=44, overrides=(("temperature", "2"),)), 40.0)  # another hyper-parameter
     fake_record(replace(cfg, seed=45, epochs=7), 50.0)                        # another schedule
-    assert collect(table, store, profile="quick")[0].values == [20.0]
+    assert collect(TableChoices(table, profile="quick"), store)[0].values == [20.0]
 
 
 def test_written_table_files_and_stems(tmp_path):
     table = get_table("3")
-    assert output_stem(table, "paper", "official", "paper") == "table3"
-    assert output_stem(table, "pipeline", "official", "paper") == "table3-pipeline"
-    assert output_stem(table, "quick", "paper", "final") == "table3-quick-paper-final"
+    assert TableChoices(table, profile='paper', fidelity='official', metric='paper').stem() == "table3"
+    assert TableChoices(table, profile='pipeline', fidelity='official', metric='paper').stem() == "table3-pipeline"
+    assert TableChoices(table, profile='quick', fidelity='paper', metric='final').stem() == "table3-quick-paper-final"
     store = ResultStore(tmp_path)
     fake_record(cell_config(table.cells[0], profile="pipeline", out_dir=str(store.runs_dir)), 40.0)
-    paths, text = runner.render_table("3", profile="pipeline", results=tmp_path)
+    paths, text = runner.render_table(TableChoices.of("3", profile="pipeline"), results=tmp_path)
     assert paths["md"].name == "table3-pipeline.md" and text.startswith("# table3: ")
     # in the pipeline profile the CIFAR-100 twin of the cell is the same run on digits
     assert "2 of 84 cells have records" in text and "Pipeline profile" in text
@@ -363,19 +368,20 @@ def test_resume_trains_only_the_runs_without_a_record(tmp_path, monkeypatch):
         return fake_record(cfg, 50.0)
 
     monkeypatch.setattr(executors, "train_run", fake_train)
-    first = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl"], results=tmp_path, progress=False)
+    first = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False),
+                             methods=["dml", "kdcl"], results=tmp_path)
     assert first.trained == first.runs == 12 and first.recorded == 0 and not first.failed
     # more of the table: the twelve recorded runs are skipped
     trained.clear()
-    second = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl", "okdph"], results=tmp_path,
-                              progress=False)
+    second = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False),
+                              methods=["dml", "kdcl", "okdph"], results=tmp_path)
     assert second.recorded == 12 and second.trained == len(trained) == second.runs - 12
     assert not any(run_id.startswith(("dml", "kdcl")) for run_id in trained)
     assert "(n=1)" in second.markdown
     # everything recorded: nothing to do
     trained.clear()
-    third = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl", "okdph"], results=tmp_path,
-                             progress=False)
+    third = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False),
+                             methods=["dml", "kdcl", "okdph"], results=tmp_path)
     assert third.trained == 0 and trained == [] and third.recorded == third.runs
 
 
@@ -386,7 +392,8 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
         return fake_record(cfg, 50.0)
 
     monkeypatch.setattr(executors, "train_run", flaky)
-    summary = runner.run_table("3", profile="pipeline", methods=["dml", "kdcl"], results=tmp_path, progress=False)
+    summary = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False),
+                               methods=["dml", "kdcl"], results=tmp_path)
     assert summary.trained == 6 and len(summary.failed) == 6
     assert all(error == "RuntimeError: out of memory" for _, error in summary.failed)
 
@@ -396,7 +403,8 @@ def test_a_table_whose_every_run_failed_is_not_written(tmp_path, monkeypatch):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(executors, "train_run", broken)
-    summary = runner.run_table("3", profile="pipeline", methods=["dml"], results=tmp_path, progress=False)
+    summary = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False), methods=["dml"],
+                               results=tmp_path)
     assert summary.trained == 0 and len(summary.failed) == 6
     assert summary.outputs == {} and summary.markdown == "" and not (tmp_path / "tables").exists()
 
@@ -416,12 +424,13 @@ def test_table_without_profile_renders_the_one_with_records(tmp_path):
 
 @pytest.mark.slow
 def test_plan_prints_runnable_commands(tmp_path):
-    commands = runner.plan_table("3", profile="pipeline", methods=["dml"], results=tmp_path)
+    commands = runner.plan_table(TableChoices.of("3", profile="pipeline"), methods=["dml"], results=tmp_path)
     assert len(commands) == 6 and all(c.startswith("okdph-bench train --method dml ") for c in commands)
     assert all("--skip-recorded" in c and "--seed 42" in c and f"--out {tmp_path}/runs" in c for c in commands)
-    okdph = runner.plan_table("3", profile="paper", methods=["okdph"], results=tmp_path)
+    okdph = runner.plan_table(TableChoices.of("3", profile="paper"), methods=["okdph"], results=tmp_path)
     assert len(okdph) == 12 * 5 and "--set omega=1.0 --set beta=0.5 --set gamma=1.0 --set interval=5b" in okdph[6 * 5]
-    ddp = runner.plan_table("main-imagenet", profile="paper", methods=["okdph"], ddp_procs=8, results=tmp_path)
+    ddp = runner.plan_table(TableChoices.of("main-imagenet", profile="paper"), Execution(ddp_procs=8),
+                            methods=["okdph"], results=tmp_path)
     assert ddp[0].startswith("torchrun --standalone --nproc_per_node=8 --no-python okdph-bench train ")
     assert ddp[0].endswith("--ddp") and "--dataset imagenet" in ddp[0]
 
@@ -435,7 +444,7 @@ def test_plan_prints_runnable_commands(tmp_path):
     (record_path,) = store.runs_dir.glob("*.json")
     record = json.loads(record_path.read_text())
     assert record["method"] == "dml" and record["profile"] == "pipeline" and record["status"] == "complete"
-    assert len(runner.plan_table("3", profile="pipeline", methods=["dml"], results=tmp_path)) == 5
+    assert len(runner.plan_table(TableChoices.of("3", profile="pipeline"), methods=["dml"], results=tmp_path)) == 5
     again = subprocess.run([sys.executable, "-m", "okdph.cli", *argv[1:]], capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and again.stdout.startswith("recorded: ")

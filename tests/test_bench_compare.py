@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from test_bench import fake_record
 
 from okdph.bench import runner
+from okdph.bench.choices import TableChoices
 from okdph.bench.compare import compare, verdict
 from okdph.bench.experiments import cell_config, get_table
 from okdph.bench.store import ResultStore
@@ -143,7 +144,7 @@ def test_a_results_folder_against_its_own_table_json_and_against_a_drop(tmp_path
         return root
 
     nightly = sweep(tmp_path / "nightly", 95.0)
-    paths, _ = runner.render_table("3", profile="quick", results=nightly)
+    paths, _ = runner.render_table(TableChoices.of("3", profile="quick"), results=nightly)
     code, output = run_compare(paths["json"], nightly)      # the committed table vs the same records
     assert code == 0 and "2 cells compared: 0 regressed, 0 improved, 2 unchanged" in output
     # another profile in the folder is outside the table JSON's scope: not listed as missing

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from okdph.bench import executors, runner, slurm
+from okdph.bench.choices import Execution, TableChoices
 from okdph.bench.experiments import cell_config, get_table
 from okdph.bench.store import ResultStore
 from okdph.engine.run import RunConfig
@@ -56,9 +57,9 @@ def test_parse_gpus():
 def test_slurm_executor_through_submitit_local_backend(tmp_path, monkeypatch):
     """One job per packed group; each job writes its runs' records; the table renders after --wait."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local jobs share this machine's cores
-    summary = runner.run_table("3", profile="pipeline", methods=["dml"], executor="slurm", pack_size=3,
-                               slurm_cluster="local", wait=True, results=tmp_path, progress=False,
-                               slurm_parameters={"timeout_min": 20, "slurm_partition": "ignored-locally"})
+    execution = Execution(executor="slurm", pack_size=3, slurm_cluster="local", wait=True, progress=False,
+                          slurm_parameters={"timeout_min": 20, "slurm_partition": "ignored-locally"})
+    summary = runner.run_table(TableChoices.of("3", profile="pipeline"), execution, methods=["dml"], results=tmp_path)
     assert summary.runs == 6 and len(summary.jobs) == 2          # 6 runs packed 3 per job
     assert summary.trained == 6 and not summary.failed
     assert len(list((tmp_path / "runs").glob("*.json"))) == 6

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from okdph.bench import runner
+from okdph.bench.choices import Execution, TableChoices
 from okdph.bench.experiments import get_table
 TABLE3_METHODS = ["dml", "one", "kdcl", "okddip", "ffl", "pcl", "okdph"]
 
@@ -15,7 +16,7 @@ def test_pipeline_table3_runs_every_method_of_the_table(tmp_path):
     table = get_table("3")
     assert len(table.cells) == 84 and list(table.methods) == TABLE3_METHODS
     # Every method is run: one that is no longer registered fails the sweep here, it is not filtered out.
-    summary = runner.run_table("3", profile="pipeline", results=tmp_path, progress=False)
+    summary = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False), results=tmp_path)
     methods = TABLE3_METHODS
     assert not summary.failed, summary.failed
     assert summary.trained == summary.runs and summary.cells == 12 * len(methods)
@@ -34,5 +35,6 @@ def test_pipeline_table3_runs_every_method_of_the_table(tmp_path):
     okdph = [c for c in cells if c["method"] == "okdph"]
     assert okdph and all(c["preset"] == "Table 6" for c in okdph)
     # a second run finds everything recorded and trains nothing
-    again = runner.run_table("3", profile="pipeline", methods=methods, results=tmp_path, progress=False)
+    again = runner.run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False), methods=methods,
+                             results=tmp_path)
     assert again.trained == 0 and again.recorded == again.runs

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from test_bench import fake_record
 
 from okdph.bench import runner, stats
+from okdph.bench.choices import TableChoices
 from okdph.bench.experiments import cell_config, get_table
 from okdph.bench.render import collect, markdown_table
 from okdph.bench.report import write_report
@@ -108,7 +109,7 @@ def quick_table3(tmp_path):
 
 
 def test_okdph_against_the_best_baseline_per_row(quick_table3):
-    paths, text = runner.render_table("3", profile="quick", results=quick_table3)
+    paths, text = runner.render_table(TableChoices.of("3", profile="quick"), results=quick_table3)
     lines = text.splitlines()
     assert "* where Welch's two-sided t-test gives p < 0.05 (exact p in the CSV/JSON" in text
     ours = [line for line in lines if "| ours" in line and "CIFAR-10 " in line and "ResNet32 " in line]
@@ -152,7 +153,7 @@ def test_pipeline_tables_print_no_delta_and_label_the_paper_value(tmp_path):
     for method in ("dml", "okdph"):
         fake_record(cell_config(row[method], profile="pipeline", out_dir=str(store.runs_dir)), 80.0)
         _record_cell(store, row[method], [94.0, 94.5], profile="quick")
-    paths, text = runner.render_table("3", profile="pipeline", results=tmp_path)
+    paths, text = runner.render_table(TableChoices.of("3", profile="pipeline"), results=tmp_path)
     lines = text.splitlines()
     body = [line for line in lines if line.startswith("|")][2:]           # below the header and separator
     labels = {line.split("|")[4].strip() for line in body}                 # the column after #S/B
@@ -165,7 +166,7 @@ def test_pipeline_tables_print_no_delta_and_label_the_paper_value(tmp_path):
     assert data["paper_data"] is False and all(c["delta"] is None for c in data["cells"])
     assert data["cells"][0]["paper"] == 94.27                     # the paper's value stays
     # the same cells on the paper's data (quick) keep their Δ line and value
-    paths, text = runner.render_table("3", profile="quick", results=tmp_path)
+    paths, text = runner.render_table(TableChoices.of("3", profile="quick"), results=tmp_path)
     assert "| Δ " in text and "-0.02" in text                    # DML: 94.25 − 94.27
     assert json.loads(paths["json"].read_text())["paper_data"] is True
 
@@ -181,7 +182,7 @@ def test_tables_of_other_metrics_and_no_okdph_column_without_okdph(tmp_path):
             record = fake_record(cfg, 50.0)
             record["metrics"]["pacbayes"] = bound + 0.1 * u
             (store.runs_dir / f"{record['run_id']}.json").write_text(json.dumps(record))
-    results = [r for r in collect(table, store, profile="pipeline") if r.cell in row.values()]
+    results = [r for r in collect(TableChoices(table, profile="pipeline"), store) if r.cell in row.values()]
     ours = markdown_table(table, results).splitlines()[2]
     assert ours.split("|")[-2].strip() == "-1.00 vs DML *"
     # a row where OKDPH has no value yet compares nothing

@@ -194,12 +194,14 @@ def test_every_strategy_and_backbone_has_its_display_name():
 
 def test_the_renderer_reads_display_names_from_the_registries(monkeypatch):
     from okdph.bench import render
+    from okdph.bench.choices import TableChoices
     from okdph.bench.experiments import get_table
     from okdph.strategy import get_strategy
 
     monkeypatch.setattr(get_strategy("okddip"), "display_name", "Peer Attention")
     table = get_table("4")
-    text = render.markdown_table(table, render.collect(table, render.ResultStore("nowhere"), profile="pipeline"))
+    text = render.markdown_table(table,
+                                 render.collect(TableChoices(table, profile="pipeline"), render.ResultStore("nowhere")))
     header = [cell.strip() for cell in text.splitlines()[0].split("|")]
     assert "Peer Attention" in header and "DML" in header and "OKDDip" not in header
     assert render.display("backbone", "wrn20_8") == "WRN20-8" and render.display("setting", "noisy") == "Noisy"

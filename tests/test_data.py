@@ -17,7 +17,7 @@ from okdph.data import (
     DATASETS, SETTINGS, VIEWS, Cutout, DataError, build_test_set, build_test_transform, build_train_set,
     build_train_transform, get_info, limited_indices, load_arrays,
 )
-from okdph.data.datasets import DIGITS_SIZES
+from okdph.data.digits import DIGITS_SIZES
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

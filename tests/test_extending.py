@@ -72,3 +72,42 @@ def test_a_method_whose_package_fails_to_import_is_one_line_and_spares_the_other
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("method 'broken' could not be loaded (ImportError: needs a library that is "
                                    "not installed); fix or uninstall its package")
+
+
+TINY_LOADER = '''
+import numpy as np
+
+
+def tiny_arrays(root, train, download):
+    """64 training or 32 test images of two classes: bright or dark squares."""
+    rng = np.random.default_rng(0 if train else 1)
+    count = 64 if train else 32
+    targets = np.arange(count) % 2
+    images = rng.integers(0, 64, (count, 32, 32, 3)) + 160 * targets[:, None, None, None]
+    return images.astype(np.uint8), targets.astype(np.int64)
+'''
+
+
+@pytest.mark.slow
+def test_a_cifar_like_dataset_is_one_loader_file_and_its_registration(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from okdph.cli import main
+    from okdph.data import info
+
+    (tmp_path / "tiny_data.py").write_text(TINY_LOADER)  # the one file
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(info, "_BY_NAME", dict(info._BY_NAME))  # the registration stays in this test
+    info.register_dataset(info.DatasetInfo("tiny2", 2, 32, (0.5, 0.5, 0.5), (0.3, 0.3, 0.3), "hflip", "Tiny-2",
+                                           loader="tiny_data:tiny_arrays"))
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(main, ["train", "--method", "dml", "--dataset", "tiny2", "--profile", "pipeline",
+                                       "--out", str(out), "--quiet", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (record_path,) = out.glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["dataset"] == "tiny2" and record["status"] == "complete"
+    assert record["data"]["train_size"] == 64 and record["data"]["test_size"] == 32
+    assert record["engine"] == "fast" and record["recipe"]["epochs"] == 1  # a CIFAR-family, in-memory dataset
+    with pytest.raises(ValueError, match="already registered"):
+        info.register_dataset(info.get_info("tiny2"))

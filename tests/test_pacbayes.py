@@ -167,10 +167,11 @@ def test_search_stops_when_the_bracket_collapses_on_a_jump():
 
 @pytest.mark.slow
 def test_table5_runs_keep_weights_and_get_the_bound(tmp_path):
-    from okdph.bench.runner import _analyse, _must_train, _plan, render_table
+    from okdph.bench.runner import Execution, TableChoices, _analyse, _must_train, _plan, render_table
 
-    table, _, configs, store = _plan("5", profile="pipeline", seeds=1, methods=("dml",), fidelity="official",
-                                     engine="auto", results=tmp_path, data_root="data", download=False)
+    choices = TableChoices.of("5", profile="pipeline")
+    _, configs, store = _plan(choices, Execution(), seeds=1, methods=("dml",), results=tmp_path)
+    table = choices.table
     assert table.metric == "pacbayes" and configs and all(c.save_every == 1 for c in configs)  # pipeline: 1 epoch
     cfg = next(c for c in configs if c.backbone == "resnet32")
     assert _must_train(cfg, store, table.metric)
@@ -189,7 +190,7 @@ def test_table5_runs_keep_weights_and_get_the_bound(tmp_path):
     assert (done, failed) == (1, [])
     record = json.loads(cfg.record_path().read_text())
     assert record["pacbayes"]["tolerance"] == 1e-2 and record["pacbayes"]["epoch"] == 1
-    _, text = render_table("5", profile="pipeline", results=tmp_path)
+    _, text = render_table(TableChoices.of("5", profile="pipeline"), results=tmp_path)
     assert f"{record['metrics']['pacbayes']:.2f} (n=1)" in text
 
 

@@ -209,14 +209,15 @@ def test_a_pack_refuses_runs_that_differ_beyond_the_seed(tmp_path):
 
 @pytest.mark.slow
 def test_the_runner_packs_the_seeds_of_each_cell(tmp_path):
-    from okdph.bench.runner import run_table
+    from okdph.bench.runner import Execution, TableChoices, run_table
 
-    summary = run_table("4", profile="pipeline", seeds=2, methods=("dml",), engine="fast", results=str(tmp_path),
-                        progress=False, pack_size=5)
+    summary = run_table(TableChoices.of("4", profile="pipeline", engine="fast"),
+                        Execution(progress=False, pack_size=5), seeds=2, methods=("dml",), results=str(tmp_path))
     assert summary.trained == summary.runs and not summary.failed
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
     assert len(records) == summary.runs
     for record in records:
         assert record["timing"]["execution"]["packed_runs"] == 2, record["run_id"]
     with pytest.raises(ConfigError, match="--pack"):
-        run_table("4", profile="pipeline", methods=("dml",), results=str(tmp_path), pack_size=0, progress=False)
+        run_table(TableChoices.of("4", profile="pipeline"), Execution(pack_size=0, progress=False), methods=("dml",),
+                  results=str(tmp_path))

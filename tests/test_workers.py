@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from okdph.bench.runner import run_table
+from okdph.bench.runner import Execution, TableChoices
 from okdph.engine.lock import read_lock
 
 # Table 3 restricted to DML with one seed, pipeline profile: 6 runs (2-4 students × ResNet32/VGG16).
@@ -109,8 +110,8 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch
 
     monkeypatch.setattr(DML, "forward_train", poisoned)
     torch.set_num_threads(1)
-    summary = run_table("3", profile="pipeline", methods=["dml"], seeds=1, results=tmp_path / "results",
-                        progress=False)
+    summary = run_table(TableChoices.of("3", profile="pipeline"), Execution(progress=False), methods=["dml"], seeds=1,
+                        results=tmp_path / "results")
     assert summary.failed == [] and summary.trained == SWEEP_RUNS
     by_students = {r["students"]: [] for r in _records(tmp_path / "results")}
     for record in _records(tmp_path / "results"):

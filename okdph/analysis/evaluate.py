@@ -105,8 +105,8 @@ def load_train_images(meta: dict, data_root, device, download: bool = False) -> 
     from okdph import data as okdata
 
     dataset, setting = meta["dataset"], meta.get("setting", "standard")
-    if dataset == "imagenet":
-        raise ConfigError("the analyses need an in-memory training set; imagenet is not supported")
+    if not okdata.get_info(dataset).in_memory:
+        raise ConfigError(f"the analyses need an in-memory training set; {dataset} is not held in memory")
     # 'noisy' only adds per-access noise: its images are the standard ones
     train_set = okdata.build_train_set(dataset, data_root, ["base"],
                                        setting="standard" if setting == "noisy" else setting, download=download)

@@ -255,14 +255,6 @@ def compute_landscape(ours_record, other_record, data_path, *, device="cpu", dat
                       bounds=None, step: float | None = None, fit=DEFAULT_FIT, batch_size: int | None = None,
                       points_per_save: int = DEFAULT_POINTS_PER_SAVE, progress: bool = True) -> Landscape:
     """The loss landscape of one pair of runs, resumed from / saved to `data_path` (.npz)."""
-    from okdph.analysis.evaluate import (
-        DEFAULT_BATCH_SIZE,
-        build_network,
-        load_train_images,
-        stacked_loss,
-        unflatten,
-    )
-
     device = torch.device(device)
     traj = load_trajectories(ours_record, other_record, device)
     fitted = [t for t in traj.items if t.role in fit]
@@ -293,34 +285,49 @@ def compute_landscape(ours_record, other_record, data_path, *, device="cpu", dat
     land = Landscape(xs, ys, np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, bool), coords,
                      {t.role: t.epochs for t in traj.items}, {t.role: t.label for t in traj.items}, info)
     data_path = Path(data_path)
-    if data_path.exists():
-        try:
-            cached = Landscape.load(data_path)
-        except (OSError, ValueError, KeyError, ConfigError):
-            cached = None  # unreadable or foreign: start again
-        if cached is not None and cached.info.get("fingerprint") == fingerprint:
-            land.loss, land.acc, land.done = cached.loss, cached.acc, cached.done
-
+    _resume(land, data_path, fingerprint)
     todo = [(iy, ix) for iy in range(shape[0]) for ix in range(shape[1]) if not land.done[iy, ix]]
     if todo:
-        net = build_network(traj.meta, device)
-        data = load_train_images(traj.meta, data_root, device)
-        bar = tqdm(total=land.done.size, initial=int(land.done.sum()), desc="landscape", unit="pt",
-                   disable=not progress, leave=False)
-        for start in range(0, len(todo), points_per_save):
-            cells = todo[start:start + points_per_save]
-            points = torch.tensor([[xs[ix], ys[iy]] for iy, ix in cells], dtype=torch.float64)
-            weights, nearest = grid_weights(points, pca, fit_rows, fit_coords)
-            buffers = {n: torch.stack([fit_buffers[i][n] for i in nearest.tolist()]) for n in fit_buffers[0]}
-            loss, acc = stacked_loss(net, unflatten(weights, traj.template, traj.names), buffers, data,
-                                     stacked_buffers=True, batch_size=batch_size or DEFAULT_BATCH_SIZE)
-            for (iy, ix), l_value, a_value in zip(cells, loss.tolist(), acc.tolist()):
-                land.loss[iy, ix], land.acc[iy, ix], land.done[iy, ix] = l_value, a_value, True
-            land.save(data_path)
-            bar.update(len(cells))
-        bar.close()
+        _evaluate_points(land, todo, traj, pca, fit_rows, fit_coords, fit_buffers, data_path, device=device,
+                         data_root=data_root, batch_size=batch_size, points_per_save=points_per_save,
+                         progress=progress)
     land.save(data_path)
     return land
+
+
+def _resume(land: Landscape, data_path: Path, fingerprint: dict) -> None:
+    """The points already computed into `data_path` for the same grid and runs, if any."""
+    if not data_path.exists():
+        return
+    try:
+        cached = Landscape.load(data_path)
+    except (OSError, ValueError, KeyError, ConfigError):
+        return  # unreadable or foreign: start again
+    if cached.info.get("fingerprint") == fingerprint:
+        land.loss, land.acc, land.done = cached.loss, cached.acc, cached.done
+
+
+def _evaluate_points(land: Landscape, todo, traj, pca, fit_rows, fit_coords, fit_buffers, data_path: Path, *,
+                     device, data_root, batch_size, points_per_save: int, progress: bool) -> None:
+    """Loss and accuracy at the grid points `todo`, `points_per_save` at a time, saved after each."""
+    from okdph.analysis.evaluate import DEFAULT_BATCH_SIZE, build_network, load_train_images, stacked_loss, unflatten
+
+    net = build_network(traj.meta, device)
+    data = load_train_images(traj.meta, data_root, device)
+    bar = tqdm(total=land.done.size, initial=int(land.done.sum()), desc="landscape", unit="pt",
+               disable=not progress, leave=False)
+    for start in range(0, len(todo), points_per_save):
+        cells = todo[start:start + points_per_save]
+        points = torch.tensor([[land.xs[ix], land.ys[iy]] for iy, ix in cells], dtype=torch.float64)
+        weights, nearest = grid_weights(points, pca, fit_rows, fit_coords)
+        buffers = {n: torch.stack([fit_buffers[i][n] for i in nearest.tolist()]) for n in fit_buffers[0]}
+        loss, acc = stacked_loss(net, unflatten(weights, traj.template, traj.names), buffers, data,
+                                 stacked_buffers=True, batch_size=batch_size or DEFAULT_BATCH_SIZE)
+        for (iy, ix), l_value, a_value in zip(cells, loss.tolist(), acc.tolist()):
+            land.loss[iy, ix], land.acc[iy, ix], land.done[iy, ix] = l_value, a_value, True
+        land.save(data_path)
+        bar.update(len(cells))
+    bar.close()
 
 
 def _title(traj: Trajectories) -> str:

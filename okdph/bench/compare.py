@@ -152,6 +152,7 @@ def load_side(path, *, table: str | None = None, metric: str = "paper") -> Side:
 
 
 def _from_results(root: Path, table_name: str | None, metric: str) -> Side:
+    from okdph.bench.choices import TableChoices
     from okdph.bench.experiments import get_table, list_tables
     from okdph.bench.render import collect
     from okdph.bench.store import ResultStore
@@ -168,7 +169,7 @@ def _from_results(root: Path, table_name: str | None, metric: str) -> Side:
             if profile not in table.profiles:
                 continue
             try:
-                results = collect(table, store, profile=profile, fidelity=fidelity, metric=metric)
+                results = collect(TableChoices(table, profile, fidelity, engine=None, metric=metric), store)
             except ConfigError as exc:  # a cell with records of two engines: which one to compare?
                 raise ConfigError(f"{root}: {str(exc).split('; pass --engine')[0]}; render one engine's table "
                                   f"(`okdph-bench table ID --engine E`) and compare its JSON") from None

@@ -147,23 +147,36 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
         if on_done:
             on_done(outcome)
 
-    if len(devices) == 1:
-        import torch
+    try:
+        if len(devices) == 1:
+            _run_here(configs, devices[0], cpu_threads, pack_size, progress, finish, bar)
+        else:
+            _run_in_workers(configs, devices, cpu_threads, pack_size, finish, done=lambda: len(outcomes))
+    finally:
+        bar.close()
+    return outcomes
 
-        threads = torch.get_num_threads()
-        if devices[0] == "cpu":
-            torch.set_num_threads(cpu_threads)
-        try:
-            for group in group_packs(configs, pack_size):
-                bar.set_postfix_str(f"now {group[0].run_id()[:40]}" + (f" +{len(group) - 1}" if len(group) > 1 else ""))
-                group = [replace(cfg, device=devices[0]) if cfg.device == "auto" else cfg for cfg in group]
-                for outcome in train_group(group, progress=progress and group[0].profile != "pipeline"):
-                    finish(outcome)
-        finally:
-            torch.set_num_threads(threads)
-            bar.close()
-        return outcomes
 
+def _run_here(configs, device: str, cpu_threads: int, pack_size: int, progress: bool, finish, bar) -> None:
+    """One device: every group of runs in this process, one after another."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads)
+    try:
+        for group in group_packs(configs, pack_size):
+            bar.set_postfix_str(f"now {group[0].run_id()[:40]}" + (f" +{len(group) - 1}" if len(group) > 1 else ""))
+            group = [replace(cfg, device=device) if cfg.device == "auto" else cfg for cfg in group]
+            for outcome in train_group(group, progress=progress and group[0].profile != "pipeline"):
+                finish(outcome)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_in_workers(configs, devices: list[str], cpu_threads: int, pack_size: int, finish, done) -> None:
+    """One spawned worker process per device, each taking the next group (longest first) from a
+    shared queue, until every run has an outcome or every worker stopped early (preempted)."""
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for group in longest_first(group_packs(configs, pack_size)):
@@ -174,7 +187,7 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
         tasks.put(None)  # one stop sign per worker
         w.start()
     try:
-        while len(outcomes) < len(configs):
+        while done() < len(configs):
             try:
                 finish(results.get(timeout=1.0))
             except queue.Empty:
@@ -185,8 +198,6 @@ def run_local(configs: list[RunConfig], devices: list[str], *, progress: bool = 
             w.join(timeout=5)
             if w.is_alive():
                 w.terminate()
-        bar.close()
-    return outcomes
 
 
 def _worker(device: str, tasks, results, cpu_threads: int = 1) -> None:

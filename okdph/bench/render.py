@@ -23,14 +23,15 @@ from pathlib import Path
 from tabulate import tabulate
 
 from okdph.bench import stats
-from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config, check_profile
+from okdph.bench.choices import TableChoices
+from okdph.bench.experiments import FIRST_SEED, Cell, Table, cell_config
 from okdph.bench.store import ResultStore
 from okdph.data.info import display_name as data_display_name
 from okdph.engine.recipe import EMBEDDED_DATASET, PIPELINE_RECIPE, PIPELINE_STEPS, smoke_changes
 from okdph.engine.record import atomic_write_json
 from okdph.errors import ConfigError
 from okdph.models import display_name as backbone_display_name
-from okdph.names import DEFAULT_STD, FIDELITIES, METRICS
+from okdph.names import DEFAULT_STD
 from okdph.strategy import display_name as strategy_display_name
 
 METRIC_TEXT = {"paper": "best epoch of the max over all heads, as the paper reports",
@@ -151,35 +152,24 @@ def record_value(record: dict, table_metric: str, metric: str) -> float | None:
     return (metrics.get(metric) or {}).get("acc")
 
 
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric '{metric}'; valid: {', '.join(METRICS)}")
-
-
-def collect(table: Table, store: ResultStore, *, profile: str, fidelity: str = "official",
-            engine: str | None = None, metric: str = "paper", cells=None, std: str = DEFAULT_STD
-            ) -> list[CellResult]:
-    """Every cell's values from the store's records; a cell never mixes engines (pass `engine`
-    where the records of one cell come from several). `std`: the std convention the cells show."""
-    check_profile(table, profile)
-    check_metric(metric)
-    stats.check_std(std)
-    if fidelity not in FIDELITIES:
-        raise ConfigError(f"unknown fidelity '{fidelity}'; valid: {', '.join(FIDELITIES)}")
+def collect(choices: TableChoices, store: ResultStore, cells=None) -> list[CellResult]:
+    """Every cell's values (of `cells`, default all) from the store's records, with the std
+    convention chosen; a cell never mixes engines (choose an engine where the records of one cell
+    come from several; `choices.engine` "auto" reads any)."""
+    table, engine = choices.table, choices.engine if choices.engine != "auto" else None
     results = []
     for cell in cells or table.cells:
-        config = cell_config(cell, profile=profile, fidelity=fidelity)
+        config = cell_config(cell, profile=choices.profile, fidelity=choices.fidelity)
         records = store.records_for(config, engine)
         engines = sorted({r.get("engine") for r in records})
         if len(engines) > 1:
             raise ConfigError(f"{table.id} cell {cell.slug()} has records from engines {', '.join(engines)}; "
                               f"pass --engine with one of them")
-        result = CellResult(cell, engine=engines[0] if engines else None, records=records, std_convention=std,
-                            run_dataset=config.dataset,
-                            unreadable=len(store.damaged_for(cell_config(cell, profile=profile, fidelity=fidelity),
-                                                             engine)))
+        result = CellResult(cell, engine=engines[0] if engines else None, records=records,
+                            std_convention=choices.std, run_dataset=config.dataset,
+                            unreadable=len(store.damaged_for(config, engine)))
         for record in records:
-            value = record_value(record, table.metric, metric)
+            value = record_value(record, table.metric, choices.metric)
             if record.get("status") != "complete":
                 result.not_complete += 1
             elif value is not None:
@@ -325,16 +315,6 @@ def markdown_table(table: Table, results: list[CellResult], links: dict[str, str
     return tabulate(lines, headers=headers, tablefmt="pipe", colalign=align, disable_numparse=True)
 
 
-def output_stem(table: Table, profile: str, fidelity: str, metric: str) -> str:
-    """`table3` for the paper profile, official fidelity and paper metric; every other choice is
-    appended (`table3-smoke`, `table3-quick-paper-final`), so renderings never overwrite each other."""
-    parts = [table.id]
-    parts += [profile] if profile != "paper" else []
-    parts += [fidelity] if fidelity != "official" else []
-    parts += [metric] if metric != "paper" and table.metric == "accuracy" else []
-    return "-".join(parts)
-
-
 def _seeds_text(results: list[CellResult]) -> str:
     """"run r has seed 42 + r" where the seeds recorded are 42, 43, ...; else which ones they are
     (`--seed-list`)."""
@@ -344,9 +324,9 @@ def _seeds_text(results: list[CellResult]) -> str:
     return f"seeds {', '.join(map(str, seeds))}"
 
 
-def describe(table: Table, results: list[CellResult], *, profile: str, fidelity: str, metric: str,
-             runs_dir) -> str:
+def describe(choices: TableChoices, results: list[CellResult], runs_dir) -> str:
     """The lines above a table: what it shows and where the numbers come from."""
+    table, profile, metric = choices.table, choices.profile, choices.metric
     filled = sum(r.n > 0 for r in results)
     engines = sorted({r.engine for r in results if r.engine})
     what = ("PAC-Bayes bound ×10^6 (lower is better), read from each record's `metrics.pacbayes`"
@@ -356,7 +336,7 @@ def describe(table: Table, results: list[CellResult], *, profile: str, fidelity:
                 "population": "population std (n in the denominator, as the official logs print it)"}
     paper_data = all(r.paper_data for r in results)
     lines = [
-        f"Profile `{profile}`, fidelity `{fidelity}`, engine {', '.join(f'`{e}`' for e in engines) or '–'}; {what}.",
+        f"Profile `{profile}`, fidelity `{choices.fidelity}`, engine {', '.join(f'`{e}`' for e in engines) or '–'}; {what}.",
         f"Ours: mean ± {std_text[convention]} over the n seeds recorded ({_seeds_text(results)}); "
         + ("Δ = ours − paper; " if paper_data else "") + "the best of each row in bold; the CSV/JSON add both stds "
         f"and the {stats.CONFIDENCE:.0%} confidence interval of the mean.",
@@ -398,10 +378,9 @@ def legend(table: Table, results: list[CellResult]) -> str:
     return "\n".join(f"{mark} {text}" for mark, text in table.notes.items() if mark in used)
 
 
-def markdown(table: Table, results: list[CellResult], *, profile: str, fidelity: str, metric: str,
-             runs_dir, links=None, level: int = 1) -> str:
-    parts = [f"{'#' * level} {table.id}: {table.title}", "",
-             describe(table, results, profile=profile, fidelity=fidelity, metric=metric, runs_dir=runs_dir), "",
+def markdown(choices: TableChoices, results: list[CellResult], runs_dir, links=None, level: int = 1) -> str:
+    table = choices.table
+    parts = [f"{'#' * level} {table.id}: {table.title}", "", describe(choices, results, runs_dir), "",
              markdown_table(table, results, links)]
     notes = legend(table, results)
     if notes:
@@ -409,12 +388,12 @@ def markdown(table: Table, results: list[CellResult], *, profile: str, fidelity:
     return "\n".join(parts) + "\n"
 
 
-def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fidelity: str,
-                    metric: str) -> list[dict]:
+def rows_for_export(choices: TableChoices, results: list[CellResult]) -> list[dict]:
     """One dict per cell (the CSV's lines, the JSON's `cells`). `std` is the std the Markdown shows
     (`std_convention`); both conventions and the 95 % interval are always there. The OKDPH cell of a
     row also carries the row's comparison with its best other method (`best_baseline`, …,
     `welch_p`, `test_note`); the other cells have None there."""
+    table = choices.table
     tests = {key: okdph_vs_best_baseline(table, row) for key, row in group_rows(table, results).items()}
     out = []
     for r in results:
@@ -434,22 +413,20 @@ def rows_for_export(table: Table, results: list[CellResult], *, profile: str, fi
             "test_note": test.note if test else None,
             "diverged": r.not_complete, "unreadable": r.unreadable, "not_converged": r.not_converged,
             "values": r.values, "seeds": r.seeds,
-            "run_ids": r.run_ids, "engine": r.engine, "profile": profile, "fidelity": fidelity,
-            "metric": table.metric if table.metric != "accuracy" else metric,
+            "run_ids": r.run_ids, "engine": r.engine, "profile": choices.profile, "fidelity": choices.fidelity,
+            "metric": choices.shown_metric,
         })
     return out
 
 
-def write_table(table: Table, results: list[CellResult], out_dir, *, profile: str, fidelity: str,
-                metric: str, runs_dir) -> dict[str, Path]:
-    """results/tables/<stem>.md, .csv and .json; returns their paths."""
-    out_dir = Path(out_dir)
+def write_table(choices: TableChoices, results: list[CellResult], out_dir, runs_dir,
+                stem: str | None = None) -> dict[str, Path]:
+    """<out_dir>/<stem>.md, .csv and .json (stem: the choices'); returns their paths."""
+    table, out_dir = choices.table, Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(table, profile, fidelity, metric)
-    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
-    rows = rows_for_export(table, results, profile=profile, fidelity=fidelity, metric=metric)
-    _atomic_text(paths["md"], markdown(table, results, profile=profile, fidelity=fidelity, metric=metric,
-                                       runs_dir=runs_dir))
+    paths = {ext: out_dir / f"{stem or choices.stem()}.{ext}" for ext in ("md", "csv", "json")}
+    rows = rows_for_export(choices, results)
+    _atomic_text(paths["md"], markdown(choices, results, runs_dir))
     buffer = io.StringIO()
     columns = [k for k in rows[0] if k not in ("overrides", "values", "seeds", "run_ids")]
     writer = csv.DictWriter(buffer, fieldnames=columns + ["overrides", "seeds", "run_ids"], extrasaction="ignore",
@@ -460,8 +437,8 @@ def write_table(table: Table, results: list[CellResult], out_dir, *, profile: st
                          "seeds": " ".join(map(str, row["seeds"])), "run_ids": " ".join(row["run_ids"])})
     _atomic_text(paths["csv"], buffer.getvalue())
     atomic_write_json(paths["json"], {
-        "table": table.id, "title": table.title, "source": table.source, "profile": profile,
-        "fidelity": fidelity, "metric": table.metric if table.metric != "accuracy" else metric,
+        "table": table.id, "title": table.title, "source": table.source, "profile": choices.profile,
+        "fidelity": choices.fidelity, "metric": choices.shown_metric,
         "better": table.better, "runs_dir": str(runs_dir), "notes": table.notes,
         "std_convention": results[0].std_convention if results else DEFAULT_STD, "confidence": stats.CONFIDENCE,
         "alpha": stats.TABLE_ALPHA, "paper_data": all(r.paper_data for r in results),

@@ -14,11 +14,13 @@ import math
 import os
 import statistics
 import textwrap
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from okdph.bench.choices import TableChoices
 from okdph.bench.experiments import Table, get_table, list_tables
-from okdph.bench.render import (HEADERS, CellResult, collect, display, group_rows, markdown, output_stem,
+from okdph.bench.render import (HEADERS, CellResult, collect, display, group_rows, markdown,
                                 write_table)
 from okdph.bench.stats import check_std
 from okdph.bench.store import ResultStore
@@ -128,13 +130,13 @@ def _cell_title(result: CellResult, record: dict) -> str:
             f"{display('dataset', c.dataset)}{setting}{ran_on}")
 
 
-def _collect_by_engine(table, store, **options) -> list[tuple[str | None, list[CellResult]]]:
+def _collect_by_engine(choices: TableChoices, store) -> list[tuple[str | None, list[CellResult]]]:
     """One result set, or one per engine where a cell holds records of several."""
     try:
-        return [(None, collect(table, store, **options))]
+        return [(None, collect(choices, store))]
     except ConfigError:
         engines = sorted({r.get("engine") for r in store.records()})
-        return [(engine, collect(table, store, engine=engine, **options)) for engine in engines]
+        return [(engine, collect(replace(choices, engine=engine), store)) for engine in engines]
 
 
 def analysis_figures(store: ResultStore) -> str:
@@ -159,7 +161,7 @@ def analysis_figures(store: ResultStore) -> str:
 def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT_STD) -> Path:
     """Render every table for every (profile, fidelity) that has records, as Markdown and as a figure;
     returns REPORT.md's path. `std`: the std convention of the tables and their error bars."""
-    check_std(std)
+    check_std(std)  # before any folder is touched, even with no records
     store = ResultStore.of(results)
     store.check_writable(store.root, store.tables_dir, store.figures_dir)  # before any figure is drawn
     records = store.records()
@@ -172,11 +174,11 @@ def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT
         for profile, fidelity in combos:
             if profile not in table.profiles:
                 continue
-            for engine, results_ in _collect_by_engine(table, store, profile=profile, fidelity=fidelity,
-                                                       metric=metric, std=std):
+            choices = TableChoices(table, profile, fidelity, engine=None, metric=metric, std=std)
+            for engine, results_ in _collect_by_engine(choices, store):
                 if not any(r.recorded for r in results_):
                     continue
-                stem = output_stem(table, profile, fidelity, metric) + (f"-{engine}" if engine else "")
+                stem = choices.stem() + (f"-{engine}" if engine else "")
                 links = {}
                 for r in results_:
                     cell_records = [rec for rec in r.records if rec.get("history", {}).get("test_acc")]
@@ -184,13 +186,11 @@ def write_report(results="results", *, metric: str = "paper", std: str = DEFAULT
                         png = learning_curve(cell_records, _cell_title(r, cell_records[0]),
                                              store.figures_dir / stem / f"{r.cell.slug()}.png")
                         links[r.cell.slug()] = Path(os.path.relpath(png, store.root)).as_posix()
-                write_table(table, results_, store.tables_dir, profile=profile, fidelity=fidelity, metric=metric,
-                            runs_dir=store.runs_dir)
+                write_table(choices, results_, store.tables_dir, store.runs_dir, stem=choices.stem())
                 anchor = stem
                 index.append(f"- [{stem}](#{anchor}): {table.title}")
-                section = f'<a id="{anchor}"></a>\n\n' + markdown(
-                    table, results_, profile=profile, fidelity=fidelity, metric=metric, runs_dir=store.runs_dir,
-                    links=links, level=2)
+                section = f'<a id="{anchor}"></a>\n\n' + markdown(choices, results_, store.runs_dir, links=links,
+                                                                     level=2)
                 png = table_figure(table, results_, store.figures_dir / f"{stem}.png",
                                    title=f"{stem}: {table.title}")
                 if png:

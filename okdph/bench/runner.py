@@ -1,9 +1,10 @@
 """`okdph-bench run --table ID`: expand a table into runs, skip those already recorded, train the
 rest on an executor, and render the table from the records (docs/architecture.md#data-flow-of-one-table).
 
-    run_table("3", profile="smoke")            # the README's first command
-    render_table("3", profile="smoke")         # `okdph-bench table 3 --profile smoke`
-    plan_table("3", profile="paper")           # one shell command per run, for any scheduler
+    smoke = TableChoices.of("3", profile="smoke")
+    run_table(smoke, Execution(jobs=2))        # the README's first command
+    render_table(smoke)                        # `okdph-bench table 3 --profile smoke`
+    plan_table(TableChoices.of("3"))           # one shell command per run, for any scheduler
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from okdph.bench import executors
+from okdph.bench.choices import Execution, TableChoices
 from okdph.bench.experiments import Table, expand, get_table, unique_configs
-from okdph.bench.render import check_metric, collect, write_table
-from okdph.bench.stats import check_std
+from okdph.bench.render import collect, write_table
 from okdph.bench.store import ResultStore
 from okdph.engine.checkpoint import trajectory_dir
 from okdph.engine.recipe import resolve_recipe, stand_in_dataset
 from okdph.engine.run import RunConfig, validate
 from okdph.errors import ConfigError
-from okdph.names import DEFAULT_STD, EXECUTORS
+from okdph.names import EXECUTORS
 from okdph.threads import default_threads
 
 # Metrics computed after training (Table 5's PAC-Bayes bound): a table whose metric is one of these
@@ -53,20 +54,20 @@ class RunSummary:
     seconds: float = 0.0
 
 
-def _plan(table_name: str, *, profile: str, seeds, methods, fidelity: str, engine: str, results,
-          data_root: str, download: bool) -> tuple[Table, list, list[RunConfig], ResultStore]:
-    table = get_table(table_name)
+def _plan(choices: TableChoices, execution: Execution, *, seeds, methods, results
+          ) -> tuple[list, list[RunConfig], ResultStore]:
     store = ResultStore.of(results)
-    runs = expand(table, profile=profile, seeds=seeds, methods=methods, fidelity=fidelity, engine=engine,
-                  data_root=data_root, download=download, out_dir=str(store.runs_dir))
+    runs = expand(choices.table, profile=choices.profile, seeds=seeds, methods=methods, fidelity=choices.fidelity,
+                  engine=choices.engine or "auto", data_root=execution.data_root, download=execution.download,
+                  out_dir=str(store.runs_dir))
     configs = unique_configs(runs)
     for cfg in configs:  # every name and value checked before any work starts
         validate(cfg)
-    if table.metric in ANALYSED_METRICS:  # keep the weights the analysis needs: init and last epoch
+    if choices.table.metric in ANALYSED_METRICS:  # keep the weights the analysis needs: init and last epoch
         configs = [replace(cfg, save_every=resolve_recipe(cfg.profile, cfg.resolved_dataset(), cfg.epochs,
                                                           cfg.backbone).epochs)
                    for cfg in configs]
-    return table, runs, configs, store
+    return runs, configs, store
 
 
 def _record(cfg: RunConfig) -> dict | None:
@@ -129,98 +130,41 @@ def check_before_run(store: ResultStore, configs: list[RunConfig], *, slurm: boo
         check_files(dataset, root, download)
 
 
-def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
-              fidelity: str = "official", engine: str = "auto", executor: str = "local",
-              gpus: str | None = None, jobs: int | None = 1, dry_run: bool = False, metric: str = "paper",
-              results="results",
-              data_root: str = "data", download: bool = False, progress: bool = True,
-              pack_size: int | None = None, slurm_parameters: dict | None = None, slurm_cluster: str | None = None,
-              wait: bool = False, std: str = DEFAULT_STD) -> RunSummary:
-    """Train every run of a table that has no record yet, then write results/tables/<stem>.md|csv|json.
-
-    executor "local": in this process on CPU or one GPU, one worker process per GPU with several
-    (`gpus`), or `jobs` CPU worker processes; with `pack_size` > 1 that many seeds of a cell train as
-    one pack on the fast engine (okdph.engine.packed). "slurm": one submitit job per `pack_size` runs
-    (default: one cell's seeds, one after another; packed when `pack_size` is given), rendered when
-    `wait` (else later with `okdph-bench table`). `std`: the std convention the table shows."""
+def run_table(choices: TableChoices, execution: Execution = Execution(), *, seeds: int | list[int] | None = None,
+              methods=None, results="results") -> RunSummary:
+    """Train every run of a table that has no record yet (`seeds` per cell, of `methods`, default
+    all), then write <results>/tables/<stem>.md|csv|json. SLURM runs are rendered when
+    `execution.wait` (else later with `okdph-bench table`)."""
     started = time.perf_counter()
-    check_metric(metric)
-    check_std(std)
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor '{executor}'; valid: {', '.join(EXECUTORS)}")
-    if pack_size is not None and pack_size < 1:
-        raise ConfigError(f"--pack must be >= 1 run, got {pack_size}")
-    if executor != "slurm" and (slurm_parameters or wait):  # would be ignored without a word
-        raise ConfigError(f"{'--slurm' if slurm_parameters else '--wait'} applies to --executor slurm only; "
-                          "add --executor slurm or drop it")
-    if executor == "slurm" and not dry_run:  # SLURM reachable, or one line before any work
+    if execution.executor == "slurm" and not execution.dry_run:  # SLURM reachable, or one line before any work
         from okdph.bench import slurm
 
-        slurm.check_available(slurm_cluster)
-    table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
-                                        fidelity=fidelity, engine=engine, results=results,
-                                        data_root=data_root, download=download)
+        slurm.check_available(execution.slurm_cluster)
+    table = choices.table
+    runs, configs, store = _plan(choices, execution, seeds=seeds, methods=methods, results=results)
     seeds_per_cell = max(1, len(runs) // max(1, len({r.cell for r in runs})))
-    if executor == "local" and pack_size is not None and pack_size > 1 and seeds_per_cell < 2:  # else ignored
-        raise ConfigError(f"--pack {pack_size} trains a cell's seeds as one pack, but each cell here has one seed; "
-                          "add --seeds N or drop --pack")
+    if execution.executor == "local" and execution.packed and seeds_per_cell < 2:  # else ignored
+        raise ConfigError(f"--pack {execution.pack_size} trains a cell's seeds as one pack, but each cell here has "
+                          "one seed; add --seeds N or drop --pack")
     pending = [cfg for cfg in configs if _must_train(cfg, store, table.metric)]
-    summary = RunSummary(table.id, profile, len({r.cell for r in runs}), len(configs),
+    summary = RunSummary(table.id, choices.profile, len({r.cell for r in runs}), len(configs),
                          len(configs) - len(pending), pending=[c.run_id() for c in pending],
                          damaged=[str(path) for path in store.damaged])
-    if dry_run:
+    if execution.dry_run:
         summary.seconds = time.perf_counter() - started
         return summary
     analysed = [cfg for cfg in configs if table.metric in ANALYSED_METRICS and cfg not in pending
                 and _needs_analysis(cfg, table.metric)]
-    check_before_run(store, pending + analysed, slurm=executor == "slurm")
-
-    if executor == "local":
-        import torch
-
-        devices = executors.parse_gpus(gpus, torch.cuda.device_count(), jobs)
-        # read before training: afterwards the load average still counts the workers for a minute
-        cpu_threads = len(devices) * default_threads(len(devices))
-        outcomes = executors.run_local(pending, devices, progress=progress, desc=table.id, pack_size=pack_size or 1)
-        summary.trained = sum(o.error is None and o.skipped is None for o in outcomes)
-        summary.skipped = [(o.run_id, o.skipped) for o in outcomes if o.skipped]
-        summary.failed = [(o.run_id, o.error) for o in outcomes if o.error]
-        if table.metric in ANALYSED_METRICS:
-            summary.analysed, failed = _analyse(configs, table.metric, device=devices[0], data_root=data_root,
-                                                progress=progress, cpu_threads=cpu_threads)
-            summary.failed += failed
-    elif pending:
-        from okdph.bench import slurm
-
-        submitted = slurm.submit(pending, folder=store.root / "slurm", pack_size=pack_size or seeds_per_cell,
-                                 packed=pack_size is not None and pack_size > 1,
-                                 parameters=slurm_parameters, cluster=slurm_cluster)
-        summary.jobs = [job.job_id for job in submitted]
-        if not wait:
-            summary.seconds = time.perf_counter() - started
-            return summary
-        for job in submitted:
-            for outcome in job.result():
-                if outcome.error:
-                    summary.failed.append((outcome.run_id, outcome.error))
-                elif outcome.skipped:
-                    summary.skipped.append((outcome.run_id, outcome.skipped))
-                else:
-                    summary.trained += 1
-        if table.metric in ANALYSED_METRICS:  # here, after the jobs: on this machine's first GPU or CPU
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            summary.analysed, failed = _analyse(configs, table.metric, device=device, data_root=data_root,
-                                                progress=progress)
-            summary.failed += failed
-
+    check_before_run(store, pending + analysed, slurm=execution.executor == "slurm")
+    train = _train_local if execution.executor == "local" else _train_on_slurm
+    if not train(pending, configs, table, execution, summary, store, seeds_per_cell):
+        summary.seconds = time.perf_counter() - started  # submitted, not waited for
+        return summary
     store.refresh()
-    cells = collect(table, store, profile=profile, fidelity=fidelity, metric=metric, std=std)
+    cells = collect(choices, store)
     if any(r.recorded for r in cells):  # every run failed: no table of empty cells
         try:
-            summary.outputs, summary.markdown = _write(table, store, cells, profile=profile, fidelity=fidelity,
-                                                       metric=metric)
+            summary.outputs, summary.markdown = _write(choices, store, cells)
         except OSError as exc:  # the records are on disk: say so, or the line reads as if all was lost
             where = f" ({exc.filename})" if exc.filename else ""
             raise OSError(exc.errno, f"{exc.strerror or exc}{where}; the table was not written, but the "
@@ -230,10 +174,59 @@ def run_table(table_name: str, *, profile: str = "paper", seeds: int | list[int]
     return summary
 
 
-def _write(table: Table, store: ResultStore, results, *, profile: str, fidelity: str,
-           metric: str, out_dir=None) -> tuple[dict[str, Path], str]:
-    paths = write_table(table, results, out_dir or store.tables_dir, profile=profile, fidelity=fidelity,
-                        metric=metric, runs_dir=store.runs_dir)
+def _train_local(pending, configs, table, execution: Execution, summary: RunSummary, *_) -> bool:
+    """Train `pending` here (worker processes, GPUs, packs), then compute an analysed metric."""
+    import torch
+
+    devices = executors.parse_gpus(execution.gpus, torch.cuda.device_count(), execution.jobs)
+    # read before training: afterwards the load average still counts the workers for a minute
+    cpu_threads = len(devices) * default_threads(len(devices))
+    outcomes = executors.run_local(pending, devices, progress=execution.progress, desc=table.id,
+                                   pack_size=execution.pack_size or 1)
+    summary.trained = sum(o.error is None and o.skipped is None for o in outcomes)
+    summary.skipped = [(o.run_id, o.skipped) for o in outcomes if o.skipped]
+    summary.failed = [(o.run_id, o.error) for o in outcomes if o.error]
+    if table.metric in ANALYSED_METRICS:
+        summary.analysed, failed = _analyse(configs, table.metric, device=devices[0], data_root=execution.data_root,
+                                            progress=execution.progress, cpu_threads=cpu_threads)
+        summary.failed += failed
+    return True
+
+
+def _train_on_slurm(pending, configs, table, execution: Execution, summary: RunSummary, store: ResultStore,
+                    seeds_per_cell: int) -> bool:
+    """Submit `pending` as SLURM jobs; with `wait`, collect their outcomes and compute an analysed
+    metric here. False when the jobs were submitted and not waited for (nothing to render yet)."""
+    if not pending:
+        return True
+    from okdph.bench import slurm
+
+    submitted = slurm.submit(pending, folder=store.root / "slurm", pack_size=execution.pack_size or seeds_per_cell,
+                             packed=execution.packed, parameters=execution.slurm_parameters or None,
+                             cluster=execution.slurm_cluster)
+    summary.jobs = [job.job_id for job in submitted]
+    if not execution.wait:
+        return False
+    for job in submitted:
+        for outcome in job.result():
+            if outcome.error:
+                summary.failed.append((outcome.run_id, outcome.error))
+            elif outcome.skipped:
+                summary.skipped.append((outcome.run_id, outcome.skipped))
+            else:
+                summary.trained += 1
+    if table.metric in ANALYSED_METRICS:  # here, after the jobs: on this machine's first GPU or CPU
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        summary.analysed, failed = _analyse(configs, table.metric, device=device, data_root=execution.data_root,
+                                            progress=execution.progress)
+        summary.failed += failed
+    return True
+
+
+def _write(choices: TableChoices, store: ResultStore, results, out_dir=None) -> tuple[dict[str, Path], str]:
+    paths = write_table(choices, results, out_dir or store.tables_dir, runs_dir=store.runs_dir)
     return paths, paths["md"].read_text()
 
 
@@ -242,16 +235,16 @@ def profiles_with_records(table: Table, store: ResultStore, fidelity: str = "off
     from okdph.names import PROFILES
 
     return [p for p in PROFILES if p in table.profiles
-            and any(r.recorded for r in collect_any_engine(table, store, profile=p, fidelity=fidelity))]
+            and any(r.recorded for r in collect_any_engine(TableChoices(table, p, fidelity, engine=None), store))]
 
 
-def collect_any_engine(table: Table, store: ResultStore, **options) -> list:
+def collect_any_engine(choices: TableChoices, store: ResultStore) -> list:
     """`collect`, or for a table whose cells mix engines, every engine's records (only counted)."""
     try:
-        return collect(table, store, **options)
+        return collect(choices, store)
     except ConfigError:
         return [r for engine in sorted({r.get("engine") for r in store.records()})
-                for r in collect(table, store, engine=engine, **options)]
+                for r in collect(replace(choices, engine=engine), store)]
 
 
 def default_profile(table_name: str, *, fidelity: str = "official", results="results") -> str:
@@ -261,36 +254,32 @@ def default_profile(table_name: str, *, fidelity: str = "official", results="res
     return recorded[0] if recorded else "paper"
 
 
-def render_table(table_name: str, *, profile: str = "paper", fidelity: str = "official", metric: str = "paper",
-                 engine: str | None = None, results="results", out_dir=None, std: str = DEFAULT_STD
-                 ) -> tuple[dict[str, Path], str]:
+def render_table(choices: TableChoices, *, results="results", out_dir=None) -> tuple[dict[str, Path], str]:
     """Re-render a table from the records, training nothing, into `out_dir` (default: the results
     folder's tables/); returns the paths and the Markdown. No records for the profile:
     ConfigError naming the profiles that have some, nothing written."""
     store = ResultStore.of(results)
-    table = get_table(table_name)
+    table = choices.table
     out_dir = Path(out_dir) if out_dir is not None else store.tables_dir
     store.check_writable(out_dir)
-    results_ = collect(table, store, profile=profile, fidelity=fidelity, engine=engine, metric=metric, std=std)
+    results_ = collect(choices, store)
     if not any(r.recorded for r in results_):
-        recorded = profiles_with_records(table, store, fidelity)
+        recorded = profiles_with_records(table, store, choices.fidelity)
         where = (f"records exist for profile {', '.join(recorded)} (pass --profile {recorded[0]})" if recorded
                  else f"train some with okdph-bench run --table {table.aliases[0] if table.aliases else table.id}")
-        raise ConfigError(f"no records of {table.id} for profile '{profile}', fidelity '{fidelity}' in "
-                          f"{store.runs_dir}; {where}")
-    return _write(table, store, results_, profile=profile, fidelity=fidelity, metric=metric, out_dir=out_dir)
+        raise ConfigError(f"no records of {table.id} for profile '{choices.profile}', fidelity '{choices.fidelity}' "
+                          f"in {store.runs_dir}; {where}")
+    return _write(choices, store, results_, out_dir=out_dir)
 
 
-def plan_table(table_name: str, *, profile: str = "paper", seeds: int | list[int] | None = None, methods=None,
-               fidelity: str = "official", engine: str = "auto", results="results", data_root: str = "data",
-               download: bool = False, ddp_procs: int | None = None, include_recorded: bool = False) -> list[str]:
+def plan_table(choices: TableChoices, execution: Execution = Execution(), *, seeds: int | list[int] | None = None,
+               methods=None, results="results", include_recorded: bool = False) -> list[str]:
     """One self-contained `okdph-bench train` command per run not yet recorded (all with
     `include_recorded`), for any scheduler; each command skips its run if the record exists."""
-    table, runs, configs, store = _plan(table_name, profile=profile, seeds=seeds, methods=methods,
-                                        fidelity=fidelity, engine=engine, results=results,
-                                        data_root=data_root, download=download)
-    return [executors.train_command(cfg, ddp_procs=ddp_procs) for cfg in configs
+    _, configs, store = _plan(choices, execution, seeds=seeds, methods=methods, results=results)
+    return [executors.train_command(cfg, ddp_procs=execution.ddp_procs) for cfg in configs
             if include_recorded or not store.is_recorded(cfg)]
 
 
-__all__ = ["EXECUTORS", "RunSummary", "default_profile", "plan_table", "render_table", "run_table"]
+__all__ = ["EXECUTORS", "Execution", "RunSummary", "TableChoices", "default_profile", "plan_table", "render_table",
+           "run_table"]

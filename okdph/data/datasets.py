@@ -8,7 +8,6 @@ each view with its own random draws. A test item is (Tensor[3, H, W], int).
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,8 +18,7 @@ from torch.utils.data import Dataset
 from okdph.errors import DataError
 from okdph.names import SETTINGS
 
-from .info import get_info
-from .synthetic import make_synthetic
+from .info import get_info, resolve
 from .transforms import build_test_transform, build_train_transform
 
 __all__ = [
@@ -36,102 +34,25 @@ LIMITED_SEED = 42  # official experiment/sample/simple_cifar.ipynb
 # Loading raw arrays
 # ------------------------------------------------------------------------------------------------
 
-_CIFAR_TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-
-# digits: every 5th image of each class (in file order) is a test image. With the class sizes
-# 178 182 177 183 181 182 181 179 174 180 this gives 1442 train / 355 test images.
-DIGITS_TEST_EVERY = 5
-DIGITS_SIZES = {"train": 1442, "test": 355}
-
-
-def _cifar_arrays(name: str, root, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision import datasets
-
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
-    title = _CIFAR_TITLE[name]
-    if root is None:
-        raise DataError(f"{title} needs a data root; pass --data-root (add --download to fetch it there)")
-    try:
-        ds = cls(os.fspath(root), train=train, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted ..."
-        raise DataError(
-            f"{title} not found or corrupted under {os.fspath(root)} (md5 check failed); "
-            "pass --download to fetch it or --data-root to point at it") from err
-    except OSError as err:  # a failed download (URLError is an OSError)
-        detail = " ".join(str(err).split())
-        raise DataError(f"could not download {title} to {os.fspath(root)}: {detail}; "
-                        "check the network or fetch it by hand and pass --data-root") from err
-    return np.ascontiguousarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+def load_arrays(name: str, root=None, train: bool = True, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W, 3), targets int64 (N,)) of an in-memory dataset's split, from the
+    loader its info names (cifar10/cifar100 read from `root`, downloaded there only if `download`;
+    digits and synthetic10/100 need no files)."""
+    info = get_info(name)
+    if not info.in_memory:
+        raise DataError(f"{name!r} is an image folder, not an in-memory dataset; "
+                        "use build_train_set/build_test_set")
+    return resolve(info.loader)(root, train, download)
 
 
 def check_files(name: str, root, download: bool = False) -> None:
-    """Check that a dataset's files are where a run will read them, reading no images: CIFAR's
-    batch files (md5-checked, as torchvision does) unless `download`, ImageNet's train/ and val/
-    folders. DataError (one line, saying what to do) otherwise. `okdph-bench run` calls it once
-    per dataset before any run trains; a run that loads its data checks again anyway."""
-    if name in _CIFAR_TITLE:
-        if download:  # fetched by the first run that needs it
-            return
-        from torchvision import datasets
-        from torchvision.datasets.utils import check_integrity
-
-        title = _CIFAR_TITLE[name]
-        if root is None:
-            raise DataError(f"{title} needs a data root; pass --data-root (add --download to fetch it there)")
-        cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
-        folder = os.path.join(os.fspath(root), cls.base_folder)
-        files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
-        for filename, md5 in files:
-            path = os.path.join(folder, filename)
-            if not os.path.isfile(path):
-                raise DataError(f"{title} not found under {os.fspath(root)} (no {path}); "
-                                "pass --download to fetch it or --data-root to point at it")
-            if not check_integrity(path, md5):
-                raise DataError(f"{title} under {os.fspath(root)} is corrupted ({path} fails its md5 check); "
-                                "delete it and pass --download, or point --data-root at a good copy")
-    elif name == "imagenet":
-        if root is None:
-            raise DataError("imagenet needs a data root; pass --data-root pointing at a folder with train/ and val/")
-        for split in ("train", "val"):
-            path = os.path.join(os.fspath(root), split)
-            if not os.path.isdir(path):
-                raise DataError(f"ImageNet folder {path} not found (expected an ImageFolder root with train/ and "
-                                "val/); pass --data-root to point at it")
-
-
-def _digits_arrays(train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1797 8x8 digits (values 0..16, shipped with the package), upsampled bilinearly
-    to 32x32, scaled to 0..255 and replicated to RGB; a fixed class-stratified split (see above)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    targets = digits.target.astype(np.int64)
-    small = torch.from_numpy(digits.images.astype(np.float32))[:, None]          # (N, 1, 8, 8)
-    big = torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
-    gray = (big[:, 0] * (255.0 / 16.0)).round_().clamp_(0, 255).to(torch.uint8).numpy()
-    rank = np.empty(len(targets), dtype=np.int64)       # position of each image within its class
-    for c in np.unique(targets):
-        members = np.flatnonzero(targets == c)
-        rank[members] = np.arange(len(members))
-    is_test = rank % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1
-    keep = ~is_test if train else is_test
-    return np.repeat(gray[keep][..., None], 3, axis=3), targets[keep]
-
-
-def load_arrays(name: str, root=None, train: bool = True, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, H, W, 3), targets int64 (N,)) of an in-memory dataset's split.
-
-    cifar10/cifar100 are read with torchvision (md5-checked) from `root`, downloaded there only if
-    `download`; digits and synthetic10/100 need no files (`root` is ignored)."""
+    """Check that a dataset's files are where a run will read them, reading no images (CIFAR's
+    batch files md5-checked unless `download`, ImageNet's train/ and val/ folders); DataError (one
+    line, saying what to do) otherwise. `okdph-bench run` calls it once per dataset before any run
+    trains; a run that loads its data checks again anyway."""
     info = get_info(name)
-    if name in _CIFAR_TITLE:
-        return _cifar_arrays(name, root, train, download)
-    if name == "digits":
-        return _digits_arrays(train)
-    if name.startswith("synthetic"):
-        return make_synthetic(info.num_classes, train)
-    raise DataError(f"{name!r} is an image folder, not an in-memory dataset; "
-                    "use build_train_set/build_test_set")
+    if info.file_check:
+        resolve(info.file_check)(root, download)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,30 +142,13 @@ def _check_setting(setting: str) -> None:
         raise DataError(f"unknown data setting {setting!r}; valid: {', '.join(SETTINGS)}")
 
 
-def _image_folder(root, split: str, transform: Callable) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
-    if root is None:
-        raise DataError("imagenet needs a data root; pass --data-root pointing at a folder with train/ and val/")
-    path = os.path.join(os.fspath(root), split)
-    if not os.path.isdir(path):
-        raise DataError(f"ImageNet folder {path} not found (expected an ImageFolder root with train/ and val/); "
-                        "pass --data-root to point at it")
-    try:
-        return ImageFolder(path, transform=transform)
-    except (FileNotFoundError, RuntimeError) as err:
-        detail = " ".join(str(err).split())
-        raise DataError(f"ImageNet folder {path} holds no class folders with images ({detail}); "
-                        "pass --data-root to point at it") from err
-
-
 def _build(name: str, root, train: bool, transform: Callable, setting: str, download: bool,
            noise_mean: float, noise_std: float) -> Dataset:
     _check_setting(setting)
     info = get_info(name)
     percent = _LIMITED_PERCENT.get(setting) if train else None
-    if name == "imagenet":
-        ds = _image_folder(root, "train" if train else "val", transform)
+    if not info.in_memory:
+        ds = resolve(info.loader)(root, "train" if train else "val", transform)
         if percent is not None:
             keep = limited_indices(ds.targets, percent)
             ds.samples = [ds.samples[i] for i in keep]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IMAGE_SIZE", "SPLIT_SIZES", "make_synthetic"]
+__all__ = ["IMAGE_SIZE", "SPLIT_SIZES", "make_synthetic", "synthetic100_arrays", "synthetic10_arrays"]
 
 IMAGE_SIZE = 32
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}
@@ -116,3 +116,13 @@ def make_synthetic(num_classes: int, train: bool, seed: int = 0) -> tuple[np.nda
     """(images uint8 (N, 32, 32, 3), targets int64 (N,)) of one split; memoised, returned as copies."""
     images, targets = _generate(int(num_classes), int(seed), bool(train))
     return images.copy(), targets.copy()
+
+
+def synthetic10_arrays(root, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic10 split, seed 0 (the dataset loader; `root` and `download` are unused)."""
+    return make_synthetic(10, train)
+
+
+def synthetic100_arrays(root, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic100 split, seed 0 (the dataset loader; `root` and `download` are unused)."""
+    return make_synthetic(100, train)

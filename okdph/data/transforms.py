@@ -80,22 +80,14 @@ def _check_view(view: str) -> None:
         raise DataError(f"unknown view {view!r}; valid: {', '.join(VIEWS)}")
 
 
-def _is_cifar_sized(info: DatasetInfo) -> bool:
-    return info.image_size <= 64
-
-
 def build_train_transform(view: str, info: DatasetInfo) -> Callable:
     """PIL image -> normalised float tensor (3, S, S), S = info.image_size, for one training view."""
     _check_view(view)
     if view == "base":
         return build_test_transform(info)
     size = info.image_size
-    if _is_cifar_sized(info):
-        crop = T.RandomCrop(size, padding=CIFAR_PADDING)
-        hole = CUTOUT_LENGTH["cifar"]
-    else:
-        crop = T.RandomResizedCrop(size)
-        hole = CUTOUT_LENGTH["imagenet"]
+    crop = T.RandomCrop(size, padding=CIFAR_PADDING) if info.family == "cifar" else T.RandomResizedCrop(size)
+    hole = CUTOUT_LENGTH[info.family]
     flip = [T.RandomHorizontalFlip()] if info.mirror_invariant else []
     rotation = T.RandomRotation(ROTATION_DEGREES, interpolation=InterpolationMode.NEAREST, fill=0)
     pil_ops = {
@@ -111,5 +103,5 @@ def build_train_transform(view: str, info: DatasetInfo) -> Callable:
 
 def build_test_transform(info: DatasetInfo) -> Callable:
     """PIL image -> normalised float tensor, no augmentation (also the 'base' view)."""
-    resize = [] if _is_cifar_sized(info) else [T.Resize(_IMAGENET_RESIZE), T.CenterCrop(info.image_size)]
+    resize = [] if info.family == "cifar" else [T.Resize(_IMAGENET_RESIZE), T.CenterCrop(info.image_size)]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(info.mean, info.std)])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from okdph.data.info import get_info
 from okdph.names import PROFILES
 from okdph.strategy import ConfigError
 
@@ -34,24 +35,35 @@ class Recipe:
     # "step": ×lr_decay at each milestone epoch, as the official MultiStepLR (stepped after each
     # epoch's test); "linear": from lr down to 0 over the run's steps, updated after every step.
     schedule: str = "step"
+    # Linear schedule only: the lr rises linearly from lr/W to lr over the first W = warmup_epochs
+    # epochs' steps, then decays linearly to 0 over the rest (0: no warm-up).
+    warmup_epochs: int = 0
     train_samples: int | None = None  # use only the first N training images; None: all
     test_samples: int | None = None   # evaluate on the first N test images; None: all
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule '{self.schedule}'; valid: {', '.join(SCHEDULES)}")
+        if self.warmup_epochs and (self.schedule != "linear" or not 0 < self.warmup_epochs < self.epochs):
+            raise ConfigError(f"a warm-up of {self.warmup_epochs} epochs needs the linear schedule and "
+                              f"fewer epochs than the run's {self.epochs}")
 
     def with_epochs(self, epochs: int) -> "Recipe":
         """Same recipe over `epochs` epochs, milestones scaled proportionally."""
         if epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
         scaled = tuple(max(1, round(m * epochs / self.epochs)) for m in self.milestones)
-        return replace(self, epochs=epochs, milestones=scaled)
+        warmup = min(round(self.warmup_epochs * epochs / self.epochs), epochs - 1)
+        return replace(self, epochs=epochs, milestones=scaled, warmup_epochs=warmup)
 
     def step_factor(self, step: int, steps_per_epoch: int) -> float:
-        """The linear schedule's lr multiplier before global step `step` (0-based): 1 at the first
-        step, 1/T at the last of the run's T steps."""
-        return 1.0 - step / (self.epochs * steps_per_epoch)
+        """The linear schedule's lr multiplier before global step `step` (0-based): without warm-up,
+        1 at the first step and 1/T at the last of the run's T steps; with a warm-up of W steps,
+        (step + 1)/W during it, then 1 at step W down to 1/(T - W) at the last."""
+        total, warmup = self.epochs * steps_per_epoch, self.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return (step + 1) / warmup
+        return 1.0 - (step - warmup) / (total - warmup)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "milestones": list(self.milestones)}
@@ -101,7 +113,7 @@ def resolve_recipe(profile: str, dataset: str, epochs: int | None = None, backbo
     elif profile == "pipeline":
         recipe = PIPELINE_RECIPE
     else:
-        recipe = IMAGENET_RECIPE if dataset == "imagenet" else CIFAR_RECIPE
+        recipe = IMAGENET_RECIPE if get_info(dataset).family == "imagenet" else CIFAR_RECIPE
         if profile == "quick" and epochs is None:
             epochs = max(1, round(recipe.epochs * QUICK_FRACTION))
     return recipe if epochs is None or epochs == recipe.epochs else recipe.with_epochs(epochs)

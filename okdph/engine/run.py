@@ -79,7 +79,7 @@ class RunConfig:
     device: str = "auto"
     data_root: str = "data"
     download: bool = False
-    workers: int | None = None       # DataLoader workers; None: 0 for in-process small data, else 8
+    workers: int | None = None       # DataLoader workers; None: the dataset's (okdph.data.info)
     train_samples: int | None = _mark(CELL, None, omit_if_none=True)  # the first N training images; None: the profile's
     out_dir: str = "results/runs"   # the runs/ of the results folder every command reads
     ddp: bool = False                # one process of a torchrun job (engine/distributed.py)
@@ -92,7 +92,7 @@ class RunConfig:
         if dataset is not None:
             return dataset
         raise ConfigError("--dataset is required unless --profile smoke or pipeline; valid: "
-                          + ", ".join(okdata.DATASETS))
+                          + ", ".join(okdata.dataset_names()))
 
     def resolved_width(self) -> float:
         if self.width is not None:
@@ -103,7 +103,7 @@ class RunConfig:
         if self.engine != "auto":
             return self.engine
         # The fast engine holds the data in memory and runs fp32 or bf16, single-process.
-        in_memory = self.resolved_dataset() != "imagenet"
+        in_memory = okdata.get_info(self.resolved_dataset()).in_memory
         return "fast" if in_memory and not self.ddp and self.precision != "fp64" else "reference"
 
     def resolved_overrides(self) -> dict:
@@ -157,8 +157,8 @@ def validate(cfg: RunConfig):
     if cfg.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone '{cfg.backbone}'; valid: {', '.join(list_backbones())}")
     dataset = cfg.resolved_dataset()
-    if dataset not in okdata.DATASETS:
-        raise ConfigError(f"unknown dataset '{dataset}'; valid: {', '.join(okdata.DATASETS)}")
+    if dataset not in okdata.dataset_names():
+        raise ConfigError(f"unknown dataset '{dataset}'; valid: {', '.join(okdata.dataset_names())}")
     if cfg.setting not in okdata.SETTINGS:
         raise ConfigError(f"unknown setting '{cfg.setting}'; valid: {', '.join(okdata.SETTINGS)}")
     if cfg.fidelity not in FIDELITIES:
@@ -173,8 +173,8 @@ def validate(cfg: RunConfig):
         raise ConfigError("the fast engine runs fp32 or bf16; use --engine reference for fp64")
     if cfg.ddp and cfg.resolved_engine() != "reference":
         raise ConfigError("--ddp runs the reference engine; drop --engine fast")
-    if cfg.resolved_engine() == "fast" and dataset == "imagenet":
-        raise ConfigError("the fast engine needs an in-memory dataset; use --engine reference for imagenet")
+    if cfg.resolved_engine() == "fast" and not okdata.get_info(dataset).in_memory:
+        raise ConfigError(f"the fast engine needs an in-memory dataset; use --engine reference for {dataset}")
     built_for, images = backbone_image_size(cfg.backbone), okdata.get_info(dataset).image_size
     if built_for != images:
         raise ConfigError(f"backbone '{cfg.backbone}' does not fit dataset '{dataset}': it is built for "
@@ -561,128 +561,160 @@ def train_locked(cfgs: list[RunConfig], progress: bool) -> dict[str, dict]:
         stop.restore()
 
 
-def _train_locked(cfgs: list[RunConfig], progress: bool, stop: StopRequest) -> dict[str, dict]:
-    first = cfgs[0]
-    strategy_cls, config = validate(first)
-    dataset = first.resolved_dataset()
-    recipe = resolve_recipe(first.profile, dataset, first.epochs, first.backbone)
-    device = distributed.setup(first.device) if first.ddp else resolve_device(first.device)
-    info = okdata.get_info(dataset)
-    strategies = []
-    for cfg in cfgs:  # each run's initialisation exactly as a run of its own draws it
-        seed_everything(cfg.seed, cfg.deterministic, device)
-        strategy = build_strategy(strategy_cls, config, cfg, info).to(device)
-        if cfg.precision == "fp64":  # before the optimizers exist: they keep the weights they were given
-            strategy.double()
-        strategies.append(strategy)
-    train_set, test_set = build_data(first, strategies[0].views(), recipe)
-    size = info.image_size  # a blank probe: no data read, no random number drawn
-    probe = torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(strategies[0]))
-    check_heads(strategies[0], probe)
-    check_last_batch(strategies[0], first.method, len(train_set), recipe.batch_size, probe.shape[1:], device)
-    small = dataset not in ("cifar10", "cifar100", "imagenet")  # digits, synthetic: workers would cost more
-    workers = first.workers if first.workers is not None else (0 if small else 8)
-    engine = build_engine(cfgs, strategies, train_set, test_set, recipe, device, workers)
+class Training:
+    """One call of `train_locked`, as named steps: `set_up` builds the strategies, data and engine;
+    `resume` continues from a resume checkpoint of the same runs (or saves the first trajectory
+    point); `run_epoch` trains, tests and logs one epoch; `finish` writes the records. What the
+    steps share (the runs' histories and states, the engine) lives on the object."""
 
-    runs = range(len(cfgs))
-    name = first.run_id() if len(cfgs) == 1 else f"pack of {len(cfgs)} ({first.run_id()}, ...)"
-    writes = not first.ddp or distributed.is_main_process()  # under DDP only rank 0 writes
-    trajectories = None
-    if first.save_every is not None and writes:
-        trajectories = [(trajectory_dir(c.record_path()), trajectory_meta(c, info, len(train_set))) for c in cfgs]
-    histories = [new_history(strategies[0].head_names()) for _ in runs]
-    states = [new_run_state() for _ in runs]
-    resume_path = checkpoint_path(cfgs)
-    if resume_path.exists():
-        saved = load_resume_checkpoint(resume_path, cfgs)
-        engine.load_state_dict(saved["engine"])
-        histories, states = saved["histories"], saved["runs"]
-        for state in states:
-            state["resumes"].append({"epoch": state["epoch"], "step": engine.step,
+    def __init__(self, cfgs: list[RunConfig], progress: bool, stop: StopRequest) -> None:
+        self.cfgs, self.first, self.progress, self.stop = cfgs, cfgs[0], progress, stop
+        self.name = self.first.run_id() if len(cfgs) == 1 else f"pack of {len(cfgs)} ({self.first.run_id()}, ...)"
+        self.writes = not self.first.ddp or distributed.is_main_process()  # under DDP only rank 0 writes
+        self.resume_path = checkpoint_path(cfgs)
+
+    def set_up(self) -> None:
+        first = self.first
+        strategy_cls, self.config = validate(first)
+        self.info = okdata.get_info(first.resolved_dataset())
+        self.recipe = resolve_recipe(first.profile, self.info.name, first.epochs, first.backbone)
+        self.device = device = distributed.setup(first.device) if first.ddp else resolve_device(first.device)
+        self.strategies = []
+        for cfg in self.cfgs:  # each run's initialisation exactly as a run of its own draws it
+            seed_everything(cfg.seed, cfg.deterministic, device)
+            strategy = build_strategy(strategy_cls, self.config, cfg, self.info).to(device)
+            if cfg.precision == "fp64":  # before the optimizers exist: they keep the weights they were given
+                strategy.double()
+            self.strategies.append(strategy)
+        self.train_set, self.test_set = build_data(first, self.strategies[0].views(), self.recipe)
+        size = self.info.image_size  # a blank probe: no data read, no random number drawn
+        probe = torch.zeros(2, 3, size, size, device=device, dtype=reference.network_dtype(self.strategies[0]))
+        check_heads(self.strategies[0], probe)
+        check_last_batch(self.strategies[0], first.method, len(self.train_set), self.recipe.batch_size,
+                         probe.shape[1:], device)
+        self.workers = first.workers if first.workers is not None else self.info.loader_workers
+        self.engine = build_engine(self.cfgs, self.strategies, self.train_set, self.test_set, self.recipe, device,
+                                   self.workers)
+        self.trajectories = None
+        if first.save_every is not None and self.writes:
+            self.trajectories = [(trajectory_dir(c.record_path()), trajectory_meta(c, self.info, len(self.train_set)))
+                                 for c in self.cfgs]
+        self.histories = [new_history(self.strategies[0].head_names()) for _ in self.cfgs]
+        self.states = [new_run_state() for _ in self.cfgs]
+
+    def resume(self) -> None:
+        if not self.resume_path.exists():
+            for (folder, meta), strategy in zip(self.trajectories or (), self.strategies):
+                save_trajectory_point(folder, 0, strategy, meta)
+            return
+        saved = load_resume_checkpoint(self.resume_path, self.cfgs)
+        self.engine.load_state_dict(saved["engine"])
+        self.histories, self.states = saved["histories"], saved["runs"]
+        for state in self.states:
+            state["resumes"].append({"epoch": state["epoch"], "step": self.engine.step,
                                      "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                      "cpu_threads": torch.get_num_threads(),  # results depend on it on CPU
-                                     **({"packed": True} if len(cfgs) > 1 else {})})
-        restore_rng(saved["rng"], device)
-        tqdm.write(f"resuming {name} from {resume_path}: epoch {states[0]['epoch']}, step {engine.step}",
-                   file=sys.stderr)  # a resumed run says so, even with --quiet
-    elif trajectories:
-        for (folder, meta), strategy in zip(trajectories, strategies):
-            save_trajectory_point(folder, 0, strategy, meta)
+                                     **({"packed": True} if len(self.cfgs) > 1 else {})})
+        restore_rng(saved["rng"], self.device)
+        tqdm.write(f"resuming {self.name} from {self.resume_path}: epoch {self.states[0]['epoch']}, "
+                   f"step {self.engine.step}", file=sys.stderr)  # a resumed run says so, even with --quiet
 
-    def checkpoint() -> None:
-        if writes and first.checkpoint_every:
-            elapsed = time.perf_counter() - session_start
-            save_resume_checkpoint(resume_path, cfgs, engine=engine, histories=histories,
-                                   runs=[{**s, "wall_s": s["wall_s"] + elapsed} for s in states], device=device)
+    def checkpoint(self) -> None:
+        if self.writes and self.first.checkpoint_every:
+            elapsed = time.perf_counter() - self.session_start
+            save_resume_checkpoint(self.resume_path, self.cfgs, engine=self.engine, histories=self.histories,
+                                   runs=[{**s, "wall_s": s["wall_s"] + elapsed} for s in self.states],
+                                   device=self.device)
 
-    live = [p for p in runs if states[p]["status"] == "complete"]
-    session_start = time.perf_counter()
-    stop.immediate = False  # from here a signal asks the run to stop after the step, with a checkpoint
-    bar = tqdm(range(states[0]["epoch"], recipe.epochs), desc=name[:48], unit="ep", disable=not progress,
-               leave=False)
-    shown = {"at": time.monotonic(), "acc": ""}
+    def run_epochs(self) -> None:
+        """Every epoch left, under a progress bar; a stop request checkpoints and hands over."""
+        self.live = [p for p, state in enumerate(self.states) if state["status"] == "complete"]
+        self.session_start = time.perf_counter()
+        self.stop.immediate = False  # from here a signal asks the run to stop after the step, with a checkpoint
+        self.bar = tqdm(range(self.states[0]["epoch"], self.recipe.epochs), desc=self.name[:48], unit="ep",
+                        disable=not self.progress, leave=False)
+        self.shown = {"at": time.monotonic(), "acc": ""}
+        try:
+            for epoch in self.bar:
+                self.run_epoch(epoch)
+                if not self.live:  # every run diverged
+                    break
+                self.after_epoch(epoch + 1)
+        finally:
+            self.bar.close()
+            self.stop.restore()  # the record is written without them: a signal now ends the process as usual
 
-    def step_done() -> bool:
+    def step_done(self) -> bool:
         """Asked by the engine after every step: stop? Also redraws the bar every second, so a long
         epoch shows its step (tqdm alone redraws per epoch)."""
-        if progress and time.monotonic() - shown["at"] >= PROGRESS_EVERY_S:
-            shown["at"] = time.monotonic()
-            bar.set_postfix_str(f"step {engine.step}{shown['acc']}")
-        return stop()
+        if self.progress and time.monotonic() - self.shown["at"] >= PROGRESS_EVERY_S:
+            self.shown["at"] = time.monotonic()
+            self.bar.set_postfix_str(f"step {self.engine.step}{self.shown['acc']}")
+        return self.stop()
 
-    try:
-        for epoch in bar:
-            t0 = time.perf_counter()
-            for p in live:
-                if len(histories[p]["lr"]) == epoch:  # not when resuming mid-epoch
-                    histories[p]["lr"].append(engine.current_lr())
-            trained = engine.train_epoch(epoch, should_stop=step_done)
-            if trained is None:  # stopped mid-epoch: keep the position and leave
-                for p in live:
-                    states[p]["train_s"] += time.perf_counter() - t0
-                checkpoint()
-                stop.hand_over(f"{name}: stopped by {stop.signal_name} at epoch {epoch}, step {engine.step}; "
-                               f"rerun the same command to resume from {resume_path}")
-            t1 = time.perf_counter()
-            tested = engine.evaluate()
-            t2 = time.perf_counter()
-            engine.end_epoch(epoch)
-            for p in live:
-                log_epoch(histories[p], states[p], epoch, trained[p], tested[p], train_s=t1 - t0, eval_s=t2 - t1,
-                          epoch_s=time.perf_counter() - t0)
-            shown["acc"] = f", acc {max(tested[0].values()):.2f}, loss {sum(trained[0]['loss'].values()):.3f}"
-            bar.set_postfix_str(f"epoch {epoch + 1} done{shown['acc']}")
-            live = [p for p in live if states[p]["status"] == "complete"]  # a diverged run's record ends here
-            if not live:
-                break
-            done = epoch + 1
-            if trajectories and (done % first.save_every == 0 or done == recipe.epochs):
-                engine.write_back()
-                for p in live:
-                    folder, meta = trajectories[p]
-                    save_trajectory_point(folder, done, strategies[p], meta)
-            if first.checkpoint_every and done % first.checkpoint_every == 0 and done < recipe.epochs:
-                checkpoint()
-            if stop():  # preempted at an epoch boundary (or under DDP, which finishes its epoch)
-                checkpoint()
-                stop.hand_over(f"{name}: stopped by {stop.signal_name} after epoch {epoch}; "
-                               f"rerun the same command to resume from {resume_path}")
-    finally:
-        bar.close()
-        stop.restore()  # the record is written without them: a signal now ends the process as usual
-    engine.write_back()
-    elapsed = time.perf_counter() - session_start
-    records = {}
-    for p, cfg in enumerate(cfgs):
-        states[p]["wall_s"] += elapsed
-        records[cfg.run_id()] = build_record(cfg, config, strategies[p], recipe, train_set, test_set, workers,
-                                             histories[p], states[p], device, execution=engine.describe())
-    if first.ddp:
-        distributed.teardown()
-    if writes:
-        for cfg in cfgs:
-            if cfg.record_path().exists() and not is_done(replace(cfg, save_every=None)):
-                set_aside(cfg.record_path())  # a damaged record: kept beside the new one, never lost
-            atomic_write_json(cfg.record_path(), records[cfg.run_id()])
-        resume_path.unlink(missing_ok=True)  # after the records: a kill in between only re-writes them
-    return records
+    def run_epoch(self, epoch: int) -> None:
+        """Train, test, step the schedules and hooks, log each live run; a run that diverged leaves `live`."""
+        t0 = time.perf_counter()
+        for p in self.live:
+            if len(self.histories[p]["lr"]) == epoch:  # not when resuming mid-epoch
+                self.histories[p]["lr"].append(self.engine.current_lr())
+        trained = self.engine.train_epoch(epoch, should_stop=self.step_done)
+        if trained is None:  # stopped mid-epoch: keep the position and leave
+            for p in self.live:
+                self.states[p]["train_s"] += time.perf_counter() - t0
+            self.checkpoint()
+            self.stop.hand_over(f"{self.name}: stopped by {self.stop.signal_name} at epoch {epoch}, step "
+                                f"{self.engine.step}; rerun the same command to resume from {self.resume_path}")
+        t1 = time.perf_counter()
+        tested = self.engine.evaluate()
+        t2 = time.perf_counter()
+        self.engine.end_epoch(epoch)
+        for p in self.live:
+            log_epoch(self.histories[p], self.states[p], epoch, trained[p], tested[p], train_s=t1 - t0,
+                      eval_s=t2 - t1, epoch_s=time.perf_counter() - t0)
+        self.shown["acc"] = f", acc {max(tested[0].values()):.2f}, loss {sum(trained[0]['loss'].values()):.3f}"
+        self.bar.set_postfix_str(f"epoch {epoch + 1} done{self.shown['acc']}")
+        self.live = [p for p in self.live if self.states[p]["status"] == "complete"]  # a diverged record ends here
+
+    def after_epoch(self, done: int) -> None:
+        """Trajectory points and the resume checkpoint at their intervals; a stop request hands over."""
+        first, last = self.first, self.recipe.epochs
+        if self.trajectories and (done % first.save_every == 0 or done == last):
+            self.engine.write_back()
+            for p in self.live:
+                folder, meta = self.trajectories[p]
+                save_trajectory_point(folder, done, self.strategies[p], meta)
+        if first.checkpoint_every and done % first.checkpoint_every == 0 and done < last:
+            self.checkpoint()
+        if self.stop():  # preempted at an epoch boundary (or under DDP, which finishes its epoch)
+            self.checkpoint()
+            self.stop.hand_over(f"{self.name}: stopped by {self.stop.signal_name} after epoch {done - 1}; "
+                                f"rerun the same command to resume from {self.resume_path}")
+
+    def finish(self) -> dict[str, dict]:
+        """The records, written (a damaged one at the same path set aside), and the checkpoint removed."""
+        self.engine.write_back()
+        elapsed = time.perf_counter() - self.session_start
+        records = {}
+        for p, cfg in enumerate(self.cfgs):
+            self.states[p]["wall_s"] += elapsed
+            records[cfg.run_id()] = build_record(
+                cfg, self.config, self.strategies[p], self.recipe, self.train_set, self.test_set, self.workers,
+                self.histories[p], self.states[p], self.device, execution=self.engine.describe())
+        if self.first.ddp:
+            distributed.teardown()
+        if self.writes:
+            for cfg in self.cfgs:
+                if cfg.record_path().exists() and not is_done(replace(cfg, save_every=None)):
+                    set_aside(cfg.record_path())  # a damaged record: kept beside the new one, never lost
+                atomic_write_json(cfg.record_path(), records[cfg.run_id()])
+            self.resume_path.unlink(missing_ok=True)  # after the records: a kill in between only re-writes them
+        return records
+
+
+def _train_locked(cfgs: list[RunConfig], progress: bool, stop: StopRequest) -> dict[str, dict]:
+    training = Training(cfgs, progress, stop)
+    training.set_up()
+    training.resume()
+    training.run_epochs()
+    return training.finish()

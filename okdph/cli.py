@@ -29,6 +29,7 @@ How it behaves:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -38,6 +39,7 @@ from pathlib import Path
 import click
 
 from okdph import names
+from okdph.config import RunConfig
 from okdph.analysis.options import (DEFAULT_EPSILON, DEFAULT_MAX_ITERATIONS, DEFAULT_SAMPLES, DEFAULT_SEED,
                                     DEFAULT_TOLERANCE, DEFAULT_VARIANT, VARIANTS)
 from okdph.errors import PREEMPTED_EXIT, USER_ERRORS, Preempted
@@ -180,58 +182,61 @@ def main():
     """Online knowledge distillation benchmark: OKDPH (CVPR 2023) and its baselines on one engine."""
 
 
+def _click_type(cli: dict):
+    """The click type of a RunConfig field's option (okdph.config.option's `kind` and `choices`)."""
+    if cli["choices"] is not None:
+        return click.Choice(cli["choices"])
+    return {"str": str, "int": int, "float": FiniteFloat(), "positive": POSITIVE, "method": METHOD,
+            "dataset": DatasetChoice(names.DATASETS), "seed": click.IntRange(0, 2 ** 32 - 1),
+            "folder": click.Path(file_okay=False), "sets": str}[cli["kind"]]
+
+
+def config_options(config_cls):
+    """The options of every field of `config_cls` (a RunConfig) that declares one, in field order:
+    what `okdph-bench train` takes. A field added to RunConfig appears here with no other edit."""
+    def decorate(command):
+        for f in reversed(dataclasses.fields(config_cls)):
+            cli = f.metadata.get("cli")
+            if not cli:
+                continue
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            flag, multiple = cli["kind"] == "bool", cli["kind"] == "sets"
+            # no default where there is none (click 8.3 counts an explicit None as one)
+            default = {} if required or multiple else {"default": f.default}
+            shown = default.get("default") not in (None, False)
+            command = click.option(*cli["flags"], f.name, required=required, is_flag=flag, multiple=multiple,
+                                   type=None if flag else _click_type(cli), metavar=cli["metavar"],
+                                   show_default=shown, help=cli["help"] or None, **default)(command)
+        return command
+    return decorate
+
+
+def config_from_options(config_cls, options: dict):
+    """`config_cls` from the parsed options of `config_options` (popped from `options`)."""
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("cli") and f.name in options:
+            value = options.pop(f.name)
+            values[f.name] = _parse_sets(value) if f.metadata["cli"]["kind"] == "sets" else value
+    return config_cls(**values)
+
+
 @main.command()
-@click.option("--method", required=True, type=METHOD, help="Strategy name (see `okdph-bench list`).")
-@click.option("--backbone", type=click.Choice(names.BACKBONES), default="resnet32", show_default=True)
-@click.option("--dataset", type=DatasetChoice(names.DATASETS), default=None,
-              help="[default: digits with --profile smoke; required otherwise]")
-@click.option("--setting", type=click.Choice(names.SETTINGS), default="standard", show_default=True)
-@click.option("--students", "--branches", "students", default=2, show_default=True, type=int,
-              help="Students, or branches for the multi-branch methods.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Hyper-parameter override, repeatable.")
-@click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
-@click.option("--profile", type=click.Choice(names.PROFILES), default="paper", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Override the profile's epochs (milestones scale).")
-@click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=42, show_default=True)
-@click.option("--width", type=POSITIVE, default=None, help="Channel multiplier [default: 1, smoke 0.25].")
-@click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True,
-              help="auto: fast for in-memory data in fp32/bf16, else reference.")
-@click.option("--precision", type=click.Choice(names.PRECISIONS), default="fp32", show_default=True,
-              help="bf16: autocast, fast engine; fp64: reference engine, exact CPU checks.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--deterministic", is_flag=True, help="Bitwise-repeatable CPU runs, deterministic cuDNN.")
-@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--download", is_flag=True, help="Download CIFAR if missing (off by default).")
-@click.option("--workers", type=int, default=None, help="DataLoader workers [default: 8 for CIFAR/ImageNet, else 0].")
-@click.option("--train-samples", type=int, default=None, metavar="N",
-              help="Train on the first N training images [default: all; the smoke profile's cut].")
-@click.option("--out", "out_dir", default="results/runs", show_default=True, type=click.Path(file_okay=False),
-              help="Where the record goes: the runs/ of the results folder that run, table and report read.")
+@config_options(RunConfig)
 @click.option("--force", is_flag=True, help="Train again even if this run's record exists (it is replaced).")
 @click.option("--skip-recorded", is_flag=True,
               help="For schedulers: also exit 0 when another worker holds the run (a recorded run is always skipped).")
-@click.option("--save-every", type=int, default=None, metavar="E",
-              help="Keep the students' weights every E epochs in <out>/<run>.traj/ (PAC-Bayes, landscape).")
-@click.option("--checkpoint-every", type=int, default=1, show_default=True, metavar="E",
-              help="Resume checkpoint every E epochs (0: never); a rerun of the same command resumes.")
-@click.option("--ddp", is_flag=True, help="One process of a torchrun job: data-parallel over its processes.")
 @quiet_option
-def train(method, backbone, dataset, setting, students, sets, fidelity, profile, epochs, seed, width,
-          engine, precision, device, deterministic, data_root, download, workers, train_samples, out_dir,
-          force, skip_recorded, save_every, checkpoint_every, ddp, quiet):
+def train(force, skip_recorded, quiet, **options):
     """Train one run and write its JSON record; a run already recorded is skipped (--force trains it again)."""
     from okdph.engine.distributed import is_main_process
     from okdph.engine.lock import RunLocked
     from okdph.engine.record import read_record
-    from okdph.engine.run import AlreadyRecorded, RunConfig, is_done, train_run
+    from okdph.engine.run import AlreadyRecorded, is_done, train_run
     from okdph.errors import DamagedRecord
 
-    cfg = RunConfig(method=method, backbone=backbone, dataset=dataset, setting=setting, students=students,
-                    overrides=_parse_sets(sets), fidelity=fidelity, profile=profile, epochs=epochs,
-                    seed=seed, width=width, engine=engine, precision=precision, deterministic=deterministic,
-                    device=device, data_root=data_root, download=download, workers=workers,
-                    train_samples=train_samples, out_dir=out_dir, ddp=ddp,
-                    save_every=save_every, checkpoint_every=checkpoint_every)
+    cfg = config_from_options(RunConfig, options)
+    ddp = cfg.ddp
     _use_default_threads()
     skip = not force
     if skip and is_done(cfg):

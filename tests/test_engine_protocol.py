@@ -13,7 +13,8 @@ from okdph.bench.store import ResultStore
 from okdph.data import get_info
 from okdph.engine.protocol import Meters, top1_accuracy
 from okdph.engine.record import outcome
-from okdph.engine.run import CELL_FIELDS, RunConfig, pack_key, train_packed, train_run
+from okdph.config import CELL_FIELDS
+from okdph.engine.run import RunConfig, pack_key, train_packed, train_run
 from okdph.errors import ConfigError
 from okdph.strategy import build_config, check_heads, get_strategy
 

@@ -7,6 +7,8 @@ fails is reported and the others go on.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import multiprocessing as mp
 import queue
 import shlex
@@ -232,27 +234,26 @@ def _worker(device: str, tasks, results, cpu_threads: int = 1) -> None:
 
 def train_command(cfg: RunConfig, *, ddp_procs: int | None = None) -> str:
     """A self-contained `okdph-bench train` command that trains exactly `cfg` (the same run id, the
-    same record path) and does nothing when the record already exists. With `ddp_procs`, the
+    same record path) and does nothing when the record already exists. Its options come from the
+    fields' declarations (okdph.config.option: `plan`), the dataset resolved. With `ddp_procs`, the
     command runs under torchrun on that many GPUs."""
-    args = ["train", "--method", cfg.method, "--backbone", cfg.backbone, "--dataset", cfg.resolved_dataset(),
-            "--setting", cfg.setting, "--students", str(cfg.students)]
-    for key, value in cfg.overrides:
-        args += ["--set", f"{key}={value}"]
-    args += ["--fidelity", cfg.fidelity, "--profile", cfg.profile, "--seed", str(cfg.seed), "--engine", cfg.engine]
-    if cfg.epochs is not None:
-        args += ["--epochs", str(cfg.epochs)]
-    if cfg.width is not None:
-        args += ["--width", repr(cfg.width)]
-    if cfg.precision != "fp32":
-        args += ["--precision", cfg.precision]
-    if cfg.deterministic:
-        args.append("--deterministic")
-    args += ["--data-root", str(cfg.data_root)] + (["--download"] if cfg.download else [])
-    if cfg.train_samples is not None:
-        args += ["--train-samples", str(cfg.train_samples)]
-    if cfg.save_every is not None:  # trajectory points for the analyses (Table 5)
-        args += ["--save-every", str(cfg.save_every)]
-    args += ["--out", str(cfg.out_dir), "--skip-recorded", "--quiet"]
+    args = ["train"]
+    for f in dataclasses.fields(cfg):
+        cli = f.metadata.get("cli")
+        value = getattr(cfg, f.name)
+        if not cli or cli["plan"] == "never" or (cli["plan"] == "if_set" and value == f.default):
+            continue
+        flag = cli["flags"][0]
+        if f.name == "dataset":
+            value = cfg.resolved_dataset()
+        if cli["kind"] == "bool":
+            args += [flag] if value else []
+        elif cli["kind"] == "sets":
+            for key, item in value:
+                args += [flag, f"{key}={item}"]
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    args += ["--skip-recorded", "--quiet"]
     if ddp_procs:
         return shlex.join(["torchrun", "--standalone", f"--nproc_per_node={ddp_procs}", "--no-python",
                            "okdph-bench"] + args + ["--ddp"])

@@ -22,17 +22,15 @@ line; the CLI prints it), and the tables count a cell's damaged records (`damage
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from okdph.engine.recipe import default_width
 from okdph.engine.record import read_record
-from okdph.engine.run import RunConfig, cell_key
+from okdph.config import RunConfig, cell_key, parse_run_id
 from okdph.errors import ConfigError, DamagedRecord
 
-_SEED = re.compile(r"-seed(\d+)-[0-9a-f]{8}$")  # the seed in a run id (RunConfig.run_id)
 RESOLVED_ENGINES = ("reference", "fast")  # what a record's engine field holds
 
 
@@ -127,9 +125,9 @@ class ResultStore:
         self._build()
         found = []
         for path in self.damaged:
-            seed = _SEED.search(path.stem)
-            if path.parent == self.runs_dir and seed and any(
-                    path.stem == replace(cfg, seed=int(seed.group(1)), engine=e).run_id()
+            parsed = parse_run_id(path.stem)
+            if path.parent == self.runs_dir and parsed and any(
+                    path.stem == replace(cfg, seed=parsed["seed"], engine=e).run_id()
                     for e in ((engine,) if engine else RESOLVED_ENGINES)):
                 found.append(path)
         return sorted(found)
@@ -154,10 +152,9 @@ class ResultStore:
                    if not path.with_name(path.name[:-len(".ckpt.pt")] + ".json").exists()]
         for path, status in others:
             run_id = path.name.split(".")[0]
-            seed = _SEED.search(run_id)
-            rows.append({"run_id": run_id, "method": run_id.split("-")[0], "cell": run_id,
-                         "profile": run_id[:seed.start()].rsplit("-", 1)[-1] if seed else None,
-                         "seed": int(seed.group(1)) if seed else None, "status": status, "paper": None,
+            parsed = parse_run_id(run_id) or {}
+            rows.append({"run_id": run_id, "method": parsed.get("method", run_id.split("-")[0]), "cell": run_id,
+                         "profile": parsed.get("profile"), "seed": parsed.get("seed"), "status": status, "paper": None,
                          "final": None, "pacbayes": None, "converged": None, "created": _mtime(path)})
         return sorted(rows, key=lambda r: str(r["created"]))
 

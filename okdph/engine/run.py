@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from okdph import data as okdata
 from okdph.engine import distributed, reference
 from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
                                      save_trajectory_point, trajectory_dir)
+from okdph.config import RunConfig
 from okdph.engine.lock import RunLock, RunLocked
-from okdph.engine.recipe import default_width, resolve_recipe, stand_in_dataset
+from okdph.engine.recipe import resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
                                  set_aside, summarise)
 from okdph.errors import DamagedRecord
@@ -41,114 +42,7 @@ from okdph.names import ENGINES, PRECISIONS
 from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, config_to_dict, get_strategy
 
 
-# What makes two runs the same run, declared once on the fields below (`identity` in a field's metadata):
-#   "cell"   - the experiment: runs that agree on every cell field are seeds of one table cell;
-#   "seed"   - the replicate within a cell;
-#   "engine" - how it executes; part of a run's identity (numerics differ), not of its cell.
-# RunConfig.identity(), the run id, the pack key (okdph.engine.run.pack_key) and the result store's
-# cell index (okdph.bench.store) all derive from these marks. Unmarked fields say where and how a run
-# executes and never change its result. `resolve`: the method that fills in a profile default.
-CELL, SEED, ENGINE = {"identity": "cell"}, {"identity": "seed"}, {"identity": "engine"}
-
-
 PROGRESS_EVERY_S = 1.0  # the progress bar shows the step in flight at most this often (and at least, per step)
-
-
-def _mark(role: dict, default=dataclasses.MISSING, **extra):
-    return field(default=default, metadata={**role, **extra})
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """A run's configuration. Defaults follow the official code."""
-
-    method: str = _mark(CELL)
-    backbone: str = _mark(CELL, "resnet32")
-    dataset: str | None = _mark(CELL, None, resolve="resolved_dataset")  # None: the profile's (digits: smoke, pipeline)
-    setting: str = _mark(CELL, "standard")   # standard, noisy, limited10, limited1
-    students: int = _mark(CELL, 2)            # students or branches
-    overrides: tuple[tuple[str, str], ...] = _mark(CELL, (), resolve="resolved_overrides")  # ("omega", "0.5") pairs
-    fidelity: str = _mark(CELL, "official")
-    profile: str = _mark(CELL, "paper")
-    epochs: int | None = _mark(CELL, None)   # None: the profile's
-    seed: int = _mark(SEED, 42)
-    width: float | None = _mark(CELL, None, resolve="resolved_width")  # None: the profile's (okdph.engine.recipe)
-    engine: str = _mark(ENGINE, "auto", resolve="resolved_engine")
-    precision: str = _mark(CELL, "fp32")     # bf16 autocast needs the fast engine; fp64 the reference engine
-    deterministic: bool = False
-    device: str = "auto"
-    data_root: str = "data"
-    download: bool = False
-    workers: int | None = None       # DataLoader workers; None: the dataset's (okdph.data.info)
-    train_samples: int | None = _mark(CELL, None, omit_if_none=True)  # the first N training images; None: the profile's
-    out_dir: str = "results/runs"   # the runs/ of the results folder every command reads
-    ddp: bool = False                # one process of a torchrun job (engine/distributed.py)
-    save_every: int | None = None    # keep the students' weights every E epochs (trajectory)
-    checkpoint_every: int = 1        # resume checkpoint every E epochs, 0: never
-    extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
-
-    def resolved_dataset(self) -> str:
-        dataset = self.dataset if self.dataset is not None else stand_in_dataset(self.profile)
-        if dataset is not None:
-            return dataset
-        raise ConfigError("--dataset is required unless --profile smoke or pipeline; valid: "
-                          + ", ".join(okdata.dataset_names()))
-
-    def resolved_width(self) -> float:
-        if self.width is not None:
-            return self.width
-        return default_width(self.profile, self.backbone)
-
-    def resolved_engine(self) -> str:
-        if self.engine != "auto":
-            return self.engine
-        # The fast engine holds the data in memory and runs fp32 or bf16, single-process.
-        in_memory = okdata.get_info(self.resolved_dataset()).in_memory
-        return "fast" if in_memory and not self.ddp and self.precision != "fp64" else "reference"
-
-    def resolved_overrides(self) -> dict:
-        return dict(self.overrides)
-
-    def identity(self, *roles: str) -> dict:
-        """The fields that make two runs the same run (and so the same record), resolved; with
-        `roles`, only the fields of those roles ("cell", "seed", "engine")."""
-        out = {}
-        for f in dataclasses.fields(self):
-            role = f.metadata.get("identity")
-            if role is None or (roles and role not in roles):
-                continue
-            value = getattr(self, f.metadata["resolve"])() if "resolve" in f.metadata else getattr(self, f.name)
-            if value is None and f.metadata.get("omit_if_none"):
-                continue  # absent from run ids made before the field existed
-            out[f.name] = value
-        return out
-
-    def cell_key(self) -> str:
-        """The table cell this run is a seed of (every identity field but the seed and the engine)."""
-        return cell_key(self.identity("cell"))
-
-    def run_id(self) -> str:
-        ident = self.identity()
-        digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
-        return (f"{self.method}-{self.backbone}-{ident['dataset']}-{self.setting}-n{self.students}"
-                f"-{self.fidelity}-{self.profile}-seed{self.seed}-{digest}")
-
-    def record_path(self) -> Path:
-        return Path(self.out_dir) / f"{self.run_id()}.json"
-
-    def lock_path(self) -> Path:
-        return Path(self.out_dir) / f"{self.run_id()}.lock"
-
-    def checkpoint_path(self) -> Path:
-        return Path(self.out_dir) / f"{self.run_id()}.ckpt.pt"
-
-
-CELL_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("identity") == "cell")
-
-
-def cell_key(fields: dict) -> str:
-    """The cell of a run from its identity fields: a RunConfig's, or a record's (which holds them)."""
-    return json.dumps({name: fields.get(name) for name in CELL_FIELDS}, sort_keys=True)
 
 
 def validate(cfg: RunConfig):
@@ -342,7 +236,7 @@ def check_writable(folder: Path, *, create: bool = True) -> None:
 def pack_key(cfg: RunConfig) -> tuple:
     """Runs with equal keys can train as one pack: the same cell, engine and execution settings."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                if "identity" not in f.metadata and f.name != "extra"}
+                if f.metadata.get("identity") is None and f.name != "extra"}
     return cfg.cell_key(), cfg.resolved_engine(), json.dumps(settings, sort_keys=True, default=str)
 
 

@@ -34,6 +34,14 @@ __all__ = ["CELL", "CELL_FIELDS", "ENGINE", "SEED", "RunConfig", "cell_key", "op
 CELL, SEED, ENGINE = "cell", "seed", "engine"
 PLAN_MODES = ("always", "if_set", "never")
 
+# The sizes a researcher could mean (the paper: 2-4 students, 300 epochs, width 1); beyond them a
+# value is a typo that would otherwise run out of memory or train for ever.
+MAX_MODELS = 16
+MAX_EPOCHS = 10_000
+MAX_WIDTH = 16.0
+MAX_WORKERS = 256
+MAX_SAMPLES = 10 ** 9
+
 
 def option(role: str | None = None, default=dataclasses.MISSING, *, flags: tuple[str, ...] = (), help: str = "",
            kind: str = "str", choices=None, metavar: str | None = None, plan: str = "if_set",
@@ -97,6 +105,28 @@ class RunConfig:
                                    help="Resume checkpoint every E epochs (0: never); a rerun of the same "
                                         "command resumes.")
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied to the record
+
+    def __post_init__(self):
+        """Every value checked once, when the configuration is made (one line naming what is valid);
+        what needs a registry or the machine (method, backbone, dataset, device) is resolved by
+        okdph.engine.run.validate before any work."""
+        for name, valid in (("setting", names.SETTINGS), ("fidelity", names.FIDELITIES), ("engine", names.ENGINES),
+                            ("precision", names.PRECISIONS), ("profile", names.PROFILES)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"unknown {name} '{getattr(self, name)}'; valid: {', '.join(valid)}")
+        _check_range("students", self.students, 1, MAX_MODELS)
+        if self.train_samples is not None:
+            _check_range("train_samples", self.train_samples, 1, MAX_SAMPLES)
+        if self.epochs is not None:
+            _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        if self.width is not None and not (isinstance(self.width, (int, float)) and 0 < self.width <= MAX_WIDTH):
+            raise ConfigError(f"width must be in (0, {MAX_WIDTH:g}], got {self.width}")  # nan fails too
+        if self.workers is not None:
+            _check_range("--workers", self.workers, 0, MAX_WORKERS)
+        _check_range("seed", self.seed, 0, 2 ** 32 - 1)  # numpy's seed range
+        _check_range("--checkpoint-every", self.checkpoint_every, 0, MAX_EPOCHS, " epochs (0: never)")
+        if self.save_every is not None:
+            _check_range("--save-every", self.save_every, 1, MAX_EPOCHS, " epochs")
 
     # ---- profile defaults, resolved (the modules they need import torch: imported on use) ----
 
@@ -165,6 +195,11 @@ class RunConfig:
 
     def checkpoint_path(self) -> Path:
         return Path(self.out_dir) / f"{self.run_id()}.ckpt.pt"
+
+
+def _check_range(name: str, value, low: int, high: int, unit: str = "") -> None:
+    if not (isinstance(value, int) and low <= value <= high):
+        raise ConfigError(f"{name} must be in [{low}, {high}]{unit}, got {value}")
 
 
 CELL_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("identity") == CELL)

@@ -3,6 +3,7 @@ under `python -m okdph.cli`, no torch for --help and list, and strategies from e
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import shlex
@@ -163,14 +164,17 @@ def test_every_command_takes_debug_and_the_group_handles_user_errors():
 def test_choices_match_the_registries():
     from okdph import models
     from okdph.data import info
-    from okdph.engine import recipe, run
+    from okdph.config import RunConfig
+    from okdph.engine import recipe
     from okdph.strategy import list_strategies
 
     assert names.strategy_names() == list_strategies()
     assert list(names.BACKBONES) == models.list_backbones()
     assert list(names.DATASETS) == [i.name for i in info._INFOS]
     assert set(info.SETTING_DISPLAY_NAMES) == set(names.SETTINGS)
-    assert run.ENGINES is names.ENGINES and run.PRECISIONS is names.PRECISIONS and recipe.PROFILES is names.PROFILES
+    choices = {f.name: f.metadata["cli"]["choices"] for f in dataclasses.fields(RunConfig) if f.metadata.get("cli")}
+    assert choices["engine"] is names.ENGINES and choices["precision"] is names.PRECISIONS
+    assert choices["profile"] is names.PROFILES is recipe.PROFILES and choices["backbone"] is names.BACKBONES
 
 
 # ---- display names live on the registries

@@ -116,7 +116,8 @@ class ResultStore:
         """Records of every seed of `cfg`'s cell (of `engine` only, when given), by seed."""
         candidates = self._build().get(cfg.cell_key(), [])
         found = [r for r in candidates if (engine is None or r.get("engine") == engine)
-                 and r["run_id"] == replace(cfg, seed=r.get("seed"), engine=r.get("engine")).run_id()]
+                 and isinstance(r.get("seed"), int) and r.get("engine") in RESOLVED_ENGINES
+                 and r["run_id"] == replace(cfg, seed=r["seed"], engine=r["engine"]).run_id()]
         return sorted(found, key=lambda r: (r.get("seed", 0), r.get("created", "")))
 
     def damaged_for(self, cfg: RunConfig, engine: str | None = None) -> list[Path]:
@@ -126,7 +127,7 @@ class ResultStore:
         found = []
         for path in self.damaged:
             parsed = parse_run_id(path.stem)
-            if path.parent == self.runs_dir and parsed and any(
+            if path.parent == self.runs_dir and parsed and parsed["seed"] < 2 ** 32 and any(
                     path.stem == replace(cfg, seed=parsed["seed"], engine=e).run_id()
                     for e in ((engine,) if engine else RESOLVED_ENGINES)):
                 found.append(path)

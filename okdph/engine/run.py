@@ -30,7 +30,7 @@ from okdph import data as okdata
 from okdph.engine import distributed, reference
 from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
                                      save_trajectory_point, trajectory_dir)
-from okdph.config import RunConfig
+from okdph.config import MAX_WIDTH, RunConfig
 from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,
@@ -38,73 +38,42 @@ from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision
 from okdph.errors import DamagedRecord
 from okdph.models import image_size as backbone_image_size
 from okdph.models import list_backbones
-from okdph.names import ENGINES, PRECISIONS
-from okdph.strategy import FIDELITIES, ConfigError, build_config, check_heads, config_to_dict, get_strategy
+from okdph.strategy import ConfigError, build_config, check_heads, config_to_dict, get_strategy
 
 
 PROGRESS_EVERY_S = 1.0  # the progress bar shows the step in flight at most this often (and at least, per step)
 
 
 def validate(cfg: RunConfig):
-    """Check every name and value before any work starts; returns the strategy class and config."""
+    """Resolve what the configuration names against the registries before any work starts (its
+    values were checked when it was made, RunConfig.__post_init__); returns the strategy class and
+    its config (the hyper-parameters, checked by the method's Config)."""
     strategy_cls = get_strategy(cfg.method)
     if cfg.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone '{cfg.backbone}'; valid: {', '.join(list_backbones())}")
     dataset = cfg.resolved_dataset()
     if dataset not in okdata.dataset_names():
         raise ConfigError(f"unknown dataset '{dataset}'; valid: {', '.join(okdata.dataset_names())}")
-    if cfg.setting not in okdata.SETTINGS:
-        raise ConfigError(f"unknown setting '{cfg.setting}'; valid: {', '.join(okdata.SETTINGS)}")
-    if cfg.fidelity not in FIDELITIES:
-        raise ConfigError(f"unknown fidelity '{cfg.fidelity}'; valid: {', '.join(FIDELITIES)}")
-    if cfg.engine not in ENGINES:
-        raise ConfigError(f"unknown engine '{cfg.engine}'; valid: {', '.join(ENGINES)}")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision '{cfg.precision}'; valid: {', '.join(PRECISIONS)}")
-    if cfg.resolved_engine() == "reference" and cfg.precision == "bf16":
+    info = okdata.get_info(dataset)
+    engine = cfg.resolved_engine()
+    if engine == "reference" and cfg.precision == "bf16":
         raise ConfigError("the reference engine runs fp32 or fp64; use --engine fast for bf16")
-    if cfg.resolved_engine() == "fast" and cfg.precision == "fp64":
+    if engine == "fast" and cfg.precision == "fp64":
         raise ConfigError("the fast engine runs fp32 or bf16; use --engine reference for fp64")
-    if cfg.ddp and cfg.resolved_engine() != "reference":
+    if cfg.ddp and engine != "reference":
         raise ConfigError("--ddp runs the reference engine; drop --engine fast")
-    if cfg.resolved_engine() == "fast" and not okdata.get_info(dataset).in_memory:
+    if engine == "fast" and not info.in_memory:
         raise ConfigError(f"the fast engine needs an in-memory dataset; use --engine reference for {dataset}")
-    built_for, images = backbone_image_size(cfg.backbone), okdata.get_info(dataset).image_size
-    if built_for != images:
+    built_for = backbone_image_size(cfg.backbone)
+    if built_for != info.image_size:
         raise ConfigError(f"backbone '{cfg.backbone}' does not fit dataset '{dataset}': it is built for "
-                          f"{built_for}x{built_for} images, the dataset has {images}x{images}")
-    _check_range("students", cfg.students, 1, MAX_MODELS)
-    if cfg.train_samples is not None:
-        _check_range("train_samples", cfg.train_samples, 1, MAX_SAMPLES)
-    if cfg.epochs is not None:
-        _check_range("epochs", cfg.epochs, 1, MAX_EPOCHS)
+                          f"{built_for}x{built_for} images, the dataset has {info.image_size}x{info.image_size}")
     width = cfg.resolved_width()
     if not (math.isfinite(width) and 0 < width <= MAX_WIDTH):
         raise ConfigError(f"width must be in (0, {MAX_WIDTH:g}], got {cfg.width}")
-    if cfg.workers is not None:
-        _check_range("--workers", cfg.workers, 0, MAX_WORKERS)
-    if not 0 <= cfg.seed < 2 ** 32:  # numpy's seed range
-        raise ConfigError(f"seed must be in [0, 2**32 - 1], got {cfg.seed}")
     resolve_device(cfg.device)
-    _check_range("--checkpoint-every", cfg.checkpoint_every, 0, MAX_EPOCHS, " epochs (0: never)")
-    if cfg.save_every is not None:
-        _check_range("--save-every", cfg.save_every, 1, MAX_EPOCHS, " epochs")
     resolve_recipe(cfg.profile, dataset, cfg.epochs, cfg.backbone)
     return strategy_cls, build_config(strategy_cls.Config, dict(cfg.overrides))
-
-
-# The sizes a researcher could mean (the paper: 2-4 students, 300 epochs, width 1); beyond them a
-# value is a typo that would otherwise run out of memory or train for ever.
-MAX_MODELS = 16
-MAX_EPOCHS = 10_000
-MAX_WIDTH = 16.0
-MAX_WORKERS = 256
-MAX_SAMPLES = 10 ** 9
-
-
-def _check_range(name: str, value: int, low: int, high: int, unit: str = "") -> None:
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be in [{low}, {high}]{unit}, got {value}")
 
 
 def check_memory(cfg: RunConfig, runs: int = 1) -> None:

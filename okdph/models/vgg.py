@@ -18,7 +18,7 @@ from torch import nn
 
 from .registry import Backbone, Head, check_num_classes, register_backbone, scale_channels
 
-__all__ = ["ConvBNReLU", "MLPHead", "VGG", "linear_std", "vgg16"]
+__all__ = ["MLP_HIDDEN", "ConvBNReLU", "MLPHead", "VGG", "linear_std", "vgg16"]
 
 
 class ConvBNReLU(nn.Module):
@@ -70,6 +70,10 @@ class MLPHead(Head):
         # The last stage ends at 1x1 on 32x32 inputs, so flattening is the pooled vector.
         return torch.flatten(fmap, 1)
 
+    def hidden_layers(self) -> list[nn.Linear]:
+        """The Linear layers that read the hidden units (not the features)."""
+        return [m for m in self.classifier if isinstance(m, nn.Linear)][1:]
+
 
 class VGG(Backbone):
     """VGG with BN for 32x32 inputs.
@@ -79,8 +83,10 @@ class VGG(Backbone):
         num_classes: number of logits.
         dropout: dropout probability in the head; 0.0 in the official model, 0.5 in the ONE and
             OKDDip branches (docs/methods.md#one, docs/methods.md#okddip).
-        width: channel multiplier for small models; 1.0 gives convs 64..512 and a 512-wide MLP (and
-            the official Linear init; see `linear_std` for other widths).
+        width: channel multiplier of the convolutions for small models (1.0: 64..512, the official
+            model). The MLP head keeps its 512 hidden units at every width (`MLP_HIDDEN`), and its
+            first Linear's std follows the width (`linear_std`), so that every layer starts with
+            the gain it has at full width.
     """
 
     def __init__(self, depths: tuple[int, int, int, int, int], num_classes: int, dropout: float = 0.0,
@@ -89,7 +95,7 @@ class VGG(Backbone):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         widths = tuple(scale_channels(c, width) for c in (64, 128, 256, 512, 512))
-        hidden = scale_channels(512, width)
+        hidden = MLP_HIDDEN
         trunk = VGGTrunk(widths[:4], depths[:4])
         last_stage = make_stage(widths[3], widths[4], depths[4])
         head = MLPHead(widths[4], hidden, num_classes, dropout)
@@ -99,8 +105,13 @@ class VGG(Backbone):
 
     def reset_parameters(self, module: nn.Module | None = None) -> None:
         """Official init (docs/methods.md#initialisation) of `module` (default: this network): He-normal
-        fan_out convs with zero bias, BN 1/0, Linear N(0, linear_std(width)) with zero bias."""
-        for m in (module or self).modules():
+        fan_out convs with zero bias, BN 1/0, Linear N(0, 0.01) with zero bias: the std of a Linear
+        that reads the features follows the width (`linear_std`), one that reads the 512 hidden
+        units keeps the official 0.01."""
+        module = module or self
+        hidden_input = {id(layer) for head in module.modules() if isinstance(head, MLPHead)
+                        for layer in head.hidden_layers()}
+        for m in module.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
@@ -108,21 +119,27 @@ class VGG(Backbone):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, linear_std(self.width))
+                std = OFFICIAL_LINEAR_STD if id(m) in hidden_input else linear_std(self.width)
+                nn.init.normal_(m.weight, 0.0, std)
                 nn.init.zeros_(m.bias)
 
 
 OFFICIAL_LINEAR_STD = 0.01  # every Linear of the official VGG files, whatever its size
+# The head's hidden width, as in the official model, at every channel multiplier: the head costs
+# little beside the convolutions, and a narrower one with Dropout(0.5) (ONE's and OKDDip's heads)
+# learns far more slowly (docs/methods.md#vgg16-plateau).
+MLP_HIDDEN = 512
 
 
 def linear_std(width: float) -> float:
-    """The std of VGG's Linear weights at channel multiplier `width`: the official 0.01 at full width.
+    """The std of a VGG Linear layer that reads the features (or any input whose size follows the
+    width) at channel multiplier `width`: the official 0.01 at full width.
 
-    A fixed std does not follow the width the way the fan-based conv init does: a Linear layer's gain,
-    std * sqrt(fan_in), falls with sqrt(width), and the three-layer head's output with width^1.5. At
-    quarter width the head would start 8x quieter than the full-width network's, on a loss plateau
-    that full-width training does not have (docs/methods.md#vgg16-plateau). Scaling the std by
-    1/sqrt(width) keeps every layer's gain as it is at full width.
+    A fixed std does not follow the width the way the fan-based conv init does: such a layer's gain,
+    std * sqrt(fan_in), falls with sqrt(width), and the head would start quieter than the
+    full-width network's, on a loss plateau that full-width training does not have
+    (docs/methods.md#vgg16-plateau). Scaling the std by 1/sqrt(width) keeps its gain as it is at
+    full width.
     """
     return OFFICIAL_LINEAR_STD / math.sqrt(width)
 

@@ -14,7 +14,7 @@ fusion module have one SGD optimizer each (same hyper-parameters), stepped after
 Fidelities (docs/methods.md#what-each-fidelity-changes):
 - official: KD^ε (+1e-7 on the teacher); only the network's scheduler is stepped (05_FFL.py:140),
   so the fusion module keeps the initial learning rate for the whole run; the architecture quirks
-  of `okdph.models.branches.ffl_network` (ResNet convs ~ N(0, 2/layers[0]), thin "WRN-20-8", one
+  of `ffl_network` below (ResNet convs ~ N(0, 2/layers[0]), thin "WRN-20-8", one
   VGG classifier shared by the branches, one DenseNet block 3 shared by the branches).
 - paper: plain KD; both learning rates decay; the backbones' own architecture and initialisation.
   (The original's weight decay 1e-4/1e-5 and Nesterov momentum are not reproduced: every method here
@@ -24,14 +24,57 @@ sub-network being what FFL deploys.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.models.branches import ffl_network
+from okdph.models.branches import MultiBranchNet, backbone_factory, build_multibranch, family_of
+from okdph.models.resnet import Bottleneck, CifarResNet
 from okdph.strategy import BranchStrategy, OptimizerGroup, check_non_negative, check_positive, register_strategy
+
+# --------------------------------------------------------------------------------------------------
+# Network: the official model's layout (models/*_ffl.py)
+
+
+def ffl_thin_wrn20_8(num_classes: int, width: float = 1.0) -> CifarResNet:
+    """Official quirk (resnet_ffl.py `wide_resnet20_8_ff1`): the FFL "WRN-20-8" is built without
+    width_per_group=512, i.e. a thin bottleneck ResNet-20 (0.24M parameters per branch model)."""
+    return CifarResNet(Bottleneck, (2, 2, 2), num_classes, base_width=64, width=width)
+
+
+def ffl_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
+                fidelity: str = "official") -> MultiBranchNet:
+    """FFL's branch network (docs/methods.md#ffl), without the fusion module (baselines/ffl.py).
+
+    Official quirks, none of them in the original FFL code; the paper fidelity has none:
+    - wrn20_8 is the thin bottleneck ResNet-20 (`ffl_thin_wrn20_8`);
+    - ResNet family: every conv of trunk and branches is drawn from N(0, 2/layers[0]) (resnet_ffl.py
+      computes the fan-out n and then uses layers[0] in its place): std 0.63 for ResNet-32, 0.41
+      for ResNet-110, 1.0 for the thin WRN;
+    - VGG: one 3-FC classifier (dropout 0) is shared by all branches (vgg_ffl.py);
+    - DenseNet: one dense block 3 object for all branches (densenet_ffl.py).
+    """
+    official = fidelity == "official"
+    if official and backbone == "wrn20_8":
+        make = partial(ffl_thin_wrn20_8, num_classes, width=width)
+    else:
+        make = backbone_factory(backbone, num_classes, width)
+    source = make()
+    family = family_of(source)
+    net = build_multibranch(source, make, num_branches,
+                            share_last_stage=official and family == "densenet",
+                            share_head=official and family == "vgg")
+    if official and isinstance(source, CifarResNet):
+        std = math.sqrt(2.0 / len(source.trunk.layer1))  # len(layer1) is the official layers[0]
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, std)
+    return net
+
 
 # --------------------------------------------------------------------------------------------------
 # Loss

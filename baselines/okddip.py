@@ -26,6 +26,7 @@ logits). Deployed: the leader.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from okdph.errors import ConfigError
-from okdph.models.branches import init_linear_like_, okddip_network
+from okdph.models.branches import MultiBranchNet, backbone_factory, build_multibranch, family_of, init_linear_like_
 from okdph.strategy import BranchStrategy, check_non_negative, check_positive, register_strategy
+
+# --------------------------------------------------------------------------------------------------
+# Network: the official model's layout (models/*_okddip.py)
+
+
+def okddip_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
+                   fidelity: str = "official") -> MultiBranchNet:
+    """OKDDip's peers and leader (docs/methods.md#okddip): the same layout as ONE's.
+
+    VGG heads carry Dropout(0.5) and keep PyTorch's default Linear biases (vgg_okddip.py's init loop
+    sets only the weights), in both fidelities.
+    Official quirk (densenet_okddip.py, DefangChen): the DenseNet block 3 object is shared by all
+    branches; paper fidelity: one block 3 per branch. (The official DenseNet leader path and peer
+    set, the other half of that model's quirk, are in baselines/okddip.py.)
+    """
+    make = backbone_factory(backbone, num_classes, width)
+    source = make()
+    shared_block3 = fidelity == "official" and family_of(source) == "densenet"
+    net = build_multibranch(source, make, num_branches, share_last_stage=shared_block3, head_dropout=0.5)
+    if net.family == "vgg":
+        for branch in net.branches:
+            for m in branch.head.modules():
+                if isinstance(m, nn.Linear):
+                    bound = 1.0 / math.sqrt(m.in_features)
+                    nn.init.uniform_(m.bias, -bound, bound)
+    return net
+
 
 # --------------------------------------------------------------------------------------------------
 # Attention and loss

@@ -26,8 +26,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from okdph.models.branches import init_linear_like_, one_network
+from okdph.models.branches import MultiBranchNet, backbone_factory, build_multibranch, family_of, init_linear_like_
 from okdph.strategy import BranchStrategy, check_non_negative, check_positive, register_strategy
+
+# --------------------------------------------------------------------------------------------------
+# Network: the official model's layout (models/*_one.py)
+
+
+def one_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
+                fidelity: str = "official") -> MultiBranchNet:
+    """ONE's branches (docs/methods.md#one): independent copies of the last stage and head.
+
+    VGG heads carry Dropout(0.5) (vgg_one.py) in both fidelities; the plain VGG-16 has none.
+    Official quirk (densenet_one.py, inherited from DefangChen/OKDDip): one dense block 3 object is
+    every branch's block 3, so DenseNet branches differ only in their final BN and classifier. The
+    paper fidelity gives every branch its own block 3.
+    """
+    make = backbone_factory(backbone, num_classes, width)
+    source = make()
+    shared_block3 = fidelity == "official" and family_of(source) == "densenet"
+    return build_multibranch(source, make, num_branches, share_last_stage=shared_block3, head_dropout=0.5)
+
 
 # --------------------------------------------------------------------------------------------------
 # Gate and loss

@@ -19,7 +19,7 @@ Fidelities (docs/methods.md#what-each-fidelity-changes):
   has too), and `update_ema_variables` is called with global_step = 0, so a = 0: M's parameters are
   a copy of S's after every step and the peer-mean term is DML-style distillation from the other
   branches' pre-step logits. Branch classifiers start identical (ResNet, DenseNet; see
-  `okdph.models.branches.pcl_network`). Reported: M's branches only, on the clean test image.
+  `pcl_network` below). Reported: M's branches only, on the clean test image.
 - paper: r(e) = exp(−5·(1 − min(e, 80)/80)²); a true EMA with the warm-up above (t counts every
   step of the run); independent branches. Evaluated: S's branches and peer ensemble, and M's branches.
 Deployed: M's branch 0 ("mean0"), the temporal mean network being what PCL deploys.
@@ -37,9 +37,40 @@ from torch import Tensor, nn
 
 from okdph import multi_tensor
 from okdph.losses import kd_loss, sigmoid_rampup
-from okdph.models.branches import MultiBranchNet, init_linear_like_, pcl_network
+from okdph.models.branches import MultiBranchNet, backbone_factory, build_multibranch, family_of, init_linear_like_
+from okdph.models.densenet import DenseNetHead
+from okdph.models.registry import Backbone
 from okdph.errors import ConfigError
 from okdph.strategy import OptimizerGroup, Strategy, check_non_negative, check_positive, register_strategy
+
+# --------------------------------------------------------------------------------------------------
+# Network: the official model's layout (models/*_pcl.py)
+
+
+def pcl_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
+                fidelity: str = "official") -> MultiBranchNet:
+    """PCL's branches (docs/methods.md#pcl), without the peer-ensemble head (baselines/pcl.py).
+
+    DenseNet branches are block 3 -> ReLU -> pool -> FC with no final BN, in both fidelities: the
+    original PCL code (shaoeric) builds them that way too.
+    Official quirk (*_pcl.py): branches 1.. are deep copies of branch 0 made before the init loop,
+    which re-draws the convs (and VGG's Linear layers) but leaves the ResNet and DenseNet classifier
+    weights identical across branches at initialisation. Paper fidelity: independent branches.
+    """
+    make = backbone_factory(backbone, num_classes, width)
+    source = make()
+    if family_of(source) == "densenet":
+        source.head.norm_final = nn.Identity()
+
+    def make_without_final_norm() -> Backbone:
+        fresh = make()
+        if isinstance(fresh.head, DenseNetHead):
+            fresh.head.norm_final = nn.Identity()
+        return fresh
+
+    return build_multibranch(source, make_without_final_norm, num_branches,
+                             copy_branches=fidelity == "official")
+
 
 # --------------------------------------------------------------------------------------------------
 # Ramp-up, loss and temporal mean

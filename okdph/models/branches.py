@@ -6,13 +6,14 @@ and give every branch its own copy of the last stage and head:
 
     x -> trunk -> t -> branch_i = head_i(last_stage_i(t)) -> z_i          i = 0 … m-1
 
-`build_multibranch` does this for every registered backbone. The four `*_network` builders below say,
-per method, how the official models deviate from that plain layout; each deviation that changes the
-architecture or its initialisation is an official quirk, applied only in the `official` fidelity and
-named where it is applied. The method-specific extra modules (ONE's gate, OKDDip's attention, FFL's
-fusion module, PCL's ensemble head and temporal mean) live with their strategies in `baselines/`.
+`build_multibranch` does this for every registered backbone. Each method's network builder lives
+with its method (`baselines/one.py` `one_network`, `okddip.py`, `ffl.py`, `pcl.py`) and says how the
+official model deviates from this plain layout; each deviation that changes the architecture or its
+initialisation is an official quirk, applied only in the `official` fidelity and named where it is
+applied, beside the method's extra modules (ONE's gate, OKDDip's attention, FFL's fusion module,
+PCL's ensemble head and temporal mean).
 
-    >>> net = one_network("resnet32", num_classes=100, num_branches=2, fidelity="official")
+    >>> net = build_multibranch(create_backbone("resnet32", 100), backbone_factory("resnet32", 100, 1.0), 2)
     >>> t = net.trunk(x)
     >>> features, logits = net.branches[0](t)      # (B, 64), (B, 100)
 """
@@ -20,7 +21,6 @@ fusion module, PCL's ensemble head and temporal mean) live with their strategies
 from __future__ import annotations
 
 import copy
-import math
 from functools import partial
 from typing import Callable
 
@@ -33,19 +33,16 @@ from .group import ModelGroup
 from .densenet import DenseNet, DenseNetHead
 from .imagenet import ImageNetResNet
 from .registry import Backbone, create_backbone
-from .resnet import Bottleneck, CifarResNet
+from .resnet import CifarResNet
 from .vgg import VGG, linear_std
 
 __all__ = [
     "Branch",
     "MultiBranchNet",
+    "backbone_factory",
     "build_multibranch",
     "family_of",
-    "ffl_network",
     "init_linear_like_",
-    "okddip_network",
-    "one_network",
-    "pcl_network",
 ]
 
 
@@ -188,108 +185,6 @@ def build_multibranch(source: Backbone, make_backbone: Callable[[], Backbone], n
                           family_of(source))
 
 
-def _backbone_factory(backbone: str, num_classes: int, width: float) -> Callable[[], Backbone]:
+def backbone_factory(backbone: str, num_classes: int, width: float) -> Callable[[], Backbone]:
+    """A builder of freshly initialised copies of `backbone` (branch i > 0 of a multi-branch net)."""
     return partial(create_backbone, backbone, num_classes, width=width)
-
-
-# --------------------------------------------------------------------------------------------------
-# Per method: the official models' layout (models/*_one.py, *_okddip.py, *_ffl.py, *_pcl.py)
-
-
-def one_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
-                fidelity: str = "official") -> MultiBranchNet:
-    """ONE's branches (docs/methods.md#one): independent copies of the last stage and head.
-
-    VGG heads carry Dropout(0.5) (vgg_one.py) in both fidelities; the plain VGG-16 has none.
-    Official quirk (densenet_one.py, inherited from DefangChen/OKDDip): one dense block 3 object is
-    every branch's block 3, so DenseNet branches differ only in their final BN and classifier. The
-    paper fidelity gives every branch its own block 3.
-    """
-    make = _backbone_factory(backbone, num_classes, width)
-    source = make()
-    shared_block3 = fidelity == "official" and family_of(source) == "densenet"
-    return build_multibranch(source, make, num_branches, share_last_stage=shared_block3, head_dropout=0.5)
-
-
-def okddip_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
-                   fidelity: str = "official") -> MultiBranchNet:
-    """OKDDip's peers and leader (docs/methods.md#okddip): the same layout as ONE's.
-
-    VGG heads carry Dropout(0.5) and keep PyTorch's default Linear biases (vgg_okddip.py's init loop
-    sets only the weights), in both fidelities.
-    Official quirk (densenet_okddip.py, DefangChen): the DenseNet block 3 object is shared by all
-    branches; paper fidelity: one block 3 per branch. (The official DenseNet leader path and peer
-    set, the other half of that model's quirk, are in baselines/okddip.py.)
-    """
-    make = _backbone_factory(backbone, num_classes, width)
-    source = make()
-    shared_block3 = fidelity == "official" and family_of(source) == "densenet"
-    net = build_multibranch(source, make, num_branches, share_last_stage=shared_block3, head_dropout=0.5)
-    if net.family == "vgg":
-        for branch in net.branches:
-            for m in branch.head.modules():
-                if isinstance(m, nn.Linear):
-                    bound = 1.0 / math.sqrt(m.in_features)
-                    nn.init.uniform_(m.bias, -bound, bound)
-    return net
-
-
-def ffl_thin_wrn20_8(num_classes: int, width: float = 1.0) -> CifarResNet:
-    """Official quirk (resnet_ffl.py `wide_resnet20_8_ff1`): the FFL "WRN-20-8" is built without
-    width_per_group=512, i.e. a thin bottleneck ResNet-20 (0.24M parameters per branch model)."""
-    return CifarResNet(Bottleneck, (2, 2, 2), num_classes, base_width=64, width=width)
-
-
-def ffl_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
-                fidelity: str = "official") -> MultiBranchNet:
-    """FFL's branch network (docs/methods.md#ffl), without the fusion module (baselines/ffl.py).
-
-    Official quirks, none of them in the original FFL code; the paper fidelity has none:
-    - wrn20_8 is the thin bottleneck ResNet-20 (`ffl_thin_wrn20_8`);
-    - ResNet family: every conv of trunk and branches is drawn from N(0, 2/layers[0]) (resnet_ffl.py
-      computes the fan-out n and then uses layers[0] in its place): std 0.63 for ResNet-32, 0.41
-      for ResNet-110, 1.0 for the thin WRN;
-    - VGG: one 3-FC classifier (dropout 0) is shared by all branches (vgg_ffl.py);
-    - DenseNet: one dense block 3 object for all branches (densenet_ffl.py).
-    """
-    official = fidelity == "official"
-    if official and backbone == "wrn20_8":
-        make = partial(ffl_thin_wrn20_8, num_classes, width=width)
-    else:
-        make = _backbone_factory(backbone, num_classes, width)
-    source = make()
-    family = family_of(source)
-    net = build_multibranch(source, make, num_branches,
-                            share_last_stage=official and family == "densenet",
-                            share_head=official and family == "vgg")
-    if official and isinstance(source, CifarResNet):
-        std = math.sqrt(2.0 / len(source.trunk.layer1))  # len(layer1) is the official layers[0]
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, std)
-    return net
-
-
-def pcl_network(backbone: str, num_classes: int, num_branches: int, *, width: float = 1.0,
-                fidelity: str = "official") -> MultiBranchNet:
-    """PCL's branches (docs/methods.md#pcl), without the peer-ensemble head (baselines/pcl.py).
-
-    DenseNet branches are block 3 -> ReLU -> pool -> FC with no final BN, in both fidelities: the
-    original PCL code (shaoeric) builds them that way too.
-    Official quirk (*_pcl.py): branches 1.. are deep copies of branch 0 made before the init loop,
-    which re-draws the convs (and VGG's Linear layers) but leaves the ResNet and DenseNet classifier
-    weights identical across branches at initialisation. Paper fidelity: independent branches.
-    """
-    make = _backbone_factory(backbone, num_classes, width)
-    source = make()
-    if family_of(source) == "densenet":
-        source.head.norm_final = nn.Identity()
-
-    def make_without_final_norm() -> Backbone:
-        fresh = make()
-        if isinstance(fresh.head, DenseNetHead):
-            fresh.head.norm_final = nn.Identity()
-        return fresh
-
-    return build_multibranch(source, make_without_final_norm, num_branches,
-                             copy_branches=fidelity == "official")

@@ -308,6 +308,18 @@ def list_cmd(show_methods):
 _TABLE_HELP = ("A table of okdph/bench/tables/, by its id or an alias, any case: "
                + ", ".join(" = ".join((t, *aliases)) for t, aliases in names.table_names().items()) + ".")
 _METRIC_HELP = "paper: best epoch, max over heads (as published); final: deployed head, last epoch."
+# Options several commands share, declared once.
+results_option = click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False),
+                              help="The results folder (runs/, tables/, figures/).")
+data_root_option = click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+
+
+def methods_option(what: str = ""):
+    """--method, repeatable: only that method's cells or runs."""
+    what = f"Only this method's {what}" if what else "Only this method"
+    return click.option("--method", "methods", type=METHOD, multiple=True, help=f"{what}; repeatable.")
+
+
 std_option = click.option("--std", type=click.Choice(names.STD_CONVENTIONS), default=names.DEFAULT_STD,
                           show_default=True, help="The std a table shows: sample (n - 1) or population (n, as the "
                                                   "official logs print it); the CSV/JSON hold both.")
@@ -372,13 +384,13 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--jobs", type=int, default=None,
               help="local, CPU: worker processes (1: in this process), each with the free cores / N threads "
                    "(OMP_NUM_THREADS sets them instead) [default: one per free core, one thread each].")
-@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
+@methods_option("cells")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @click.option("--dry-run", is_flag=True, help="List the runs still to do; train nothing.")
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@results_option
+@data_root_option
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
 @click.option("--pack", type=int, default=None,
               help="Train up to N seeds of a cell as one pack on the fast engine (one process, one step); "
@@ -427,7 +439,7 @@ def run(table_name, profile, seeds, seed_list, executor, gpus, jobs, methods, fi
 @click.option("--engine", type=click.Choice([e for e in names.ENGINES if e != "auto"]), default=None,
               help="Only this engine's records (needed where a cell has several).")
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@results_option
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the .md, .csv and .json [default: <results>/tables].")
 @std_option
@@ -448,11 +460,11 @@ def table(table_name, profile, fidelity, engine, metric, results, out_dir, std):
 
 @main.command()
 @sweep_options
-@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's cells; repeatable.")
+@methods_option("cells")
 @click.option("--fidelity", type=click.Choice(names.FIDELITIES), default="official", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="auto", show_default=True)
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@results_option
+@data_root_option
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
 @click.option("--torchrun", "ddp_procs", type=AT_LEAST_ONE, default=None, metavar="N",
               help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
@@ -471,7 +483,7 @@ def plan(table_name, profile, seeds, seed_list, methods, fidelity, engine, resul
 
 
 @main.command()
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
+@results_option
 @click.option("--metric", type=click.Choice(names.METRICS), default="paper", show_default=True, help=_METRIC_HELP)
 @std_option
 def report(results, metric, std):
@@ -534,8 +546,8 @@ def _age(created: str, now) -> str:
 
 
 @main.command()
-@click.option("--results", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method's runs; repeatable.")
+@results_option
+@methods_option("runs")
 @click.option("--profile", "profiles", type=click.Choice(names.PROFILES), multiple=True,
               help="Only this profile's runs; repeatable.")
 @click.option("--ids", is_flag=True, help="Each run's id (its record's file name) instead of its cell.")
@@ -576,7 +588,7 @@ def runs(results, methods, profiles, ids):
 @click.option("--update", is_flag=True, help="Rewrite the expectations from this run (on purpose only).")
 @click.option("--expected", default="results/regression/expected.json", show_default=True,
               type=click.Path(dir_okay=False))
-@click.option("--method", "methods", type=METHOD, multiple=True, help="Only this method; repeatable.")
+@methods_option()
 def regress(update, expected, methods):
     """Tiny deterministic CPU runs of every registered method on digits, compared with the expectations."""
     from okdph.bench.regress import regress as run_regress
@@ -634,7 +646,7 @@ def _bounds(text: str | None):
 @click.option("--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True,
               help="Seed of the noise directions.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@data_root_option
 @click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024].")
 @click.option("--per-epoch", is_flag=True, help="Every saved epoch, plotted against the epoch (Fig. 1).")
 @click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
@@ -692,7 +704,7 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
 @click.option("--fit", default="other-S1,other-S2,ours-S1", show_default=True,
               help="Trajectories the PCA is fitted on (of other-S1, other-S2, ours-S1, ours-S2).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--data-root", default="data", show_default=True, type=click.Path(file_okay=False))
+@data_root_option
 @click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024].")
 @quiet_option
 def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, batch_size, quiet):

@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from okdph import data as okdata
+from okdph.config import MAX_WIDTH, RunConfig
 from okdph.engine import distributed, reference
 from okdph.engine.checkpoint import (StopRequest, load_resume_checkpoint, restore_rng, save_resume_checkpoint,
                                      save_trajectory_point, trajectory_dir)
-from okdph.config import MAX_WIDTH, RunConfig
 from okdph.engine.lock import RunLock, RunLocked
 from okdph.engine.recipe import resolve_recipe
 from okdph.engine.record import (SCHEMA_VERSION, atomic_write_json, git_revision, provenance, read_record,

@@ -236,7 +236,6 @@ def train(force, skip_recorded, quiet, **options):
     from okdph.errors import DamagedRecord
 
     cfg = config_from_options(RunConfig, options)
-    ddp = cfg.ddp
     _use_default_threads()
     skip = not force
     if skip and is_done(cfg):
@@ -258,7 +257,7 @@ def train(force, skip_recorded, quiet, **options):
             click.echo(f"held elsewhere: {exc}")
             return
         raise UserError(f"{exc}; it is being trained elsewhere") from None
-    if ddp and not is_main_process():
+    if cfg.ddp and not is_main_process():
         return
     paper, final = record["metrics"]["paper"], record["metrics"]["final"]
     click.echo(f"{record['status']}: {record['run_id']}")

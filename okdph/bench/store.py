@@ -26,12 +26,21 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from okdph.config import RunConfig, cell_key, parse_run_id
 from okdph.engine.recipe import default_width
 from okdph.engine.record import read_record
-from okdph.config import RunConfig, cell_key, parse_run_id
 from okdph.errors import ConfigError, DamagedRecord
 
 RESOLVED_ENGINES = ("reference", "fast")  # what a record's engine field holds
+
+
+def _run_id_at(cfg: RunConfig, seed, engine) -> str | None:
+    """The run id of `cfg` at another seed and engine, as a record or file name states them; None
+    where they are no valid values (that record or file cannot be a run of this cell)."""
+    try:
+        return replace(cfg, seed=seed, engine=engine).run_id()
+    except ConfigError:
+        return None
 
 
 class ResultStore:
@@ -116,8 +125,7 @@ class ResultStore:
         """Records of every seed of `cfg`'s cell (of `engine` only, when given), by seed."""
         candidates = self._build().get(cfg.cell_key(), [])
         found = [r for r in candidates if (engine is None or r.get("engine") == engine)
-                 and isinstance(r.get("seed"), int) and r.get("engine") in RESOLVED_ENGINES
-                 and r["run_id"] == replace(cfg, seed=r["seed"], engine=r["engine"]).run_id()]
+                 and r["run_id"] == _run_id_at(cfg, r.get("seed"), r.get("engine"))]
         return sorted(found, key=lambda r: (r.get("seed", 0), r.get("created", "")))
 
     def damaged_for(self, cfg: RunConfig, engine: str | None = None) -> list[Path]:
@@ -127,8 +135,8 @@ class ResultStore:
         found = []
         for path in self.damaged:
             parsed = parse_run_id(path.stem)
-            if path.parent == self.runs_dir and parsed and parsed["seed"] < 2 ** 32 and any(
-                    path.stem == replace(cfg, seed=parsed["seed"], engine=e).run_id()
+            if path.parent == self.runs_dir and parsed and any(
+                    path.stem == _run_id_at(cfg, parsed["seed"], e)
                     for e in ((engine,) if engine else RESOLVED_ENGINES)):
                 found.append(path)
         return sorted(found)

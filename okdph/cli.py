@@ -150,7 +150,22 @@ class FiniteFloat(click.FloatRange):
 POSITIVE = FiniteFloat(min=0, min_open=True)
 MAX_SEEDS = 100  # per cell (the paper averages 5): more is a typo, and 84 cells × 10^5 seeds plan for hours
 AT_LEAST_ONE = click.IntRange(min=1)
+MAX_PROCESSES = 1024  # --jobs and --torchrun: more processes than any one machine runs is a typo
+PROCESSES = click.IntRange(1, MAX_PROCESSES)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+
+
+def _gpu_list(ctx, param, text: str | None) -> str | None:
+    """`--gpus` as written: 'all', 'cpu' or GPU indices like 0,1 (which of them exist is checked
+    where the runs start, so that --dry-run can plan for another machine)."""
+    if text is None or text.strip().lower() in ("all", "cpu"):
+        return text
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise click.BadParameter(f"expects GPU indices like 0,1 or 'all' or 'cpu', got '{text}'")
+    return text
+
+
 class MethodChoice(click.Choice):
     """The installed methods; where none is (a checkout run without `pip install -e .`), the one
     line that says so instead of "'dml' is not one of ."."""
@@ -324,11 +339,17 @@ std_option = click.option("--std", type=click.Choice(names.STD_CONVENTIONS), def
                                                   "official logs print it); the CSV/JSON hold both.")
 
 
-def _store(results: str):
-    """The result store of a --results folder, naming each damaged record it meets on stderr (once)."""
+def _store(results: str, *, existing: bool = False):
+    """The result store of a --results folder, naming each damaged record it meets on stderr (once).
+    `existing`: for commands that only read it, a missing folder is an error ("0 runs" or an empty
+    report would read as an empty folder, not a mistyped one)."""
     from okdph.bench.store import ResultStore
 
-    return ResultStore(results, report=lambda line: click.echo(f"warning: {line}", err=True))
+    store = ResultStore(results, report=lambda line: click.echo(f"warning: {line}", err=True))
+    if existing and not store.root.is_dir():
+        store.check_folder()  # a file where a folder should be says so
+        raise UserError(f"results folder '{store.root}' does not exist")
+    return store
 
 
 def _seed_list(ctx, param, text: str | None) -> list[int] | None:
@@ -378,9 +399,9 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @main.command()
 @sweep_options
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
-@click.option("--gpus", default=None, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
+@click.option("--gpus", default=None, callback=_gpu_list, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
               "[default: all visible, else CPU].")
-@click.option("--jobs", type=int, default=None,
+@click.option("--jobs", type=PROCESSES, default=None,
               help="local, CPU: worker processes (1: in this process), each with the free cores / N threads "
                    "(OMP_NUM_THREADS sets them instead) [default: one per free core, one thread each].")
 @methods_option("cells")
@@ -465,7 +486,7 @@ def table(table_name, profile, fidelity, engine, metric, results, out_dir, std):
 @results_option
 @data_root_option
 @click.option("--download", is_flag=True, help="Download CIFAR if missing.")
-@click.option("--torchrun", "ddp_procs", type=AT_LEAST_ONE, default=None, metavar="N",
+@click.option("--torchrun", "ddp_procs", type=PROCESSES, default=None, metavar="N",
               help="Wrap each command in torchrun with N processes (--ddp), for ImageNet.")
 @click.option("--all", "include_recorded", is_flag=True, help="Also the runs already recorded.")
 def plan(table_name, profile, seeds, seed_list, methods, fidelity, engine, results, data_root, download, ddp_procs,
@@ -490,7 +511,7 @@ def report(results, metric, std):
     PNG per cell."""
     from okdph.bench.report import write_report
 
-    click.echo(f"wrote {write_report(_store(results), metric=metric, std=std)}")
+    click.echo(f"wrote {write_report(_store(results, existing=True), metric=metric, std=std)}")
 
 
 @main.command()
@@ -556,9 +577,7 @@ def runs(results, methods, profiles, ids):
 
     from tabulate import tabulate
 
-    store = _store(results)
-    if not store.root.is_dir():  # "0 runs" would read as an empty folder, not a mistyped one
-        raise UserError(f"results folder '{store.root}' does not exist")
+    store = _store(results, existing=True)
     rows = [r for r in store.listing() if (not methods or r["method"] in methods)
             and (not profiles or r["profile"] in profiles)]
     now = datetime.now(timezone.utc)

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", action="append", default=[], help="only these backbones")
     parser.add_argument("--students", action="append", type=int, default=[], help="only these student/branch counts")
     parser.add_argument("--train-samples", type=int, default=None, help="the first N training images (default: all)")
+    parser.add_argument("--seed", type=int, default=None, help="every run at this seed (default: the table's, 42)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     chosen = candidate(args)
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if (args.backbone and cfg.backbone not in args.backbone) or (
                         args.students and cfg.students not in args.students):
                     continue
-                cfg = dataclasses.replace(cfg, width=args.width, train_samples=args.train_samples, checkpoint_every=0)
+                cfg = dataclasses.replace(cfg, width=args.width, train_samples=args.train_samples, checkpoint_every=0,
+                                          seed=cfg.seed if args.seed is None else args.seed)
                 rows.append(calibration_row(cfg, train_run(cfg, progress=False)))
     finally:
         recipes.SMOKE_RECIPES.clear()
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "git": git_revision(), "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine(), "threads": used},
         "candidate": {b: r.to_dict() for b, r in chosen.items()},
-        "flip": args.flip or "dataset", "width": args.width,
+        "flip": args.flip or "dataset", "width": args.width, "seed": args.seed,
         "total_s": round(total, 1), "runs": len(rows), "reach_70": reached, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,13 +132,13 @@ def calibration_row(cfg, record: dict) -> dict:
     recipe, best = record["recipe"], record["metrics"]["paper"]
     accs = record["history"]["test_acc"]
     per_epoch = [round(max(acc[e] for acc in accs.values()), 2) for e in range(len(next(iter(accs.values()))))]
-    row = {"method": cfg.method, "backbone": cfg.backbone, "students": cfg.students, "overrides": dict(cfg.overrides),
+    row = {"method": cfg.method, "backbone": cfg.backbone, "students": cfg.students, "seed": cfg.seed, "overrides": dict(cfg.overrides),
            "views": record["views"], "horizontal_flip": record["data"]["horizontal_flip"], "epochs": recipe["epochs"],
            "batch_size": recipe["batch_size"], "lr": recipe["lr"], "schedule": recipe["schedule"],
            "best_acc": best["acc"], "best_head": best["head"], "best_epoch": best["epoch"], "per_epoch": per_epoch,
            "final_acc": record["metrics"]["final"]["acc"], "wall_s": round(record["timing"]["wall_s"], 2),
            "engine": record["engine"]}
-    print(f"{cfg.method:7} {cfg.backbone:8} n{cfg.students} E{row['epochs']} bs{row['batch_size']}: best "
+    print(f"{cfg.method:7} {cfg.backbone:8} n{cfg.students} s{cfg.seed} E{row['epochs']} bs{row['batch_size']}: best "
           f"{best['acc']:5.1f} ({best['head']}, epoch {best['epoch']}), {row['wall_s']:.1f} s", flush=True)
     return row
 

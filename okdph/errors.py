@@ -25,9 +25,10 @@ class CheckpointError(ConfigError):
 
 
 class DamagedRecord(ConfigError):
-    """A run record that cannot be used: unparseable, or a field of the wrong type. Not counted
-    as recorded: the run trains again and the file is set aside as `<name>.corrupt`; the tables
-    count such records per cell and the commands name them."""
+    """A run record that cannot be used: unparseable, a field of the wrong type, or trained with
+    another recipe than its profile now has. Not counted as recorded: the run trains again and the
+    file is set aside as `<name>.corrupt`; the tables count such records per cell and the commands
+    name them."""
 
 
 USER_ERRORS = (ConfigError, DataError)  # one line, exit 2

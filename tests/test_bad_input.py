@@ -116,9 +116,12 @@ def pipeline_record(runs: Path, method: str = "dml") -> Path:
     (only the fields the tables read)."""
     from okdph.bench.experiments import cell_config, get_table
 
+    from okdph.engine.recipe import PIPELINE_RECIPE
+
     cell = next(c for c in get_table("3").cells if c.method == method)
     cfg = cell_config(cell, profile="pipeline", out_dir=str(runs))
     record = {"schema": 1, "run_id": cfg.run_id(), "status": "complete", **cfg.identity(),
+              "recipe": PIPELINE_RECIPE.to_dict(),
               "history": {"test_acc": {"student0": [10.0], "student1": [11.0]}},
               "metrics": {"paper": {"acc": 11.0, "epoch": 0, "head": "student1"},
                           "final": {"acc": 10.0, "epoch": 0, "head": "student0"}},
@@ -409,7 +412,8 @@ def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "acc high", "history null", "not a record", "acc NaN", "acc 1000",
-                                    "acc -5", "curve NaN", "no metrics", "seed not the run id's", "method not the run id's"])
+                                    "acc -5", "curve NaN", "no metrics", "seed not the run id's", "method not the run id's",
+                                    "another recipe"])
 def test_a_damaged_record_is_not_done(tmp_path, damage):
     from okdph.engine.run import is_done
 
@@ -435,13 +439,17 @@ def test_a_damaged_record_is_not_done(tmp_path, damage):
         record["seed"] = 43
     elif damage == "method not the run id's":
         record["method"] = "kdcl"
+    elif damage == "another recipe":  # the profile's recipe changed since (the run id names the profile only)
+        record["recipe"]["lr"] = 0.5 * record["recipe"]["lr"]
     else:
         record = [record]
     if damage != "truncated":
         cfg.record_path().write_text(json.dumps(record))
     assert not is_done(cfg)
-    with pytest.raises(DamagedRecord):
+    with pytest.raises(DamagedRecord) as caught:
         read_record(cfg.record_path(), cfg.run_id())
+    if damage == "another recipe":
+        assert "trained with another pipeline recipe (lr 0.05; now lr 0.1)" in str(caught.value)
 
 
 def test_records_are_strict_json_with_a_diverged_loss_as_null(tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import replace
 
 import pytest
@@ -237,3 +238,37 @@ def test_slurm_is_asked_for_by_name_never_picked_by_submitit(tmp_path, monkeypat
         fake.write_text("#!/bin/sh\nexit 1\n")
         fake.chmod(0o755)
     assert slurm.check_available(None) == "slurm"
+
+
+@pytest.mark.parametrize("ending", ["out of memory", "crashed outside a run"])
+def test_a_job_that_ended_without_a_result_fails_its_runs_in_one_line(tmp_path, ending):
+    """What `run --executor slurm --wait` reports for a job SLURM killed or that crashed: each of
+    its runs failed, with the state or the last error line and the job's log, not a traceback."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    configs = [RunConfig(method="dml", profile="pipeline", seed=seed, out_dir=str(tmp_path)) for seed in (42, 43)]
+    log = tmp_path / "1234_0_log.err"
+    if ending == "out of memory":
+        exc = UncompletedJobError(f"Job 1234 (task: 0) with path {tmp_path}/1234_0_result.pkl\nhas not produced "
+                                  "any output (state: OUT_OF_MEMORY)\nError stream produced:\n----\n"
+                                  "slurmstepd: error: Detected 1 oom_kill event")
+    else:
+        exc = FailedJobError("Job (task=0) failed during processing with trace:\n----------------------\n"
+                             "Traceback (most recent call last):\n  File \"x.py\", line 1\nMemoryError: boom\n"
+                             f"----------------------\nYou can check full logs with 'job.stderr(0)' and "
+                             f"'job.stdout(0)'or at paths:\n  - {log}\n  - {tmp_path}/1234_0_log.out")
+
+    class EndedJob:
+        job_id = "1234"
+        paths = types.SimpleNamespace(stderr=log)
+
+        def result(self):
+            raise exc
+
+        def submission(self):
+            return types.SimpleNamespace(function=slurm.PackedJob(configs))
+
+    outcomes = slurm.outcomes(EndedJob())
+    assert [o.run_id for o in outcomes] == [cfg.run_id() for cfg in configs]
+    why = "state OUT_OF_MEMORY" if ending == "out of memory" else "MemoryError: boom"
+    assert {o.error for o in outcomes} == {f"SLURM job 1234 ended without a result ({why}); its log: {log}"}

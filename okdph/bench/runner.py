@@ -208,7 +208,7 @@ def _train_on_slurm(pending, configs, table, execution: Execution, summary: RunS
     if not execution.wait:
         return False
     for job in submitted:
-        for outcome in job.result():
+        for outcome in slurm.outcomes(job):
             if outcome.error:
                 summary.failed.append((outcome.run_id, outcome.error))
             elif outcome.skipped:

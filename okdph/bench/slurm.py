@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,23 @@ def submit(configs: list[RunConfig], *, folder, pack_size: int = 5, packed: bool
             reason = next((line for line in lines if "error" in line.lower()), lines[0] if lines else type(exc).__name__)
             raise ConfigError(f"SLURM refused the submission: {reason}") from None
     return jobs
+
+
+def outcomes(job) -> list[Outcome]:
+    """What a finished job reports per run. A job that ended without a result (SLURM killed it for
+    memory or time, its node failed, it was cancelled, or it crashed outside a run) fails each of
+    its runs with one line: the scheduler's state or the job's last error line, and its log."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        return job.result()
+    except (FailedJobError, UncompletedJobError) as exc:
+        text = str(exc).split("You can check full logs")[0]  # submitit's trailer: we name the log below
+        state = re.search(r"\(state: ([^)]+)\)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip().strip("-")]
+        why = f"state {state.group(1)}" if state else (lines[-1] if lines else type(exc).__name__)
+        error = f"SLURM job {job.job_id} ended without a result ({why}); its log: {job.paths.stderr}"
+        return [Outcome(cfg.run_id(), error=error) for cfg in job.submission().function.configs]
 
 
 @contextlib.contextmanager

@@ -129,7 +129,30 @@ def record_problem(record) -> str | None:
     if not isinstance(curves, dict) or not all(isinstance(c, list) and all(map(_is_accuracy, c))
                                                for c in curves.values()):
         return f"history.test_acc is {_shown(curves)}, not lists of accuracies in [0, 100] per head"
-    return None
+    return _recipe_problem(record)
+
+
+def _recipe_problem(record: dict) -> str | None:
+    """A record trained with another recipe than its profile has now (the smoke recipe is
+    recalibrated from time to time; the run id names the profile, not the recipe) would be shown
+    under the current recipe's header: it is no record of this run. Fields the record lacks (older
+    records) and runs whose recipe cannot be resolved here are not judged."""
+    from okdph.engine.recipe import resolve_recipe
+    from okdph.errors import ConfigError
+
+    held = record.get("recipe")
+    if not isinstance(held, dict) or not all(isinstance(record.get(k), str) for k in ("profile", "dataset", "backbone")):
+        return None
+    try:
+        now = resolve_recipe(record["profile"], record["dataset"], record.get("epochs"), record["backbone"]).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return None
+    changed = [k for k in held if k in now and held[k] != now[k]]
+    if not changed:
+        return None
+    was = ", ".join(f"{k} {_shown(held[k])}" for k in changed)
+    return (f"it was trained with another {record['profile']} recipe ({was}; now "
+            f"{', '.join(f'{k} {_shown(now[k])}' for k in changed)})")
 
 
 def load_record(path: Path) -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,16 @@ class Command(click.Command):
                                         help="Show the traceback of a user error."))
 
 
+def _one_line(exc: BaseException) -> str:
+    """The line of an error a user needs: the first of its message; for one raised in a DataLoader
+    worker, which torch raises again with the worker's traceback in the message, the last (the
+    original message, without its exception's name)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return re.sub(r"^[\w.]+: ", "", lines[-1])
+    return lines[0] if lines else type(exc).__name__
+
+
 class Group(click.Group):
     """The `okdph-bench` group: every error a user can fix is one line on stderr and exit 2 (usage
     errors such as an unknown option or a value outside its choices too, without click's usage
@@ -80,7 +91,7 @@ class Group(click.Group):
         except USER_ERRORS as exc:
             if ctx.meta.get(_DEBUG):
                 raise
-            raise UserError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+            raise UserError(_one_line(exc)) from None
         except BrokenPipeError:  # stdout closed early (`okdph-bench plan ... | head`): not an error of ours
             raise
         except OSError as exc:  # the file system said no (a folder turned read-only, a full disk): one line

@@ -55,6 +55,18 @@ def _cifar(tmp: Path, corrupt: bool) -> list[str]:
             "--data-root", str(root), "--out", str(tmp / "runs")]
 
 
+def _imagenet_with_a_bad_image(tmp: Path) -> list[str]:
+    """An ImageFolder root whose one image is no image, read by one loader worker process (whose
+    error torch raises again with the worker's traceback in its message)."""
+    for split in ("train", "val"):
+        folder = tmp / "imagenet" / split / "n01440764"
+        folder.mkdir(parents=True)
+        (folder / "a.JPEG").write_bytes(b"not a jpeg")
+    return ["train", "--method", "dml", "--dataset", "imagenet", "--backbone", "resnet18", "--width", "0.125",
+            "--epochs", "1", "--workers", "1", "--quiet", "--data-root", str(tmp / "imagenet"),
+            "--out", str(tmp / "runs")]
+
+
 def _compare(tmp: Path, kind: str) -> list[str]:
     """`compare` with a bad side: the baseline is a good table JSON, the candidate is `kind`."""
     cell = {"dataset": "cifar10", "backbone": "resnet32", "setting": "standard", "students": 2, "method": "dml",
@@ -231,6 +243,8 @@ CASES = [
     ("report of a missing results folder", ["report", "--results", "nope"], r"results folder 'nope' does not exist"),
     ("missing dataset files", lambda tmp: _cifar(tmp, corrupt=False), r"(not found|missing).*--download"),
     ("corrupted dataset files", lambda tmp: _cifar(tmp, corrupt=True), r"(corrupt|md5|checksum|integrity)"),
+    ("an ImageNet image that is no image", _imagenet_with_a_bad_image,
+     r"^error: ImageNet image .*a\.JPEG is unreadable \(cannot identify image file .*\); replace or remove it$"),
     ("truncated checkpoint", lambda tmp: _checkpoint(tmp, b"PK\x03\x04\x14\x00"),
      r"checkpoint .* is unreadable \(truncated or not an okdph-bench file: PytorchStreamReader failed reading zip "
      r"archive: not a ZIP archive\); it is the resume checkpoint of an interrupted run, not a result: delete it "

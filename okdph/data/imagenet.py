@@ -21,13 +21,24 @@ def _folder(root, split: str) -> str:
     return path
 
 
+def read_image(path: str):
+    """One image as an RGB PIL image, as ImageFolder's default loader reads it; a file that is no
+    image is named, not a PIL traceback from inside a loader worker."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"ImageNet image {path} is unreadable ({err}); replace or remove it") from None
+
+
 def image_folder(root, split: str, transform: Callable):
     """The `split` ("train" or "val") folder as a torchvision ImageFolder."""
     from torchvision.datasets import ImageFolder
 
     path = _folder(root, split)
     try:
-        return ImageFolder(path, transform=transform)
+        return ImageFolder(path, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as err:
         detail = " ".join(str(err).split())
         raise DataError(f"ImageNet folder {path} holds no class folders with images ({detail}); "

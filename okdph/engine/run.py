@@ -455,7 +455,10 @@ class Training:
         check_heads(self.strategies[0], probe)
         check_last_batch(self.strategies[0], first.method, len(self.train_set), self.recipe.batch_size,
                          probe.shape[1:], device)
-        self.workers = first.workers if first.workers is not None else self.info.loader_workers
+        # The dataset's default, but no more processes than this machine has cores (more only
+        # slow the loading down, and torch warns about it)
+        self.workers = first.workers if first.workers is not None else min(self.info.loader_workers,
+                                                                           os.cpu_count() or 1)
         self.engine = build_engine(self.cfgs, self.strategies, self.train_set, self.test_set, self.recipe, device,
                                    self.workers)
         self.trajectories = None

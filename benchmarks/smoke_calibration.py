@@ -132,8 +132,9 @@ def calibration_row(cfg, record: dict) -> dict:
     recipe, best = record["recipe"], record["metrics"]["paper"]
     accs = record["history"]["test_acc"]
     per_epoch = [round(max(acc[e] for acc in accs.values()), 2) for e in range(len(next(iter(accs.values()))))]
-    row = {"method": cfg.method, "backbone": cfg.backbone, "students": cfg.students, "seed": cfg.seed, "overrides": dict(cfg.overrides),
-           "views": record["views"], "horizontal_flip": record["data"]["horizontal_flip"], "epochs": recipe["epochs"],
+    row = {"method": cfg.method, "backbone": cfg.backbone, "students": cfg.students, "seed": cfg.seed,
+           "overrides": dict(cfg.overrides), "views": record["views"],
+           "horizontal_flip": record["data"]["horizontal_flip"], "epochs": recipe["epochs"],
            "batch_size": recipe["batch_size"], "lr": recipe["lr"], "schedule": recipe["schedule"],
            "best_acc": best["acc"], "best_head": best["head"], "best_epoch": best["epoch"], "per_epoch": per_epoch,
            "final_acc": record["metrics"]["final"]["acc"], "wall_s": round(record["timing"]["wall_s"], 2),

@@ -410,8 +410,8 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @main.command()
 @sweep_options
 @click.option("--executor", type=click.Choice(names.EXECUTORS), default="local", show_default=True)
-@click.option("--gpus", default=None, callback=_gpu_list, help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' "
-              "[default: all visible, else CPU].")
+@click.option("--gpus", default=None, callback=_gpu_list,
+              help="local: GPUs to use, e.g. 0,1 (one worker each), 'all' or 'cpu' [default: all visible, else CPU].")
 @click.option("--jobs", type=PROCESSES, default=None,
               help="local, CPU: worker processes (1: in this process), each with the free cores / N threads "
                    "(OMP_NUM_THREADS sets them instead) [default: one per free core, one thread each].")

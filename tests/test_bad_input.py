@@ -426,8 +426,8 @@ def test_a_damaged_record_is_set_aside_and_the_run_trains_again(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "acc high", "history null", "not a record", "acc NaN", "acc 1000",
-                                    "acc -5", "curve NaN", "no metrics", "seed not the run id's", "method not the run id's",
-                                    "another recipe"])
+                                    "acc -5", "curve NaN", "no metrics", "seed not the run id's",
+                                    "method not the run id's", "another recipe"])
 def test_a_damaged_record_is_not_done(tmp_path, damage):
     from okdph.engine.run import is_done
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import okdph
-from okdph.errors import DamagedRecord
+from okdph.errors import ConfigError, DamagedRecord
 
 SCHEMA_VERSION = 1
 
@@ -138,10 +138,10 @@ def _recipe_problem(record: dict) -> str | None:
     under the current recipe's header: it is no record of this run. Fields the record lacks (older
     records) and runs whose recipe cannot be resolved here are not judged."""
     from okdph.engine.recipe import resolve_recipe
-    from okdph.errors import ConfigError
 
     held = record.get("recipe")
-    if not isinstance(held, dict) or not all(isinstance(record.get(k), str) for k in ("profile", "dataset", "backbone")):
+    names = ("profile", "dataset", "backbone")
+    if not isinstance(held, dict) or not all(isinstance(record.get(k), str) for k in names):
         return None
     try:
         now = resolve_recipe(record["profile"], record["dataset"], record.get("epochs"), record["backbone"]).to_dict()
@@ -173,8 +173,6 @@ def read_record(path: Path, run_id: str | None = None) -> dict:
     """A record file, checked: readable, an okdph-bench record with fields of the right types
     (else DamagedRecord), and the run `run_id` when given (the file name says which run it must
     be; else ConfigError: a record of another run is never set aside nor overwritten)."""
-    from okdph.errors import ConfigError
-
     path = Path(path)
     record = load_record(path)
     expected = run_id or path.stem

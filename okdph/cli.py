@@ -167,13 +167,15 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 
 
 def _gpu_list(ctx, param, text: str | None) -> str | None:
-    """`--gpus` as written: 'all', 'cpu' or GPU indices like 0,1 (which of them exist is checked
-    where the runs start, so that --dry-run can plan for another machine)."""
-    if text is None or text.strip().lower() in ("all", "cpu"):
-        return text
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise click.BadParameter(f"expects GPU indices like 0,1 or 'all' or 'cpu', got '{text}'")
+    """`--gpus` as written: 'all', 'cpu' or GPU indices like 0,1, checked before a dry run too."""
+    from okdph.bench.executors import gpu_indices
+    from okdph.errors import ConfigError
+
+    if text is not None and text.strip().lower() not in ("all", "cpu"):
+        try:
+            gpu_indices(text)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--gpus ")) from None
     return text
 
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 import os
 
 
-def free_cores() -> int:
-    """The cores this process may run on (its CPU affinity) less those other processes keep busy
-    (the 1-minute load average, rounded); at least 1."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or job's share)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def free_cores() -> int:
+    """The cores this process may run on (usable_cores) less those other processes keep busy
+    (the 1-minute load average, rounded); at least 1."""
+    cores = usable_cores()
     try:
         busy = int(os.getloadavg()[0] + 0.5)
     except (AttributeError, OSError):

@@ -98,6 +98,17 @@ def train_group(cfgs: list[RunConfig], progress: bool = False) -> list[Outcome]:
     return [train_one(cfg, progress) for cfg in cfgs]
 
 
+def gpu_indices(gpus: str) -> list[int]:
+    """`--gpus 0,2` as written -> [0, 2] (which exist is checked where the runs start, so that a dry
+    run can plan for another machine)."""
+    from okdph.errors import ConfigError
+
+    parts = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--gpus expects GPU indices like 0,1 or 'all' or 'cpu', got '{gpus}'")
+    return [int(part) for part in parts]
+
+
 def parse_gpus(gpus: str | None, cuda_count: int, jobs: int | None = None) -> list[str]:
     """The devices of the local workers: `--gpus 0,2` -> ["cuda:0", "cuda:2"]; "all" or nothing ->
     every visible GPU; no GPU or "cpu" -> `jobs` CPU workers (1: this process; None: one per free
@@ -113,13 +124,10 @@ def parse_gpus(gpus: str | None, cuda_count: int, jobs: int | None = None) -> li
         return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"] * jobs
     if gpus.strip().lower() == "cpu":
         return ["cpu"] * jobs
-    try:
-        ids = [int(g) for g in gpus.split(",") if g.strip()]
-    except ValueError:
-        raise ConfigError(f"--gpus expects GPU indices like 0,1 or 'all' or 'cpu', got '{gpus}'") from None
-    bad = [i for i in ids if not 0 <= i < cuda_count]
-    if bad or not ids:
-        raise ConfigError(f"GPU {bad[0] if bad else gpus} not available; valid: "
+    ids = gpu_indices(gpus)
+    bad = [i for i in ids if not i < cuda_count]
+    if bad:
+        raise ConfigError(f"GPU {bad[0]} not available; valid: "
                           f"{', '.join(map(str, range(cuda_count))) or 'none (use --gpus cpu)'}")
     return [f"cuda:{i}" for i in ids]
 

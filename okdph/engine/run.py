@@ -39,6 +39,7 @@ from okdph.errors import DamagedRecord
 from okdph.models import image_size as backbone_image_size
 from okdph.models import list_backbones
 from okdph.strategy import ConfigError, build_config, check_heads, config_to_dict, get_strategy
+from okdph.threads import usable_cores
 
 
 PROGRESS_EVERY_S = 1.0  # the progress bar shows the step in flight at most this often (and at least, per step)
@@ -458,7 +459,7 @@ class Training:
         # The dataset's default, but no more processes than this machine has cores (more only
         # slow the loading down, and torch warns about it)
         self.workers = first.workers if first.workers is not None else min(self.info.loader_workers,
-                                                                           os.cpu_count() or 1)
+                                                                           usable_cores())
         self.engine = build_engine(self.cfgs, self.strategies, self.train_set, self.test_set, self.recipe, device,
                                    self.workers)
         self.trajectories = None

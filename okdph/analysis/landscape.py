@@ -310,7 +310,7 @@ def _resume(land: Landscape, data_path: Path, fingerprint: dict) -> None:
 def _evaluate_points(land: Landscape, todo, traj, pca, fit_rows, fit_coords, fit_buffers, data_path: Path, *,
                      device, data_root, batch_size, points_per_save: int, progress: bool) -> None:
     """Loss and accuracy at the grid points `todo`, `points_per_save` at a time, saved after each."""
-    from okdph.analysis.evaluate import DEFAULT_BATCH_SIZE, build_network, load_train_images, stacked_loss, unflatten
+    from okdph.analysis.evaluate import build_network, load_train_images, stacked_loss, unflatten
 
     net = build_network(traj.meta, device)
     data = load_train_images(traj.meta, data_root, device)
@@ -322,7 +322,7 @@ def _evaluate_points(land: Landscape, todo, traj, pca, fit_rows, fit_coords, fit
         weights, nearest = grid_weights(points, pca, fit_rows, fit_coords)
         buffers = {n: torch.stack([fit_buffers[i][n] for i in nearest.tolist()]) for n in fit_buffers[0]}
         loss, acc = stacked_loss(net, unflatten(weights, traj.template, traj.names), buffers, data,
-                                 stacked_buffers=True, batch_size=batch_size or DEFAULT_BATCH_SIZE)
+                                 stacked_buffers=True, batch_size=batch_size)
         for (iy, ix), l_value, a_value in zip(cells, loss.tolist(), acc.tolist()):
             land.loss[iy, ix], land.acc[iy, ix], land.done[iy, ix] = l_value, a_value, True
         land.save(data_path)

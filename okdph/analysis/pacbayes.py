@@ -14,9 +14,10 @@ with the KL term of a Gaussian posterior N(w, diag σ_i²) against a prior centr
     "orig":      σ_i = σ          KL = ‖w‖² / (4σ²)          (prior at 0; LPF-SGD in practice)
     "magnitude": σ_i = α·|w_i|    KL = Σ_i w_i² / (4α²w_i²) = d / (4α²)
 
-σ (or α) is the largest noise scale the network tolerates: bisection for the scale at which the
-mean training-loss increase over `samples` Monte-Carlo perturbations, E[L(w + u)] − L(w), equals
-ε = 0.1 (stopping when it is within `tolerance` of ε, or after `max_iterations` evaluations).
+σ (or α) is the largest noise scale the network tolerates: a safeguarded search (`search_scale`)
+for the scale at which the mean training-loss increase over `samples` Monte-Carlo perturbations,
+E[L(w + u)] − L(w), equals ε = 0.1 (stopping when it is within `tolerance` of ε, or after
+`max_iterations` evaluations).
 
 Default "magnitude": it is the variant that reproduces the scale of Table 5. Every published value
 is (200-240)·d for the repo's own parameter counts d, across five architectures of 0.18M-15M
@@ -34,7 +35,7 @@ Choices the paper leaves open, made here:
 - Common random numbers: the `samples` standard-normal directions z_k are drawn once (from a
   torch.Generator seeded with `seed`, on the CPU, so they do not depend on the device) and every
   step of the search scales the same z_k. The Monte-Carlo mean is then a continuous function of the
-  scale, so the bisection converges, and the result is deterministic given the seed.
+  scale, so the search converges, and the result is deterministic given the seed.
 - A zero weight gets zero noise in the magnitude variant and contributes its limit 1/(4α²).
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ from okdph.errors import ConfigError
 DEFAULT_DELTA = 1e-6                 # confidence δ of log(2m/δ) (LPF-SGD)
 SCALE_RESOLUTION = 1e-5              # also stop once the bracket is this narrow (relative): the
                                      # crossing is located, but the loss jumps there (not converged)
-START_SCALE = 0.01                   # first σ or α tried; doubled until the increase passes ε
+START_SCALE = 0.01                   # first σ or α tried (search_scale grows it until the increase passes ε)
 MAX_SCALE = 1e4                      # give up bracketing beyond this (the loss never rose by ε)
 UNITS = 1e6                          # Table 5 prints the bound ×10^-6 (render.py reads metrics.pacbayes)
 
@@ -73,18 +74,29 @@ class ScaleSearch:
 def search_scale(increase_at: Callable[[float], float], *, epsilon: float = DEFAULT_EPSILON,
                  tolerance: float = DEFAULT_TOLERANCE, max_iterations: int = DEFAULT_MAX_ITERATIONS,
                  start: float = START_SCALE, max_scale: float = MAX_SCALE, resolution: float = SCALE_RESOLUTION,
-                 on_step: Callable[[float, float], None] | None = None) -> ScaleSearch:
-    """Bisection for the scale s at which `increase_at(s)` = ε, assuming the increase grows with s.
+                 guided: bool = True, on_step: Callable[[float, float], None] | None = None) -> ScaleSearch:
+    """The scale s at which `increase_at(s)` = ε, assuming the increase grows with s.
 
-    Bracketing first: from `start`, double s while the increase is below ε (halving happens by
-    itself: the first bisection between 0 and an s that overshoots). Then halve the bracket
-    [lo, hi] until |increase − ε| ≤ tolerance, or until hi − lo ≤ resolution·hi (a loss that jumps
-    across ε, e.g. a diverged network's). A NaN increase counts as above ε. Without convergence,
-    the evaluated scale closest to ε is returned, marked so."""
+    Each evaluation costs a pass over the training set per noise sample, so the search guesses
+    where the crossing is instead of halving blindly. Near a minimum the increase is about c·s²,
+    so from one side of ε the next scale is the one a power law through the last point predicts:
+    c·s² at first, then c·s^p through the last two points (a factor of 1/16 to 16, aimed a little
+    past ε so that it brackets). Once ε is bracketed by
+    [lo, hi], the next scale is the secant of log increase against log s (exact for any power
+    law c·s^p), kept inside the bracket and replaced by a bisection of log s whenever the last step
+    did not halve the bracket's log width, so it never needs more than about twice the evaluations
+    of a bisection of log s. Stops when
+    |increase − ε| ≤ tolerance, or when hi − lo ≤ resolution·hi (a loss that jumps across ε, e.g. a
+    diverged network's). A NaN increase counts as above ε; an increase of zero or below (no
+    power law to fit) falls back to doubling or bisecting. Without convergence, the evaluated scale
+    closest to ε is returned, marked so. `guided=False`: plain doubling, halving and bisection (the
+    baseline `benchmarks/pacbayes_search.py` compares against)."""
     if not (epsilon > 0 and tolerance > 0 and max_iterations >= 1 and start > 0):
         raise ConfigError(f"need epsilon > 0, tolerance > 0, max_iterations >= 1, start > 0; got "
                           f"{epsilon}, {tolerance}, {max_iterations}, {start}")
-    lo, hi, scale = 0.0, math.inf, start
+    lo, lo_increase = 0.0, 0.0
+    hi, hi_increase = math.inf, math.inf
+    scale, last_width, power = start, math.inf, 2.0
     history: list[tuple[float, float]] = []
     for _ in range(max_iterations):
         increase = increase_at(scale)
@@ -95,18 +107,56 @@ def search_scale(increase_at: Callable[[float], float], *, epsilon: float = DEFA
             on_step(scale, increase)
         if abs(increase - epsilon) <= tolerance:
             return ScaleSearch(scale, increase, len(history), True, history)
+        power = _local_power(history, epsilon) or power
         if increase < epsilon:
-            lo = scale
-            scale = scale * 2 if math.isinf(hi) else (lo + hi) / 2
-            if scale > max_scale:
-                break
+            lo, lo_increase = scale, increase
         else:
-            hi = scale
-            scale = (lo + hi) / 2
+            hi, hi_increase = scale, increase
         if not math.isinf(hi) and hi - lo <= resolution * hi:
+            break
+        width = math.log(hi / lo) if lo > 0 else math.inf  # a bracket's width once ε lies between two scales
+        scale = _next_scale(lo, lo_increase, hi, hi_increase, epsilon, guided=guided, power=power,
+                            bisect=width > last_width / 2)
+        last_width = width
+        if scale > max_scale:
             break
     best_scale, best_increase = min(history, key=lambda h: abs(h[1] - epsilon))
     return ScaleSearch(best_scale, best_increase, len(history), False, history)
+
+
+def _next_scale(lo: float, lo_increase: float, hi: float, hi_increase: float, epsilon: float, *,
+                guided: bool, power: float, bisect: bool) -> float:
+    """`search_scale`'s next scale from its bracket [lo, hi] (lo = 0: nothing below ε yet; hi = inf:
+    nothing above ε yet), the increases measured at its ends and the local power of the increase."""
+    if math.isinf(hi):                                   # still below ε: grow, by the power law's guess
+        if not guided or lo_increase <= 0:
+            return 2 * lo
+        return lo * min(max((epsilon / lo_increase) ** (1 / power) * 1.1, 1.25), 16.0)
+    if lo == 0.0:                                        # still above ε: shrink, by the power law's guess
+        if not guided or not math.isfinite(hi_increase):
+            return hi / 2
+        return hi * min(max((epsilon / hi_increase) ** (1 / power) * 0.9, 1 / 16), 0.8)
+    if not guided:
+        return (lo + hi) / 2
+    if bisect or lo_increase <= 0 or not math.isfinite(hi_increase):
+        return math.sqrt(lo * hi)                        # the bisection of log s
+    # the secant of log increase over log scale, kept within the middle 90 % of the bracket
+    t_lo, t_hi = math.log(lo), math.log(hi)
+    g_lo, g_hi = math.log(lo_increase / epsilon), math.log(hi_increase / epsilon)
+    t = t_lo - g_lo * (t_hi - t_lo) / (g_hi - g_lo)
+    margin = 0.05 * (t_hi - t_lo)
+    return math.exp(min(max(t, t_lo + margin), t_hi - margin))
+
+
+def _local_power(history: list[tuple[float, float]], epsilon: float) -> float | None:
+    """p of the power law c·s^p through the last two evaluations when both lie on the same side of ε
+    with positive, finite increases (kept within [0.5, 8]); None otherwise."""
+    if len(history) < 2:
+        return None
+    (s0, i0), (s1, i1) = history[-2:]
+    if not (0 < i0 < math.inf and 0 < i1 < math.inf and (i0 < epsilon) == (i1 < epsilon) and s0 != s1 and i0 != i1):
+        return None
+    return min(max(math.log(i1 / i0) / math.log(s1 / s0), 0.5), 8.0)
 
 
 def kl_term(variant: str, weights: Tensor, init: Tensor | None, scale: float) -> float:
@@ -155,6 +205,7 @@ class PacBayesResult:
     seed: int
     iterations: int
     converged: bool
+    guided: bool                 # search_scale's guided search (False: doubling and bisection)
     loss: float                  # L(w), training split, no augmentation
     loss_increase: float         # mean L(w + u) − L(w) at the scale found
     history: list = field(default_factory=list)
@@ -172,7 +223,8 @@ def pacbayes_bound(weights: Tensor, loss_of: Callable[[Tensor], Tensor], m: int,
                    variant: str = DEFAULT_VARIANT, samples: int = DEFAULT_SAMPLES,
                    epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
                    tolerance: float = DEFAULT_TOLERANCE, max_iterations: int = DEFAULT_MAX_ITERATIONS,
-                   seed: int = DEFAULT_SEED, progress: bool = False, desc: str = "pac-bayes") -> PacBayesResult:
+                   seed: int = DEFAULT_SEED, guided: bool = True, progress: bool = False,
+                   desc: str = "pac-bayes") -> PacBayesResult:
     """The bound of flat weights `weights` (d,) whose training loss is `loss_of`: a function from
     K stacked weight vectors (K, d) to their K losses (K,). `init` (d,) is w0 for "init"."""
     check_variant(variant)
@@ -194,7 +246,7 @@ def pacbayes_bound(weights: Tensor, loss_of: Callable[[Tensor], Tensor], m: int,
 
     try:
         found = search_scale(increase_at, epsilon=epsilon, tolerance=tolerance, max_iterations=max_iterations,
-                             on_step=on_step)
+                             guided=guided, on_step=on_step)
     finally:
         bar.close()
     kl = kl_term(variant, weights, init, found.scale)
@@ -203,8 +255,8 @@ def pacbayes_bound(weights: Tensor, loss_of: Callable[[Tensor], Tensor], m: int,
         variant=variant, scale_name="alpha" if variant == "magnitude" else "sigma", scale=found.scale,
         kl_term=kl, log_term=log, bound=kl + log, m=m, delta=delta, num_params=weights.numel(), samples=samples,
         epsilon=epsilon, tolerance=tolerance, max_iterations=max_iterations, seed=seed,
-        iterations=found.iterations, converged=found.converged, loss=base_loss, loss_increase=found.increase,
-        history=[list(h) for h in found.history])
+        iterations=found.iterations, converged=found.converged, guided=guided, loss=base_loss,
+        loss_increase=found.increase, history=[list(h) for h in found.history])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,12 +278,11 @@ def deployed_student(record: dict) -> int:
 def run_bounds(record_path, *, variant: str = DEFAULT_VARIANT, per_epoch: bool = False, device="cpu",
                data_root="data", samples: int = DEFAULT_SAMPLES, epsilon: float = DEFAULT_EPSILON,
                delta: float = DEFAULT_DELTA, tolerance: float = DEFAULT_TOLERANCE,
-               max_iterations: int = DEFAULT_MAX_ITERATIONS, seed: int = DEFAULT_SEED,
+               max_iterations: int = DEFAULT_MAX_ITERATIONS, seed: int = DEFAULT_SEED, guided: bool = True,
                batch_size: int | None = None, progress: bool = True) -> tuple[dict, list[PointBound]]:
     """The bound of a run's deployed student at its last saved epoch (every saved epoch with
     `per_epoch`); returns the record and the bounds in epoch order."""
     from okdph.analysis.evaluate import (
-        DEFAULT_BATCH_SIZE,
         build_network,
         flatten,
         load_run_trajectory,
@@ -267,11 +318,12 @@ def run_bounds(record_path, *, variant: str = DEFAULT_VARIANT, per_epoch: bool =
 
         def loss_of(stack: Tensor, params=params, buffers=buffers) -> Tensor:  # this point's weights
             return stacked_loss(net, unflatten(stack, params, names), buffers, data,
-                                batch_size=batch_size or DEFAULT_BATCH_SIZE)[0]
+                                batch_size=batch_size)[0]
 
         result = pacbayes_bound(weights, loss_of, len(data), init=init, variant=variant, samples=samples,
                                 epsilon=epsilon, delta=delta, tolerance=tolerance, max_iterations=max_iterations,
-                                seed=seed, progress=progress, desc=f"{meta['method']} epoch {point.epoch}")
+                                seed=seed, guided=guided, progress=progress,
+                                desc=f"{meta['method']} epoch {point.epoch}")
         out.append(PointBound(point.epoch, result))
     return record, out
 

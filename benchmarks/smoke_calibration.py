@@ -4,8 +4,9 @@ with each run's accuracy per epoch and its time (not part of the test suite).
     python benchmarks/smoke_calibration.py --epochs resnet32=3 --epochs vgg16=5 \\
         --out results/perf/cpu-2core-amd-epyc-smoke-calibration.json
 
-A candidate differs from the committed smoke recipes (okdph/engine/recipe.py, SMOKE_RECIPES) in what
-the options say, per backbone where they take `backbone=value`:
+A candidate differs from the committed smoke recipes (okdph/engine/recipe.py, SMOKE_RECIPES, and
+SMOKE_DEFAULT for a backbone without one) in what the options say, per backbone where they take
+`backbone=value`:
 - `--epochs`, `--batch`, `--lr`: epochs over the digits training set, batch size, initial lr;
 - `--warmup`: epochs of linear warm-up before the linear decay;
 - `--schedule`: step (x0.1 at half and three quarters of the epochs) or linear (to 0 per step);
@@ -37,9 +38,9 @@ from okdph.bench.regress import machine
 from okdph.engine import recipe as recipes
 from okdph.engine.record import git_revision
 from okdph.engine.run import train_run
+from okdph.names import BACKBONES
 from okdph.threads import default_threads
 
-BACKBONES = tuple(recipes.SMOKE_RECIPES)
 REACHED = 70.0  # the accuracy every smoke cell should reach (docs/verification.md#smoke-recipe)
 
 
@@ -61,8 +62,11 @@ def candidate(args) -> dict[str, recipes.Recipe]:
                "lr": per_backbone(args.lr, float, "lr"), "schedule": per_backbone(args.schedule, str, "schedule"),
                "warmup_epochs": per_backbone(args.warmup, int, "warmup")}
     out = {}
-    for backbone, recipe in recipes.SMOKE_RECIPES.items():
+    for backbone in BACKBONES:
+        recipe = recipes.SMOKE_RECIPES.get(backbone, recipes.SMOKE_DEFAULT)
         mine = {field: values[backbone] for field, values in changes.items() if backbone in values}
+        if not mine and backbone not in recipes.SMOKE_RECIPES:
+            continue
         if mine.get("schedule", recipe.schedule) == "step":  # x0.1 at half and three quarters
             epochs = mine.get("epochs", recipe.epochs)
             mine["milestones"] = tuple(sorted({max(1, epochs // 2), max(1, 3 * epochs // 4)}))

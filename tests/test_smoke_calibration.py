@@ -3,6 +3,8 @@ options reach the runs, `--flip` reaches every method's views (OKDPH's included)
 the recipes and the digits' traits end with it."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -12,6 +14,7 @@ import pytest
 
 from okdph.data import get_info
 from okdph.engine import recipe as recipes
+from okdph.names import BACKBONES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "smoke_calibration.py"
 
@@ -26,10 +29,18 @@ def load_script():
 
 def test_per_backbone_values():
     script = load_script()
-    assert script.per_backbone(["4"], int, "epochs") == {"resnet32": 4, "vgg16": 4}
-    assert script.per_backbone(["4", "vgg16=8"], int, "epochs") == {"resnet32": 4, "vgg16": 8}
-    with pytest.raises(SystemExit, match="backbone must be one of resnet32, vgg16"):
-        script.per_backbone(["wrn20_8=2"], int, "epochs")
+    assert script.per_backbone(["4"], int, "epochs") == {b: 4 for b in BACKBONES}
+    assert script.per_backbone(["4", "vgg16=8"], int, "epochs") == {**{b: 4 for b in BACKBONES}, "vgg16": 8}
+    with pytest.raises(SystemExit, match="backbone must be one of densenet40_12, resnet110"):
+        script.per_backbone(["resnet1000=2"], int, "epochs")
+
+
+def test_a_backbone_without_a_smoke_recipe_starts_from_the_default():
+    script = load_script()
+    args = argparse.Namespace(epochs=["wrn20_8=6"], batch=[], lr=["wrn20_8=0.02"], schedule=[], warmup=[])
+    chosen = script.candidate(args)
+    assert chosen["wrn20_8"] == dataclasses.replace(recipes.SMOKE_DEFAULT, epochs=6, lr=0.02)
+    assert set(chosen) == {*recipes.SMOKE_RECIPES, "wrn20_8"}  # the others as committed
 
 
 @pytest.mark.slow

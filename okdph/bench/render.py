@@ -41,7 +41,7 @@ ROW_TEST_HEADER = "OKDPH vs best baseline"
 # One line per profile above its table: what its numbers can and cannot show (the long form is
 # docs/protocol.md#what-each-profile-can-and-cannot-tell)
 PROFILE_SCOPE = {
-    "smoke": (f"Smoke profile: {smoke_changes()}. The numbers show that each method learns and how fast it "
+    "smoke": ("Smoke profile: {changes}. The numbers show that each method learns and how fast it "
               "starts, not how the methods compare on the paper's data after 300 epochs, so no Δ to the paper is "
               "printed (the paper line holds its CIFAR numbers); cells that differ only in their dataset share "
               "their runs."),
@@ -355,8 +355,8 @@ def describe(choices: TableChoices, results: list[CellResult], runs_dir) -> str:
     provenance = sorted({_machine(rec) for r in results for rec in r.records})
     if provenance:
         lines.append("Runs made on: " + "; ".join(provenance) + ".")
-    if profile in PROFILE_SCOPE:
-        lines.append(PROFILE_SCOPE[profile])
+    if profile in PROFILE_SCOPE:  # the smoke recipes of the table's backbones
+        lines.append(PROFILE_SCOPE[profile].format(changes=smoke_changes({r.cell.backbone for r in results})))
     if any(r.cell.preset for r in results):
         lines.append("OKDPH runs with the ω, β, γ, Δ of supplement Tables 6/7 for its backbone, dataset, "
                      "student count and setting" + ("; OKDPH's defaults where the paper gives none."

@@ -22,8 +22,8 @@ from okdph.errors import ConfigError
 
 DEFAULT_BATCH_SIZE = 1024     # images per forward pass on a GPU (the official landscape script's batch size)
 # On the CPU, smaller batches in channels-last layout: a pass of a quarter-width ResNet110 over the
-# 1,442 digits went from 5.3 to 1.3 s (WRN20-8 6.3 -> 1.6, DenseNet40-12 3.1 -> 0.74, VGG16 0.45 ->
-# 0.18, ResNet32 0.69 -> 0.55; 2 threads of a 2-core AMD EPYC, docs/verification.md#pac-bayes-speed):
+# 1,442 digits went from 4.8 to 1.3 s (DenseNet40-12 3.2 -> 0.82, WRN20-8 5.8 -> 2.4, VGG16 0.44 ->
+# 0.19, ResNet32 0.53 -> 0.44; 2 threads of a 2-core AMD EPYC, docs/verification.md#pac-bayes-speed):
 # the activations of a batch then stay in cache.
 CPU_BATCH_SIZE = 128
 DEFAULT_CHUNK = 16            # weight sets evaluated together under vmap (GPU): bounds activation memory

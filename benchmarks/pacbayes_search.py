@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         total = {name: sum(r[name]["seconds"] for r in rows) for name in ("plain", "guided")}
         report["records"] = {"runs": rows, "seconds": total,
                              "evaluations": {name: sum(r[name]["evaluations"] for r in rows) for name in total},
-                             "ratio (plain / guided)": total["plain"] / total["guided"] if total["guided"] else math.nan}
+                             "ratio (plain / guided)": (total["plain"] / total["guided"] if total["guided"]
+                                                        else math.nan)}
         print(json.dumps({k: v for k, v in report["records"].items() if k != "runs"}), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

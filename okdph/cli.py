@@ -678,7 +678,8 @@ def _bounds(text: str | None):
               help="Seed of the noise directions.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @data_root_option
-@click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024 on a GPU, 128 on the CPU].")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=None,
+              help="Images per forward pass [default: 1024 on a GPU, 128 on the CPU].")
 @click.option("--per-epoch", is_flag=True, help="Every saved epoch, plotted against the epoch (Fig. 1).")
 @click.option("--out", "out_png", default=None, type=click.Path(dir_okay=False),
               help=f"--per-epoch figure [default: {_FIGURES_HELP}/pacbayes-<backbone>-<dataset>.png].")
@@ -736,7 +737,8 @@ def pacbayes(records, variant, samples, epsilon, tolerance, max_iterations, seed
               help="Trajectories the PCA is fitted on (of other-S1, other-S2, ours-S1, ours-S2).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
 @data_root_option
-@click.option("--batch-size", type=AT_LEAST_ONE, default=None, help="Images per forward pass [default: 1024 on a GPU, 128 on the CPU].")
+@click.option("--batch-size", type=AT_LEAST_ONE, default=None,
+              help="Images per forward pass [default: 1024 on a GPU, 128 on the CPU].")
 @quiet_option
 def landscape(ours, others, out_png, grid_step, bounds, fit, device, data_root, batch_size, quiet):
     """Loss landscape around the students' trajectories (needs `train --save-every` on both runs)."""

@@ -81,16 +81,16 @@ def search_scale(increase_at: Callable[[float], float], *, epsilon: float = DEFA
     where the crossing is instead of halving blindly. Near a minimum the increase is about c·s²,
     so from one side of ε the next scale is the one a power law through the last point predicts:
     c·s² at first, then c·s^p through the last two points (a factor of 1/16 to 16, aimed a little
-    past ε so that it brackets). Once ε is bracketed by
-    [lo, hi], the next scale is the secant of log increase against log s (exact for any power
-    law c·s^p), kept inside the bracket and replaced by a bisection of log s whenever the last step
-    did not halve the bracket's log width, so it never needs more than about twice the evaluations
-    of a bisection of log s. Stops when
-    |increase − ε| ≤ tolerance, or when hi − lo ≤ resolution·hi (a loss that jumps across ε, e.g. a
-    diverged network's). A NaN increase counts as above ε; an increase of zero or below (no
-    power law to fit) falls back to doubling or bisecting. Without convergence, the evaluated scale
-    closest to ε is returned, marked so. `guided=False`: plain doubling, halving and bisection (the
-    baseline `benchmarks/pacbayes_search.py` compares against)."""
+    past ε so that it brackets). Once ε is bracketed by [lo, hi], the next scale is the secant of
+    log increase against log s (exact for any power law c·s^p), kept inside the bracket and
+    replaced by a bisection of log s whenever the last step did not halve the bracket's log width,
+    so it never needs more than about twice the evaluations of a bisection of log s.
+
+    Stops when |increase − ε| ≤ tolerance, or when hi − lo ≤ resolution·hi (a loss that jumps
+    across ε, e.g. a diverged network's). A NaN increase counts as above ε; an increase of zero or
+    below (no power law to fit) falls back to doubling or bisecting. Without convergence, the
+    evaluated scale closest to ε is returned, marked so. `guided=False`: plain doubling, halving
+    and bisection (the baseline `benchmarks/pacbayes_search.py` compares against)."""
     if not (epsilon > 0 and tolerance > 0 and max_iterations >= 1 and start > 0):
         raise ConfigError(f"need epsilon > 0, tolerance > 0, max_iterations >= 1, start > 0; got "
                           f"{epsilon}, {tolerance}, {max_iterations}, {start}")
@@ -154,7 +154,8 @@ def _local_power(history: list[tuple[float, float]], epsilon: float) -> float | 
     if len(history) < 2:
         return None
     (s0, i0), (s1, i1) = history[-2:]
-    if not (0 < i0 < math.inf and 0 < i1 < math.inf and (i0 < epsilon) == (i1 < epsilon) and s0 != s1 and i0 != i1):
+    same_side = (i0 < epsilon) == (i1 < epsilon)
+    if not (0 < i0 < math.inf and 0 < i1 < math.inf and same_side and s0 != s1 and i0 != i1):
         return None
     return min(max(math.log(i1 / i0) / math.log(s1 / s0), 0.5), 8.0)
 
